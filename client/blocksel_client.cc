@@ -1,0 +1,177 @@
+#include "client/blocksel_client.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "client/encoding.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+
+namespace blocksel {
+namespace {
+
+absl::Status ToAbsl(const grpc::Status& status) {
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                      status.error_message());
+}
+
+}  // namespace
+
+int32_t SelectResult::at(int32_t head, int32_t row, int32_t slot) const {
+  const int64_t index = layout == v1::BLOCK_ID_LAYOUT_TOKEN_MAJOR
+                            ? (static_cast<int64_t>(row) * num_heads + head) * topk + slot
+                            : (static_cast<int64_t>(head) * total_q + row) * topk + slot;
+  return block_ids[index];
+}
+
+absl::StatusOr<SelectResult> ToSelectResult(const v1::SelectResponse& response) {
+  if (response.has_error()) {
+    return absl::Status(static_cast<absl::StatusCode>(response.error().code()),
+                        response.error().message());
+  }
+  const v1::Selection& selection = response.selection();
+  absl::StatusOr<std::vector<int32_t>> ids = DecodeBlockIds(selection);
+  if (!ids.ok()) return ids.status();
+  SelectResult result;
+  result.request_id = response.request_id();
+  result.num_heads = static_cast<int32_t>(selection.num_heads());
+  result.total_q = static_cast<int32_t>(selection.total_q());
+  result.topk = static_cast<int32_t>(selection.topk());
+  result.layout = selection.layout();
+  result.block_ids = std::move(*ids);
+  return result;
+}
+
+BlockselClient::BlockselClient(const std::string& target, ClientOptions options)
+    : options_(options) {
+  grpc::ChannelArguments arguments;
+  arguments.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
+  arguments.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
+  channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), arguments);
+  stub_ = v1::BlockSelector::NewStub(channel_);
+}
+
+std::unique_ptr<grpc::ClientContext> BlockselClient::NewContext() const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
+  return context;
+}
+
+absl::StatusOr<v1::GetInfoResponse> BlockselClient::GetInfo() {
+  v1::GetInfoResponse response;
+  grpc::Status status = stub_->GetInfo(NewContext().get(), v1::GetInfoRequest(), &response);
+  if (!status.ok()) return ToAbsl(status);
+  return response;
+}
+
+absl::StatusOr<uint64_t> BlockselClient::OpenSequence(uint64_t sequence_id,
+                                                      uint32_t lease_seconds) {
+  v1::OpenSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  request.set_lease_seconds(lease_seconds);
+  v1::OpenSequenceResponse response;
+  grpc::Status status = stub_->OpenSequence(NewContext().get(), request, &response);
+  if (!status.ok()) return ToAbsl(status);
+  return response.sequence_id();
+}
+
+absl::StatusOr<bool> BlockselClient::ReleaseSequence(uint64_t sequence_id) {
+  v1::ReleaseSequenceRequest request;
+  request.set_sequence_id(sequence_id);
+  v1::ReleaseSequenceResponse response;
+  grpc::Status status = stub_->ReleaseSequence(NewContext().get(), request, &response);
+  if (!status.ok()) return ToAbsl(status);
+  return response.released();
+}
+
+absl::Status BlockselClient::RenewLease(absl::Span<const uint64_t> sequence_ids) {
+  v1::RenewLeaseRequest request;
+  request.mutable_sequence_ids()->Add(sequence_ids.begin(), sequence_ids.end());
+  v1::RenewLeaseResponse response;
+  return ToAbsl(stub_->RenewLease(NewContext().get(), request, &response));
+}
+
+absl::StatusOr<uint64_t> BlockselClient::AppendKeys(const v1::AppendKeysRequest& request) {
+  v1::AppendKeysResponse response;
+  grpc::Status status = stub_->AppendKeys(NewContext().get(), request, &response);
+  if (!status.ok()) return ToAbsl(status);
+  return response.tokens_appended();
+}
+
+absl::StatusOr<uint64_t> BlockselClient::StreamAppendKeys(
+    absl::Span<const v1::AppendKeysRequest> requests) {
+  std::unique_ptr<grpc::ClientContext> context = NewContext();
+  v1::AppendKeysResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::AppendKeysRequest>> writer =
+      stub_->StreamAppendKeys(context.get(), &response);
+  for (const v1::AppendKeysRequest& request : requests) {
+    if (!writer->Write(request)) break;  // the server ended the call: see Finish
+  }
+  writer->WritesDone();
+  grpc::Status status = writer->Finish();
+  if (!status.ok()) return ToAbsl(status);
+  return response.tokens_appended();
+}
+
+absl::StatusOr<SelectResult> BlockselClient::Select(const v1::SelectRequest& request) {
+  v1::SelectResponse response;
+  grpc::Status status = stub_->Select(NewContext().get(), request, &response);
+  if (!status.ok()) return ToAbsl(status);
+  return ToSelectResult(response);
+}
+
+absl::StatusOr<std::unique_ptr<SelectSession>> BlockselClient::StartSelectSession() {
+  std::unique_ptr<SelectSession> session(new SelectSession());
+  // A session is long-lived: no deadline on the call itself.
+  session->context_ = std::make_unique<grpc::ClientContext>();
+  session->stream_ = stub_->StreamSelect(session->context_.get());
+  if (session->stream_ == nullptr) {
+    return absl::UnavailableError("cannot start a StreamSelect call");
+  }
+  return session;
+}
+
+SelectSession::~SelectSession() {
+  if (!closed_ && stream_ != nullptr) {
+    context_->TryCancel();
+    stream_->Finish().IgnoreError();
+  }
+}
+
+absl::Status SelectSession::Send(const v1::SelectRequest& request) {
+  if (closed_) return absl::FailedPreconditionError("the session is closed");
+  if (!stream_->Write(request)) {
+    closed_ = true;
+    grpc::Status status = stream_->Finish();
+    return status.ok() ? absl::UnavailableError("the server ended the stream")
+                       : ToAbsl(status);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SelectResult> SelectSession::Receive() {
+  if (closed_) return absl::FailedPreconditionError("the session is closed");
+  v1::SelectResponse response;
+  if (!stream_->Read(&response)) {
+    closed_ = true;
+    grpc::Status status = stream_->Finish();
+    return status.ok() ? absl::UnavailableError("the server ended the stream")
+                       : ToAbsl(status);
+  }
+  return ToSelectResult(response);
+}
+
+absl::StatusOr<SelectResult> SelectSession::Call(const v1::SelectRequest& request) {
+  absl::Status sent = Send(request);
+  if (!sent.ok()) return sent;
+  return Receive();
+}
+
+absl::Status SelectSession::Close() {
+  if (closed_) return absl::OkStatus();
+  closed_ = true;
+  stream_->WritesDone();
+  return ToAbsl(stream_->Finish());
+}
+
+}  // namespace blocksel

@@ -1,0 +1,98 @@
+// A typed C++ client of blocksel.v1.BlockSelector.
+#ifndef BLOCKSEL_CLIENT_BLOCKSEL_CLIENT_H_
+#define BLOCKSEL_CLIENT_BLOCKSEL_CLIENT_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "blocksel/v1/block_selector.grpc.pb.h"
+#include "grpcpp/channel.h"
+
+namespace blocksel {
+
+struct ClientOptions {
+  // Deadline of every unary call and append stream; select sessions are
+  // long-lived and have none.
+  absl::Duration timeout = absl::Seconds(30);
+  int64_t max_message_bytes = 64 << 20;
+};
+
+// Block ids of one selection, unpacked.
+struct SelectResult {
+  uint64_t request_id = 0;
+  int32_t num_heads = 0;
+  int32_t total_q = 0;
+  int32_t topk = 0;
+  v1::BlockIdLayout layout = v1::BLOCK_ID_LAYOUT_HEAD_MAJOR;
+  std::vector<int32_t> block_ids;
+
+  // The slot'th selected block of (head, row), in either layout.
+  int32_t at(int32_t head, int32_t row, int32_t slot) const;
+};
+
+// One StreamSelect call: the per-layer loop of an attention worker. Send
+// and Receive may run on two threads (one each); responses come in request
+// order.
+class SelectSession {
+ public:
+  ~SelectSession();
+
+  // Queues one batch. UNAVAILABLE (or the call's status) if the stream broke.
+  absl::Status Send(const v1::SelectRequest& request);
+  // The next response. An in-band error comes back as its status.
+  absl::StatusOr<SelectResult> Receive();
+  // Send, then Receive: one round trip.
+  absl::StatusOr<SelectResult> Call(const v1::SelectRequest& request);
+  // Half-closes and returns the call's final status.
+  absl::Status Close();
+
+ private:
+  friend class BlockselClient;
+  SelectSession() = default;
+
+  std::unique_ptr<grpc::ClientContext> context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::SelectRequest, v1::SelectResponse>> stream_;
+  bool closed_ = false;
+};
+
+// Thread-safe: one client may serve many threads.
+class BlockselClient {
+ public:
+  // target: "host:port" or "unix:/path". Connects lazily.
+  explicit BlockselClient(const std::string& target, ClientOptions options = {});
+
+  absl::StatusOr<v1::GetInfoResponse> GetInfo();
+  // sequence_id 0 lets the server choose; lease_seconds 0 takes its default.
+  absl::StatusOr<uint64_t> OpenSequence(uint64_t sequence_id = 0,
+                                        uint32_t lease_seconds = 0);
+  // True if the sequence was open.
+  absl::StatusOr<bool> ReleaseSequence(uint64_t sequence_id);
+  absl::Status RenewLease(absl::Span<const uint64_t> sequence_ids);
+  // Returns the tokens appended (tokens times layers).
+  absl::StatusOr<uint64_t> AppendKeys(const v1::AppendKeysRequest& request);
+  // Streams the requests in order; stops at the first failure.
+  absl::StatusOr<uint64_t> StreamAppendKeys(absl::Span<const v1::AppendKeysRequest> requests);
+  absl::StatusOr<SelectResult> Select(const v1::SelectRequest& request);
+  // Opens a StreamSelect session; it lives until Close or destruction.
+  absl::StatusOr<std::unique_ptr<SelectSession>> StartSelectSession();
+
+ private:
+  std::unique_ptr<grpc::ClientContext> NewContext() const;
+
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::BlockSelector::Stub> stub_;
+};
+
+// The selection's status as an absl::Status (OK for a selection).
+absl::StatusOr<SelectResult> ToSelectResult(const v1::SelectResponse& response);
+
+}  // namespace blocksel
+
+#endif  // BLOCKSEL_CLIENT_BLOCKSEL_CLIENT_H_

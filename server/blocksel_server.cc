@@ -1,0 +1,113 @@
+#include "server/blocksel_server.h"
+
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server_builder.h"
+#include "server/version.h"
+
+namespace blocksel {
+
+absl::Status ServerConfig::Validate() const {
+  std::vector<std::string> problems;
+  absl::Status model_status = model.Validate();
+  if (!model_status.ok()) problems.emplace_back(model_status.message());
+  if (model_status.ok() && NumPages() < 1) {
+    problems.push_back(absl::StrCat("cache of ", cache_bytes,
+                                    " bytes holds no page of ", model.PageBytes(),
+                                    " bytes; raise --cache_mib"));
+  }
+  if (model_status.ok() && NumPages() > (int64_t{1} << 31) - 1) {
+    problems.push_back("cache holds more than 2^31 - 1 pages; lower --cache_mib");
+  }
+  if (max_sequences < 1) problems.push_back("max_sequences must be >= 1");
+  if (default_lease <= absl::ZeroDuration() || default_lease > max_lease) {
+    problems.push_back("default lease must be positive and <= the maximum lease");
+  }
+  if (listen_addresses.empty()) problems.push_back("no listen address");
+  if (max_message_bytes < (1 << 20) || max_message_bytes > (int64_t{1} << 31) - 1) {
+    problems.push_back("max message size must be in [1 MiB, 2 GiB)");
+  }
+  if (max_inflight_per_stream < 1) {
+    problems.push_back("max inflight per stream must be >= 1");
+  }
+  if (queue_capacity < 1) problems.push_back("queue capacity must be >= 1");
+  if (problems.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
+}
+
+absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(
+    const ServerConfig& config) {
+  absl::Status valid = config.Validate();
+  if (!valid.ok()) return valid;
+  absl::StatusOr<std::unique_ptr<Backend>> backend =
+      CreateBackend(config.backend, config.model, config.NumPages());
+  if (!backend.ok()) return backend.status();
+
+  std::unique_ptr<BlockselServer> server(new BlockselServer());
+  server->backend_description_ =
+      absl::StrCat((*backend)->name(), " (", (*backend)->detail(), ")");
+  EngineOptions engine_options;
+  engine_options.model = config.model;
+  engine_options.num_pages = config.NumPages();
+  engine_options.max_sequences = config.max_sequences;
+  engine_options.default_lease = config.default_lease;
+  engine_options.max_lease = config.max_lease;
+  server->engine_ = std::make_unique<Engine>(engine_options, std::move(*backend));
+
+  Executor::Options executor_options;
+  executor_options.queue_capacity = config.queue_capacity;
+  Engine* engine = server->engine_.get();
+  executor_options.periodic = [engine] { engine->ReleaseExpired(); };
+  server->executor_ = std::make_unique<Executor>(std::move(executor_options));
+
+  ServiceOptions service_options;
+  service_options.max_inflight_per_stream = config.max_inflight_per_stream;
+  service_options.max_message_bytes = config.max_message_bytes;
+  service_options.server_version = kBlockselVersion;
+  server->service_ = std::make_unique<BlockSelectorService>(
+      engine, server->executor_.get(), service_options);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int first_tcp_port = -1;
+  for (const std::string& address : config.listen_addresses) {
+    if (!absl::StartsWith(address, "unix:") && first_tcp_port == -1) {
+      builder.AddListeningPort(address, grpc::InsecureServerCredentials(),
+                               &first_tcp_port);
+    } else {
+      builder.AddListeningPort(address, grpc::InsecureServerCredentials());
+    }
+  }
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
+  builder.RegisterService(server->service_.get());
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr || first_tcp_port == 0) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on ", absl::StrJoin(config.listen_addresses, ", "),
+        " (address in use, or not an address gRPC accepts)"));
+  }
+  server->port_ = first_tcp_port < 0 ? 0 : first_tcp_port;
+  return server;
+}
+
+BlockselServer::~BlockselServer() { Shutdown(absl::ZeroDuration()); }
+
+void BlockselServer::Shutdown(absl::Duration grace) {
+  if (server_ == nullptr) return;
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  // Every call has finished, so no reactor can queue more work.
+  executor_->Stop();
+}
+
+void BlockselServer::Wait() {
+  if (server_ != nullptr) server_->Wait();
+}
+
+}  // namespace blocksel

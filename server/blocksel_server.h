@@ -1,0 +1,70 @@
+// A running blocksel server: backend, engine, executor and gRPC server.
+#ifndef BLOCKSEL_SERVER_BLOCKSEL_SERVER_H_
+#define BLOCKSEL_SERVER_BLOCKSEL_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/server.h"
+#include "server/engine/backend_factory.h"
+#include "server/engine/engine.h"
+#include "server/engine/executor.h"
+#include "server/transport/block_selector_service.h"
+
+namespace blocksel {
+
+struct ServerConfig {
+  ModelConfig model;
+  BackendOptions backend;
+  int64_t cache_bytes = int64_t{1} << 30;  // key storage over all layers
+  int64_t max_sequences = 65536;
+  absl::Duration default_lease = absl::Minutes(10);
+  absl::Duration max_lease = absl::Hours(24);
+  // "host:port" (port 0 picks a free one) or "unix:/path/to/socket".
+  std::vector<std::string> listen_addresses = {"0.0.0.0:50051"};
+  int64_t max_message_bytes = 64 << 20;
+  int max_inflight_per_stream = 4;
+  int64_t queue_capacity = 1024;
+
+  // OK, or INVALID_ARGUMENT naming every bad value.
+  absl::Status Validate() const;
+  // The number of pages cache_bytes holds.
+  int64_t NumPages() const { return cache_bytes / model.PageBytes(); }
+};
+
+// Thread-safe after Start.
+class BlockselServer {
+ public:
+  // Creates the backend, reserves the cache and starts serving.
+  static absl::StatusOr<std::unique_ptr<BlockselServer>> Start(const ServerConfig& config);
+  ~BlockselServer();
+
+  // Port bound for the first TCP listen address (0 if there is none).
+  int port() const { return port_; }
+  // Backend name and detail, e.g. "cpu (avx512, 2 threads)".
+  const std::string& backend_description() const { return backend_description_; }
+
+  // Stops accepting calls, cancels the ones still open after grace, waits
+  // for them, then drains the executor.
+  void Shutdown(absl::Duration grace);
+  // Blocks until Shutdown has completed.
+  void Wait();
+
+ private:
+  BlockselServer() = default;
+
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Executor> executor_;
+  std::unique_ptr<BlockSelectorService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::string backend_description_;
+};
+
+}  // namespace blocksel
+
+#endif  // BLOCKSEL_SERVER_BLOCKSEL_SERVER_H_

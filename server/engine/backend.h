@@ -1,0 +1,55 @@
+// The interface between the engine (host logic) and a compute backend that
+// owns the key storage (host memory for CPU, device memory for GPUs).
+#ifndef BLOCKSEL_SERVER_ENGINE_BACKEND_H_
+#define BLOCKSEL_SERVER_ENGINE_BACKEND_H_
+
+#include <cstdint>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "kernels/selection_types.h"
+
+namespace blocksel {
+
+// Keys of num_tokens consecutive tokens of one sparse layer, all inside one
+// page: slots [first_slot, first_slot + num_tokens) of page.
+struct KeyWrite {
+  int32_t layer_index = 0;  // sparse layer index: model layer - first sparse
+  int32_t page = 0;
+  int32_t first_slot = 0;
+  int32_t num_tokens = 0;
+  const uint8_t* keys = nullptr;  // num_tokens * token bytes, packed
+};
+
+// Storage for keys. Separate from Backend so the cache can be tested with a
+// plain in-memory store.
+class KeyStore {
+ public:
+  virtual ~KeyStore() = default;
+  // Copies every write into the store before returning (the caller's bytes
+  // may be freed afterwards). Writes are already validated by the caller.
+  virtual absl::Status WriteKeys(absl::Span<const KeyWrite> writes) = 0;
+};
+
+// A selection backend. Created for one model config and page count.
+//
+// Thread-compatible: the engine calls it from one thread at a time.
+class Backend : public KeyStore {
+ public:
+  virtual absl::string_view name() const = 0;  // "cpu", "cuda", "hip"
+  virtual std::string detail() const = 0;     // ISA, device name, threads
+
+  // Runs one selection over sparse layer layer_index. batch.key_pool and
+  // batch.num_pages are ignored: the backend uses its own storage. Block
+  // tables and queries are host memory; block_ids is host memory.
+  virtual absl::Status Select(int32_t layer_index, const SelectionBatch& batch) = 0;
+};
+
+// Maps a kernel result to a status; context names the failing operation.
+absl::Status KernelStatusToStatus(KernelStatus status, absl::string_view context);
+
+}  // namespace blocksel
+
+#endif  // BLOCKSEL_SERVER_ENGINE_BACKEND_H_

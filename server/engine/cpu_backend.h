@@ -1,0 +1,41 @@
+// The CPU backend: keys in host memory, selection by CpuSelector.
+#ifndef BLOCKSEL_SERVER_ENGINE_CPU_BACKEND_H_
+#define BLOCKSEL_SERVER_ENGINE_CPU_BACKEND_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/cpu/cpu_selector.h"
+#include "server/engine/backend.h"
+#include "server/engine/model_config.h"
+
+namespace blocksel {
+
+class CpuBackend final : public Backend {
+ public:
+  // Reserves num_pages pages per sparse layer. The memory is not touched
+  // here, so the operating system commits it page by page as keys arrive.
+  // RESOURCE_EXHAUSTED when the reservation fails.
+  static absl::StatusOr<std::unique_ptr<CpuBackend>> Create(
+      const ModelConfig& config, int64_t num_pages, int num_threads);
+
+  absl::string_view name() const override { return "cpu"; }
+  std::string detail() const override;
+  absl::Status WriteKeys(absl::Span<const KeyWrite> writes) override;
+  absl::Status Select(int32_t layer_index, const SelectionBatch& batch) override;
+
+ private:
+  CpuBackend(const ModelConfig& config, int64_t num_pages, int num_threads,
+             std::vector<std::unique_ptr<uint8_t[]>> layers);
+
+  const ModelConfig config_;
+  const int64_t num_pages_;
+  std::vector<std::unique_ptr<uint8_t[]>> layers_;  // one pool per sparse layer
+  cpu::CpuSelector selector_;
+};
+
+}  // namespace blocksel
+
+#endif  // BLOCKSEL_SERVER_ENGINE_CPU_BACKEND_H_

@@ -1,0 +1,62 @@
+// A single worker thread that runs engine operations in submission order.
+#ifndef BLOCKSEL_SERVER_ENGINE_EXECUTOR_H_
+#define BLOCKSEL_SERVER_ENGINE_EXECUTOR_H_
+
+#include <cstdint>
+#include <deque>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
+namespace blocksel {
+
+// Serializes every engine operation on one thread, so the engine, cache and
+// backend need no locks and a backend stream sees one caller. The queue is
+// bounded: producers (RPC reactors) get RESOURCE_EXHAUSTED instead of
+// growing memory without limit.
+//
+// Thread-safe.
+class Executor {
+ public:
+  struct Options {
+    int64_t queue_capacity = 1024;
+    // Run on the worker between tasks, at most once per interval (lease
+    // expiry). May be empty.
+    absl::AnyInvocable<void()> periodic;
+    absl::Duration periodic_interval = absl::Seconds(1);
+  };
+
+  explicit Executor(Options options);
+  // Stops (see Stop) and joins the worker.
+  ~Executor();
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
+
+  // Queues task. RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE
+  // after Stop; the task is dropped (not run) in both cases.
+  absl::Status Submit(absl::AnyInvocable<void()> task);
+
+  // Runs the tasks already queued, refuses new ones, then joins the worker.
+  void Stop();
+
+  int64_t queue_depth() const;
+
+ private:
+  void WorkerLoop();
+
+  const int64_t queue_capacity_;
+  absl::AnyInvocable<void()> periodic_;
+  const absl::Duration periodic_interval_;
+  mutable absl::Mutex mutex_;
+  std::deque<absl::AnyInvocable<void()>> queue_ ABSL_GUARDED_BY(mutex_);
+  bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
+  std::thread worker_;
+};
+
+}  // namespace blocksel
+
+#endif  // BLOCKSEL_SERVER_ENGINE_EXECUTOR_H_

@@ -1,0 +1,54 @@
+// The model a server selects blocks for, fixed at start.
+#ifndef BLOCKSEL_SERVER_ENGINE_MODEL_CONFIG_H_
+#define BLOCKSEL_SERVER_ENGINE_MODEL_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/selection_types.h"
+
+namespace blocksel {
+
+// Defaults are MiniMax M3's lightning indexer at tensor-parallel 1.
+struct ModelConfig {
+  int32_t num_layers = 60;
+  int32_t first_sparse_layer = 3;  // layers [first_sparse_layer, num_layers)
+  int32_t num_heads = 4;
+  int32_t head_dim = 128;
+  KeyDtype key_dtype = KeyDtype::kBf16;
+  int32_t topk = 16;
+  int32_t init_blocks = 0;
+  int32_t local_blocks = 1;
+  int64_t max_positions = int64_t{1} << 20;
+
+  int32_t num_sparse_layers() const { return num_layers - first_sparse_layer; }
+  bool IsSparseLayer(int64_t layer) const {
+    return layer >= first_sparse_layer && layer < num_layers;
+  }
+  // Bytes of one token's key in one layer.
+  int64_t TokenBytes() const {
+    return static_cast<int64_t>(head_dim) * KeyDtypeBytes(key_dtype);
+  }
+  // Bytes of one page (kBlockSize tokens) of one layer.
+  int64_t LayerPageBytes() const { return TokenBytes() * kBlockSize; }
+  // Bytes of one page over all sparse layers: the unit of cache capacity.
+  int64_t PageBytes() const { return LayerPageBytes() * num_sparse_layers(); }
+
+  SelectionShape shape() const;
+
+  // OK, or INVALID_ARGUMENT naming every value out of range.
+  absl::Status Validate() const;
+
+  std::string ToString() const;
+};
+
+// "bf16" or "fp8_e4m3" (also "fp8").
+absl::StatusOr<KeyDtype> ParseKeyDtype(absl::string_view name);
+absl::string_view KeyDtypeName(KeyDtype dtype);
+
+}  // namespace blocksel
+
+#endif  // BLOCKSEL_SERVER_ENGINE_MODEL_CONFIG_H_

@@ -1,0 +1,192 @@
+#include "server/engine/select_plan.h"
+
+#include <string>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+
+namespace blocksel {
+namespace {
+
+// What one request asks for, independent of prefill or decode.
+struct RowRequest {
+  uint64_t sequence_id;
+  int64_t first_position;  // may be negative for decode padding
+  int64_t num_rows;
+  const std::string* keys;
+  bool padding;
+};
+
+KeyDtype ToKeyDtype(v1::KeyDtype dtype, KeyDtype fallback) {
+  switch (dtype) {
+    case v1::KEY_DTYPE_BF16:
+      return KeyDtype::kBf16;
+    case v1::KEY_DTYPE_FP8_E4M3:
+      return KeyDtype::kFp8E4m3;
+    default:
+      return fallback;
+  }
+}
+
+absl::Status CheckDtypes(const v1::SelectRequest& request,
+                         const ModelConfig& model) {
+  if (request.query_dtype() != v1::QUERY_DTYPE_UNSPECIFIED &&
+      request.query_dtype() != v1::QUERY_DTYPE_BF16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query_dtype ", v1::QueryDtype_Name(request.query_dtype()),
+        " is not supported; send bf16 queries"));
+  }
+  if (request.key_dtype() != v1::KEY_DTYPE_UNSPECIFIED &&
+      ToKeyDtype(request.key_dtype(), model.key_dtype) != model.key_dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key_dtype ", v1::KeyDtype_Name(request.key_dtype()),
+        " does not match the server's key dtype ", KeyDtypeName(model.key_dtype)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<RowRequest>> CollectRows(
+    const v1::SelectRequest& request, const ModelConfig& model) {
+  std::vector<RowRequest> rows;
+  if (request.has_prefill()) {
+    const v1::PrefillBatch& batch = request.prefill();
+    for (int i = 0; i < batch.requests_size(); ++i) {
+      const v1::PrefillRequest& r = batch.requests(i);
+      if (r.q_len() < 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("prefill request ", i, ": q_len must be >= 1"));
+      }
+      if (r.prefix_len() > static_cast<uint64_t>(model.max_positions) ||
+          r.prefix_len() + r.q_len() > static_cast<uint64_t>(model.max_positions)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "prefill request ", i, ": positions [", r.prefix_len(), ", ",
+            r.prefix_len() + r.q_len(), ") pass max_positions ",
+            model.max_positions));
+      }
+      rows.push_back({r.sequence_id(), static_cast<int64_t>(r.prefix_len()),
+                      r.q_len(), &r.keys(), false});
+    }
+  } else if (request.has_decode()) {
+    const v1::DecodeBatch& batch = request.decode();
+    const int64_t q = batch.tokens_per_request() == 0 ? 1 : batch.tokens_per_request();
+    for (int i = 0; i < batch.requests_size(); ++i) {
+      const v1::DecodeRequest& r = batch.requests(i);
+      if (r.seq_len() == 0) {
+        if (!r.keys().empty()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "decode request ", i, ": a padding request (seq_len 0) carries no keys"));
+        }
+        rows.push_back({0, -q, q, &r.keys(), true});
+        continue;
+      }
+      if (r.seq_len() < static_cast<uint64_t>(q)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "decode request ", i, ": seq_len ", r.seq_len(),
+            " is smaller than tokens_per_request ", q,
+            "; seq_len counts the new tokens (0 marks padding)"));
+      }
+      if (r.seq_len() > static_cast<uint64_t>(model.max_positions)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("decode request ", i, ": seq_len ", r.seq_len(),
+                         " passes max_positions ", model.max_positions));
+      }
+      rows.push_back({r.sequence_id(), static_cast<int64_t>(r.seq_len()) - q, q,
+                      &r.keys(), false});
+    }
+  } else {
+    return absl::InvalidArgumentError("set prefill or decode in the SelectRequest");
+  }
+  if (rows.empty()) {
+    return absl::InvalidArgumentError("the batch has no requests");
+  }
+  return rows;
+}
+
+}  // namespace
+
+absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request,
+                                      const ModelConfig& model,
+                                      const KeyCache& cache) {
+  if (!model.IsSparseLayer(request.layer())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer ", request.layer(), " is not a sparse layer; sparse layers are [",
+        model.first_sparse_layer, ", ", model.num_layers, ")"));
+  }
+  absl::Status dtypes = CheckDtypes(request, model);
+  if (!dtypes.ok()) return dtypes;
+  absl::StatusOr<std::vector<RowRequest>> rows = CollectRows(request, model);
+  if (!rows.ok()) return rows.status();
+
+  SelectPlan plan;
+  plan.layer_index = static_cast<int32_t>(request.layer()) - model.first_sparse_layer;
+  const char* kind = request.has_prefill() ? "prefill" : "decode";
+  absl::flat_hash_set<uint64_t> seen;
+  int64_t total_rows = 0;
+  for (size_t i = 0; i < rows->size(); ++i) {
+    const RowRequest& row = (*rows)[i];
+    if (total_rows + row.num_rows > kMaxBatchRows) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the batch has more than ", kMaxBatchRows, " query rows; split it"));
+    }
+    PlannedSpan span;
+    span.first_position = static_cast<int32_t>(row.first_position);
+    span.num_rows = static_cast<int32_t>(row.num_rows);
+    span.first_row = static_cast<int32_t>(total_rows);
+    total_rows += row.num_rows;
+    if (row.padding) {
+      plan.spans.push_back(span);
+      continue;
+    }
+    span.sequence_id = row.sequence_id;
+    const std::string where =
+        absl::StrCat(kind, " request ", i, " (sequence ", row.sequence_id, ")");
+    if (!seen.insert(row.sequence_id).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": a sequence may appear once per batch"));
+    }
+    const Sequence* sequence = cache.Find(row.sequence_id);
+    if (sequence == nullptr) {
+      return absl::NotFoundError(absl::StrCat(
+          where, ": sequence is not open (never opened, released, or its lease "
+                 "expired)"));
+    }
+    const int64_t end = row.first_position + row.num_rows;
+    if (!row.keys->empty()) {
+      KeyRange range;
+      range.sequence_id = row.sequence_id;
+      range.first_layer_index = plan.layer_index;
+      range.num_layers = 1;
+      range.start_position = row.first_position;
+      range.num_tokens = row.num_rows;
+      range.keys = reinterpret_cast<const uint8_t*>(row.keys->data());
+      range.keys_size = static_cast<int64_t>(row.keys->size());
+      if (range.keys_size != row.num_rows * model.TokenBytes()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, ": keys must be empty or ", row.num_rows * model.TokenBytes(),
+            " bytes ([", row.num_rows, " tokens, ", model.head_dim, " x ",
+            KeyDtypeName(model.key_dtype), "]), got ", range.keys_size));
+      }
+      plan.appends.push_back(range);
+    } else if (sequence->layer_fill[plan.layer_index] < end) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          where, ": layer ", request.layer(), " holds ",
+          sequence->layer_fill[plan.layer_index], " tokens but rows up to position ",
+          end - 1, " need keys 0..", end - 1,
+          "; append them first or send them in the request's keys"));
+    }
+    plan.spans.push_back(span);
+  }
+  plan.total_rows = static_cast<int32_t>(total_rows);
+
+  const int64_t query_bytes =
+      total_rows * model.num_heads * model.head_dim * int64_t{2};
+  if (static_cast<int64_t>(request.queries().size()) != query_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "queries must be ", query_bytes, " bytes ([", total_rows, " rows, ",
+        model.num_heads, " heads, ", model.head_dim, "] bf16), got ",
+        request.queries().size()));
+  }
+  return plan;
+}
+
+}  // namespace blocksel

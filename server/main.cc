@@ -1,0 +1,139 @@
+// blocksel-server: serves blocksel.v1.BlockSelector until SIGTERM or SIGINT.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_split.h"
+#include "spdlog/spdlog.h"
+#include "server/blocksel_server.h"
+#include "server/version.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051",
+          "Comma-separated listen addresses: host:port (port 0 picks one) or "
+          "unix:/path/to.sock");
+ABSL_FLAG(std::string, backend, "auto",
+          "Selection backend: auto (GPU if built in and present, else cpu), "
+          "cpu, cuda or hip");
+ABSL_FLAG(int, cpu_threads, 0, "Threads of the cpu backend (0: one per core)");
+ABSL_FLAG(int, num_layers, 60, "Layers of the model");
+ABSL_FLAG(int, first_sparse_layer, 3,
+          "First sparse layer; layers [first_sparse_layer, num_layers) have "
+          "index keys");
+ABSL_FLAG(int, num_heads, 4, "Index heads per query token (M3: max(1, 4/TP))");
+ABSL_FLAG(int, head_dim, 128, "Elements per index key and query head");
+ABSL_FLAG(std::string, key_dtype, "bf16", "Key dtype in the cache: bf16 or fp8_e4m3");
+ABSL_FLAG(int, topk, 16, "Blocks selected per token and head");
+ABSL_FLAG(int, init_blocks, 0, "Leading blocks always selected");
+ABSL_FLAG(int, local_blocks, 1, "Trailing visible blocks always selected");
+ABSL_FLAG(int64_t, max_positions, int64_t{1} << 20, "Longest sequence in tokens");
+ABSL_FLAG(int64_t, cache_mib, 1024,
+          "Key cache size in MiB over all sparse layers (the page count is "
+          "this over the bytes of one page)");
+ABSL_FLAG(int64_t, max_sequences, 65536, "Most sequences open at once");
+ABSL_FLAG(int64_t, default_lease_seconds, 600,
+          "Lease of a sequence opened without one: released when untouched "
+          "this long");
+ABSL_FLAG(int64_t, max_lease_seconds, 86400, "Longest lease a client may ask for");
+ABSL_FLAG(int64_t, max_message_mib, 64, "Largest gRPC message, in MiB");
+ABSL_FLAG(int, stream_max_inflight, 4,
+          "Requests of one stream read ahead of their responses; past this the "
+          "server stops reading the stream");
+ABSL_FLAG(int64_t, queue_capacity, 1024,
+          "Engine operations waiting at most; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, shutdown_grace_seconds, 5,
+          "On SIGTERM/SIGINT, time given to open calls before they are cancelled");
+ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+
+namespace blocksel {
+namespace {
+
+absl::StatusOr<ServerConfig> ConfigFromFlags() {
+  ServerConfig config;
+  config.model.num_layers = absl::GetFlag(FLAGS_num_layers);
+  config.model.first_sparse_layer = absl::GetFlag(FLAGS_first_sparse_layer);
+  config.model.num_heads = absl::GetFlag(FLAGS_num_heads);
+  config.model.head_dim = absl::GetFlag(FLAGS_head_dim);
+  absl::StatusOr<KeyDtype> dtype = ParseKeyDtype(absl::GetFlag(FLAGS_key_dtype));
+  if (!dtype.ok()) return dtype.status();
+  config.model.key_dtype = *dtype;
+  config.model.topk = absl::GetFlag(FLAGS_topk);
+  config.model.init_blocks = absl::GetFlag(FLAGS_init_blocks);
+  config.model.local_blocks = absl::GetFlag(FLAGS_local_blocks);
+  config.model.max_positions = absl::GetFlag(FLAGS_max_positions);
+  config.backend.kind = absl::GetFlag(FLAGS_backend);
+  config.backend.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  config.cache_bytes = absl::GetFlag(FLAGS_cache_mib) << 20;
+  config.max_sequences = absl::GetFlag(FLAGS_max_sequences);
+  config.default_lease = absl::Seconds(absl::GetFlag(FLAGS_default_lease_seconds));
+  config.max_lease = absl::Seconds(absl::GetFlag(FLAGS_max_lease_seconds));
+  config.listen_addresses =
+      absl::StrSplit(absl::GetFlag(FLAGS_listen), ',', absl::SkipEmpty());
+  config.max_message_bytes = absl::GetFlag(FLAGS_max_message_mib) << 20;
+  config.max_inflight_per_stream = absl::GetFlag(FLAGS_stream_max_inflight);
+  config.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
+  absl::Status valid = config.Validate();
+  if (!valid.ok()) return valid;
+  return config;
+}
+
+int Run() {
+  // Signals are taken by a dedicated thread with sigwait. They are blocked
+  // before gRPC starts its threads, so no gRPC thread ever runs a handler
+  // (Shutdown from a handler deadlocks on gRPC's own mutexes).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  absl::StatusOr<ServerConfig> config = ConfigFromFlags();
+  if (!config.ok()) {
+    spdlog::error("invalid configuration: {}", std::string(config.status().message()));
+    return 2;
+  }
+  spdlog::info("blocksel-server {}: model {}", kBlockselVersion,
+               config->model.ToString());
+  spdlog::info("cache: {} pages of {} bytes ({} MiB), max {} sequences, lease {}s",
+               config->NumPages(), config->model.PageBytes(),
+               absl::GetFlag(FLAGS_cache_mib), config->max_sequences,
+               absl::ToInt64Seconds(config->default_lease));
+  absl::StatusOr<std::unique_ptr<BlockselServer>> server = BlockselServer::Start(*config);
+  if (!server.ok()) {
+    spdlog::error("cannot start: {}", std::string(server.status().message()));
+    return 1;
+  }
+  spdlog::info("backend {}", (*server)->backend_description());
+  spdlog::info("serving on {} (port {})", absl::GetFlag(FLAGS_listen), (*server)->port());
+
+  const absl::Duration grace = absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds));
+  std::thread signal_thread([&] {
+    int signal_number = 0;
+    sigwait(&signals, &signal_number);
+    spdlog::info("signal {}: shutting down (grace {}s)", signal_number,
+                 absl::ToInt64Seconds(grace));
+    (*server)->Shutdown(grace);
+  });
+  (*server)->Wait();
+  signal_thread.join();
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace blocksel
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Serves blocksel.v1.BlockSelector: paged index-key cache and top-k block "
+      "selection for sparse attention.\nUsage: blocksel-server [--flag=value]...");
+  absl::ParseCommandLine(argc, argv);
+  return blocksel::Run();
+}

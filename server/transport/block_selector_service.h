@@ -1,0 +1,63 @@
+// The gRPC face of the engine: blocksel.v1.BlockSelector.
+#ifndef BLOCKSEL_SERVER_TRANSPORT_BLOCK_SELECTOR_SERVICE_H_
+#define BLOCKSEL_SERVER_TRANSPORT_BLOCK_SELECTOR_SERVICE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "blocksel/v1/block_selector.grpc.pb.h"
+#include "server/engine/engine.h"
+#include "server/engine/executor.h"
+
+namespace blocksel {
+
+struct ServiceOptions {
+  int max_inflight_per_stream = 4;
+  int64_t max_message_bytes = 64 << 20;  // reported by GetInfo
+  std::string server_version;
+};
+
+// Every engine operation runs on the executor; the reactors only decode,
+// queue and answer. Status codes pass through unchanged.
+class BlockSelectorService final : public v1::BlockSelector::CallbackService {
+ public:
+  BlockSelectorService(Engine* engine, Executor* executor, ServiceOptions options);
+
+  grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* context,
+                                    const v1::GetInfoRequest* request,
+                                    v1::GetInfoResponse* response) override;
+  grpc::ServerUnaryReactor* OpenSequence(grpc::CallbackServerContext* context,
+                                         const v1::OpenSequenceRequest* request,
+                                         v1::OpenSequenceResponse* response) override;
+  grpc::ServerUnaryReactor* ReleaseSequence(
+      grpc::CallbackServerContext* context, const v1::ReleaseSequenceRequest* request,
+      v1::ReleaseSequenceResponse* response) override;
+  grpc::ServerUnaryReactor* RenewLease(grpc::CallbackServerContext* context,
+                                       const v1::RenewLeaseRequest* request,
+                                       v1::RenewLeaseResponse* response) override;
+  grpc::ServerUnaryReactor* AppendKeys(grpc::CallbackServerContext* context,
+                                       const v1::AppendKeysRequest* request,
+                                       v1::AppendKeysResponse* response) override;
+  grpc::ServerReadReactor<v1::AppendKeysRequest>* StreamAppendKeys(
+      grpc::CallbackServerContext* context, v1::AppendKeysResponse* response) override;
+  grpc::ServerUnaryReactor* Select(grpc::CallbackServerContext* context,
+                                   const v1::SelectRequest* request,
+                                   v1::SelectResponse* response) override;
+  grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>* StreamSelect(
+      grpc::CallbackServerContext* context) override;
+
+ private:
+  // Runs operation() on the executor and finishes the call with its status,
+  // unless the call was cancelled or its deadline passed while it waited.
+  template <typename Operation>
+  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* context,
+                                     Operation operation);
+
+  Engine* const engine_;
+  Executor* const executor_;
+  const ServiceOptions options_;
+};
+
+}  // namespace blocksel
+
+#endif  // BLOCKSEL_SERVER_TRANSPORT_BLOCK_SELECTOR_SERVICE_H_

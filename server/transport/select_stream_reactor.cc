@@ -1,0 +1,128 @@
+#include "server/transport/select_stream_reactor.h"
+
+#include <memory>
+#include <utility>
+
+namespace blocksel {
+namespace {
+
+void SetError(const absl::Status& status, v1::SelectResponse* response) {
+  v1::Error* error = response->mutable_error();
+  error->set_code(static_cast<int32_t>(status.code()));
+  error->set_message(std::string(status.message()));
+}
+
+}  // namespace
+
+SelectStreamReactor::SelectStreamReactor(Engine* engine, Executor* executor,
+                                         int max_inflight)
+    : engine_(engine), executor_(executor), max_inflight_(max_inflight) {
+  {
+    absl::MutexLock lock(&mutex_);
+    reading_ = true;
+  }
+  StartRead(&incoming_);
+}
+
+void SelectStreamReactor::OnReadDone(bool ok) {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mutex_);
+    reading_ = false;
+    if (!ok) {
+      reads_done_ = true;
+    } else {
+      auto request = std::make_shared<v1::SelectRequest>(std::move(incoming_));
+      incoming_.Clear();
+      ++inflight_;
+      absl::Status queued = executor_->Submit([this, request] {
+        v1::SelectResponse response;
+        response.set_request_id(request->request_id());
+        absl::Status status = engine_->Select(*request, response.mutable_selection());
+        if (!status.ok()) SetError(status, &response);
+        Complete(std::move(response));
+      });
+      if (!queued.ok()) {
+        v1::SelectResponse response;
+        response.set_request_id(request->request_id());
+        SetError(queued, &response);
+        outgoing_.push_back(std::move(response));
+      }
+    }
+    PlanLocked(&actions);
+  }
+  Perform(actions);
+}
+
+void SelectStreamReactor::Complete(v1::SelectResponse response) {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mutex_);
+    if (cancelled_) {
+      --inflight_;  // nobody to write to
+    } else {
+      outgoing_.push_back(std::move(response));
+    }
+    PlanLocked(&actions);
+  }
+  Perform(actions);
+}
+
+void SelectStreamReactor::OnWriteDone(bool ok) {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mutex_);
+    writing_ = false;
+    outgoing_.pop_front();
+    --inflight_;
+    if (!ok) cancelled_ = true;  // the stream is broken; no write can succeed
+    PlanLocked(&actions);
+  }
+  Perform(actions);
+}
+
+void SelectStreamReactor::OnCancel() {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mutex_);
+    cancelled_ = true;
+    PlanLocked(&actions);
+  }
+  Perform(actions);
+}
+
+void SelectStreamReactor::OnDone() { delete this; }
+
+void SelectStreamReactor::PlanLocked(Actions* actions) {
+  if (finished_) return;
+  if (cancelled_) {
+    // Responses that were never started are dropped with their requests.
+    const size_t unstarted = outgoing_.size() - (writing_ ? 1 : 0);
+    outgoing_.resize(outgoing_.size() - unstarted);
+    inflight_ -= static_cast<int>(unstarted);
+  } else {
+    if (!writing_ && !outgoing_.empty()) {
+      writing_ = true;
+      actions->write = &outgoing_.front();
+    }
+    if (!reading_ && !reads_done_ && inflight_ < max_inflight_) {
+      reading_ = true;
+      actions->read = true;
+    }
+  }
+  if ((reads_done_ || cancelled_) && !reading_ && !writing_ && inflight_ == 0) {
+    finished_ = true;
+    actions->finish = true;
+    actions->finish_status =
+        cancelled_ ? grpc::Status(grpc::StatusCode::CANCELLED, "stream cancelled")
+                   : grpc::Status::OK;
+  }
+}
+
+void SelectStreamReactor::Perform(const Actions& actions) {
+  if (actions.write != nullptr) StartWrite(actions.write);
+  if (actions.read) StartRead(&incoming_);
+  if (actions.finish) Finish(actions.finish_status);
+}
+
+}  // namespace blocksel

@@ -1,0 +1,69 @@
+// The reactor of one StreamSelect call.
+#ifndef BLOCKSEL_SERVER_TRANSPORT_SELECT_STREAM_REACTOR_H_
+#define BLOCKSEL_SERVER_TRANSPORT_SELECT_STREAM_REACTOR_H_
+
+#include <deque>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "blocksel/v1/block_selector.grpc.pb.h"
+#include "server/engine/engine.h"
+#include "server/engine/executor.h"
+
+namespace blocksel {
+
+// Reads SelectRequests, runs each on the executor and writes one
+// SelectResponse per request, in request order (the executor is FIFO).
+//
+// Flow control: at most max_inflight requests are read and not yet written
+// back; past that the reactor stops reading, so HTTP/2 flow control pushes
+// back on the client. One write is in flight at a time.
+//
+// Lifetime: gRPC deletes nothing; OnDone deletes the reactor, and Finish is
+// only called once no executor task refers to it (inflight_ == 0).
+//
+// Concurrency: reactions arrive on gRPC threads and completions on the
+// executor thread; mutex_ guards the state. gRPC calls (StartRead,
+// StartWrite, Finish) are made after releasing mutex_.
+class SelectStreamReactor final
+    : public grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse> {
+ public:
+  SelectStreamReactor(Engine* engine, Executor* executor, int max_inflight);
+
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  // What to start once mutex_ is released.
+  struct Actions {
+    bool read = false;
+    const v1::SelectResponse* write = nullptr;
+    bool finish = false;
+    grpc::Status finish_status;
+  };
+
+  void Complete(v1::SelectResponse response);
+  void PlanLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  void Perform(const Actions& actions);
+
+  Engine* const engine_;
+  Executor* const executor_;
+  const int max_inflight_;
+  v1::SelectRequest incoming_;  // target of the pending read
+
+  absl::Mutex mutex_;
+  int inflight_ ABSL_GUARDED_BY(mutex_) = 0;  // read, response not yet written
+  bool reading_ ABSL_GUARDED_BY(mutex_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mutex_) = false;
+  bool writing_ ABSL_GUARDED_BY(mutex_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mutex_) = false;
+  bool finished_ ABSL_GUARDED_BY(mutex_) = false;
+  // Responses ready to write; front() is being written while writing_.
+  std::deque<v1::SelectResponse> outgoing_ ABSL_GUARDED_BY(mutex_);
+};
+
+}  // namespace blocksel
+
+#endif  // BLOCKSEL_SERVER_TRANSPORT_SELECT_STREAM_REACTOR_H_
