@@ -16,6 +16,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "client/blocksel_client.h"
 #include "client/encoding.h"
 #include "client/reference_selection.h"
@@ -24,6 +25,7 @@ ABSL_FLAG(std::string, server, "localhost:50051", "Server address (host:port or 
 ABSL_FLAG(int, prompt_tokens, 2500, "Prompt length of the first sequence");
 ABSL_FLAG(int, decode_steps, 3, "Decode steps (each runs every sparse layer)");
 ABSL_FLAG(uint64_t, seed, 7, "Random seed");
+ABSL_FLAG(int, wait_seconds, 10, "How long to wait for the server to answer");
 
 namespace blocksel {
 namespace {
@@ -193,7 +195,12 @@ class Demo {
 
 int Run() {
   BlockselClient client(absl::GetFlag(FLAGS_server));
+  const absl::Time give_up = absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_wait_seconds));
   absl::StatusOr<v1::GetInfoResponse> info = client.GetInfo();
+  while (absl::IsUnavailable(info.status()) && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(200));
+    info = client.GetInfo();
+  }
   if (!info.ok()) {
     std::printf("cannot reach %s: %s\n", absl::GetFlag(FLAGS_server).c_str(),
                 info.status().ToString().c_str());

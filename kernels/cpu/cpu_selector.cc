@@ -27,9 +27,7 @@ int32_t VisibleBlocks(int64_t position) {
 }  // namespace
 
 CpuSelector::CpuSelector(int num_threads)
-    : pool_(ResolveThreads(num_threads)),
-      score_page_(BestPageScorer()),
-      page_scratch_(pool_.num_threads()) {}
+    : pool_(ResolveThreads(num_threads)), page_scratch_(pool_.num_threads()) {}
 
 KernelStatus CpuSelector::Select(const SelectionShape& shape,
                                  const SelectionBatch& batch) {
@@ -38,14 +36,16 @@ KernelStatus CpuSelector::Select(const SelectionShape& shape,
   const int32_t heads = shape.num_heads;
   const int32_t dim = shape.head_dim;
 
-  const int64_t query_elements =
-      static_cast<int64_t>(batch.total_rows) * heads * dim;
-  queries_.resize(query_elements);
-  for (int64_t i = 0; i < query_elements; ++i) {
-    queries_[i] = Bf16ToFloat(batch.queries[i]);
+  const PageScorer& scorer = BestPageScorer(dim);
+  const int64_t query_vectors = static_cast<int64_t>(batch.total_rows) * heads;
+  widened_queries_.resize(query_vectors * dim);
+  for (int64_t i = 0; i < query_vectors * dim; ++i) {
+    widened_queries_[i] = Bf16ToFloat(batch.queries[i]);
   }
+  queries_.resize(query_vectors * dim);
+  scorer.prepare_queries(widened_queries_.data(), query_vectors, dim, queries_.data());
   for (std::vector<float>& scratch : page_scratch_) {
-    scratch.resize(static_cast<size_t>(kBlockSize) * dim);
+    scratch.resize(PageScratchFloats(dim, kTileRows * heads));
   }
 
   // Padding rows (negative positions) are answered here; real rows go into
@@ -108,13 +108,13 @@ KernelStatus CpuSelector::Select(const SelectionShape& shape,
         items.push_back({t, b, std::min(wave[t].num_blocks, b + blocks_per_item)});
       }
     }
-    ScoreItems(shape, batch, wave, items);
+    ScoreItems(scorer, shape, batch, wave, items);
     SelectRows(shape, batch, wave);
   }
   return KernelStatus::kOk;
 }
 
-void CpuSelector::ScoreItems(const SelectionShape& shape,
+void CpuSelector::ScoreItems(const PageScorer& scorer, const SelectionShape& shape,
                              const SelectionBatch& batch,
                              const std::vector<Tile>& tiles,
                              const std::vector<WorkItem>& items) {
@@ -150,7 +150,17 @@ void CpuSelector::ScoreItems(const SelectionShape& shape,
                 std::clamp<int64_t>(seen, 0, kBlockSize));
           }
           args.page = pool + tile.span->block_table[block] * page_bytes;
-          score_page_(args);
+          // Scoring a page is short next to fetching one from memory, and
+          // the next page is elsewhere in the pool, beyond the hardware
+          // prefetchers' reach: request it into L2 now, while this one is
+          // scored.
+          if (block + 1 < item.end_block) {
+            const uint8_t* next = pool + tile.span->block_table[block + 1] * page_bytes;
+            for (int64_t line = 0; line < page_bytes; line += 64) {
+              __builtin_prefetch(next + line, 0, 2);
+            }
+          }
+          scorer.score_page(args);
           float* scores = block_scores_.data() + tile.score_offset;
           for (int32_t r = 0; r < tile.num_rows; ++r) {
             if (visible[r] == 0) continue;

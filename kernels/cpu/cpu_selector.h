@@ -29,7 +29,8 @@ class CpuSelector {
 
   KernelStatus Select(const SelectionShape& shape, const SelectionBatch& batch);
 
-  const char* isa() const { return BestPageScorerName(); }
+  // The page scorer Select uses for head_dim ("avx512" or "portable").
+  static const char* isa(int32_t head_dim) { return BestPageScorer(head_dim).name; }
   int num_threads() const { return pool_.num_threads(); }
 
  private:
@@ -46,15 +47,16 @@ class CpuSelector {
     int32_t end_block;
   };
 
-  void ScoreItems(const SelectionShape& shape, const SelectionBatch& batch,
+  void ScoreItems(const PageScorer& scorer, const SelectionShape& shape,
+                  const SelectionBatch& batch,
                   const std::vector<Tile>& tiles,
                   const std::vector<WorkItem>& items);
   void SelectRows(const SelectionShape& shape, const SelectionBatch& batch,
                   const std::vector<Tile>& tiles);
 
   ThreadPool pool_;
-  PageScoreFn score_page_;
-  std::vector<float> queries_;       // fp32 copy of the batch's queries
+  std::vector<float> widened_queries_;  // fp32 copy of the batch's queries
+  std::vector<float> queries_;  // the same in the page scorer's layout
   std::vector<float> block_scores_;  // per wave of tiles
   std::vector<std::vector<float>> page_scratch_;  // one per thread
 };

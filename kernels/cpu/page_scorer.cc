@@ -1,14 +1,12 @@
 #include "kernels/cpu/page_scorer.h"
 
-#include "kernels/numeric_formats.h"
-
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
-namespace blocksel::cpu {
+#include "kernels/numeric_formats.h"
 
+namespace blocksel::cpu {
 namespace {
 
 constexpr float kNanScore = -1e30f;
@@ -23,8 +21,6 @@ void ConvertKeysToFloat(const void* page, KeyDtype dtype, int64_t count,
     for (int64_t i = 0; i < count; ++i) out[i] = Fp8E4m3ToFloat(src[i]);
   }
 }
-
-}  // namespace
 
 void ScorePagePortable(const PageScoreArgs& args) {
   const int32_t dim = args.head_dim;
@@ -54,17 +50,23 @@ void ScorePagePortable(const PageScoreArgs& args) {
   }
 }
 
-PageScoreFn BestPageScorer() {
-  static const PageScoreFn best = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") ? &ScorePageAvx512
-                                             : &ScorePagePortable;
-  }();
-  return best;
+void CopyQueries(const float* queries, int64_t count, int32_t head_dim, float* out) {
+  std::copy(queries, queries + count * head_dim, out);
 }
 
-const char* BestPageScorerName() {
-  return BestPageScorer() == &ScorePageAvx512 ? "avx512" : "portable";
+}  // namespace
+
+const PageScorer& PortablePageScorer() {
+  static const PageScorer scorer{"portable", &CopyQueries, &ScorePagePortable};
+  return scorer;
+}
+
+const PageScorer& BestPageScorer(int32_t head_dim) {
+  static const bool has_avx512 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has_avx512 && head_dim % 32 == 0 ? Avx512PageScorer() : PortablePageScorer();
 }
 
 }  // namespace blocksel::cpu

@@ -16,30 +16,41 @@ struct PageScoreArgs {
   const void* page = nullptr;  // [kBlockSize][head_dim] keys of key_dtype
   KeyDtype key_dtype = KeyDtype::kBf16;
   int32_t head_dim = 0;        // multiple of 16
-  const float* queries = nullptr;  // fp32 [num_rows][num_heads][head_dim]
+  // fp32 [num_rows][num_heads][head_dim] in the scorer's query layout (see
+  // PageScorer::prepare_queries).
+  const float* queries = nullptr;
   int32_t num_rows = 0;
   int32_t num_heads = 0;
   // Per row: keys 0 .. visible_keys[row]-1 of the page count (0..kBlockSize).
   // A row with 0 visible keys is skipped and its outputs are left untouched.
   const int32_t* visible_keys = nullptr;
-  float* page_scratch = nullptr;  // >= kBlockSize * head_dim floats, private
+  float* page_scratch = nullptr;  // PageScratchFloats(...) floats, private
   float* block_max = nullptr;     // out: [num_rows][num_heads]
 };
 
-using PageScoreFn = void (*)(const PageScoreArgs& args);
+// Floats of scratch a scorer needs for num_queries = num_rows * num_heads.
+inline int64_t PageScratchFloats(int32_t head_dim, int32_t num_queries) {
+  return static_cast<int64_t>(kBlockSize) * head_dim + 16 * int64_t{num_queries};
+}
 
-// Portable implementation (any x86-64 or other CPU).
-void ScorePagePortable(const PageScoreArgs& args);
+// One implementation of the page scoring loop.
+struct PageScorer {
+  const char* name;
+  // Writes count fp32 query vectors of head_dim elements from natural order
+  // into the order score_page reads (a permutation within each vector).
+  void (*prepare_queries)(const float* queries, int64_t count, int32_t head_dim,
+                          float* out);
+  void (*score_page)(const PageScoreArgs& args);
+};
 
-// AVX-512F implementation; call only where the CPU supports AVX-512F.
-void ScorePageAvx512(const PageScoreArgs& args);
+// Plain C++ for any CPU and any head_dim.
+const PageScorer& PortablePageScorer();
 
-// The fastest implementation this CPU can run, picked once at run time.
-PageScoreFn BestPageScorer();
+// AVX-512F, head_dim a multiple of 32; use only where the CPU has AVX-512F.
+const PageScorer& Avx512PageScorer();
 
-// Name of the implementation BestPageScorer() returns ("avx512" or
-// "portable"), for logs and benchmarks.
-const char* BestPageScorerName();
+// The fastest scorer this CPU runs for head_dim (CPU checked once).
+const PageScorer& BestPageScorer(int32_t head_dim);
 
 }  // namespace blocksel::cpu
 

@@ -2,6 +2,13 @@
 // entered through BestPageScorer(), after a run-time CPU check, so the rest of
 // the binary stays portable. It uses intrinsics and plain loops only, so no
 // inline function compiled for AVX-512 can leak into portable callers.
+//
+// bf16 keys are never widened in memory. A 64-byte load holds 32 bf16 keys
+// elements; as 16 32-bit lanes, lane i is (k[2i+1] << 16 | k[2i]), so a left
+// shift by 16 gives k[2i] exactly as fp32 and clearing the low half gives
+// k[2i+1]. Queries are stored pre-split to match: per 32 elements, the 16
+// even ones, then the 16 odd ones. fp8 keys are first converted, exactly, to
+// bf16 in a small scratch buffer and then take the same path.
 #include <immintrin.h>
 
 #include "kernels/cpu/page_scorer.h"
@@ -10,39 +17,48 @@ namespace blocksel::cpu {
 namespace {
 
 constexpr int kLanes = 16;
+constexpr int kPairLanes = 32;  // bf16 elements per 64-byte load
 
-// bf16 -> fp32 is a 16-bit left shift of the bit pattern: exact.
-void ConvertBf16(const uint16_t* src, int64_t count, float* out) {
+// e4m3fn -> bf16 bit patterns, exactly, with no denormal arithmetic (a
+// multiply of a denormal would take a microcode assist): normals rebias the
+// exponent (e - 7 + 127) by an add on the fp32 pattern, subnormals are
+// m * 2^-9 from an exact int -> float conversion, 0x7f is NaN; every e4m3
+// value has at most 3 mantissa bits, so the upper half of its fp32 pattern
+// is its bf16 pattern.
+void ConvertFp8ToBf16(const uint8_t* src, int64_t count, uint16_t* out) {
+  const __m512i magnitude_mask = _mm512_set1_epi32(0x7F);
+  const __m512i rebias = _mm512_set1_epi32(120 << 23);
+  const __m512i smallest_normal = _mm512_set1_epi32(0x08);
+  const __m512 subnormal_step = _mm512_set1_ps(1.0f / 512.0f);  // 2^-9
+  const __m512i nan = _mm512_set1_epi32(0x7FC00000);
   for (int64_t i = 0; i < count; i += kLanes) {
-    const __m256i packed =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    const __m512i widened = _mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16);
-    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(widened));
+    const __m512i bytes = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    const __m512i magnitude = _mm512_and_si512(bytes, magnitude_mask);
+    const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(magnitude, 20), rebias);
+    const __m512i subnormal = _mm512_castps_si512(
+        _mm512_mul_ps(_mm512_cvtepi32_ps(magnitude), subnormal_step));
+    __m512i value = _mm512_mask_mov_epi32(
+        normal, _mm512_cmplt_epi32_mask(magnitude, smallest_normal), subnormal);
+    value = _mm512_mask_mov_epi32(
+        value, _mm512_cmpeq_epi32_mask(magnitude, magnitude_mask), nan);
+    value = _mm512_or_si512(
+        value, _mm512_slli_epi32(_mm512_andnot_si512(magnitude_mask, bytes), 24));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(value, 16)));
   }
 }
 
-// e4m3fn -> fp32, exactly: place exponent and mantissa at fp32's mantissa top
-// (a float of value 2^(e-127) * (1 + m/8), or a denormal for e = 0), rescale
-// by 2^120 to move the bias from 127 to 7, patch NaN (0x7f) and the sign.
-// Relies on denormals not being flushed (the default MXCSR).
-void ConvertFp8(const uint8_t* src, int64_t count, float* out) {
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7F);
-  const __m512 rescale = _mm512_set1_ps(1.329227995784916e36f);  // 2^120
-  const __m512 nan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
-  for (int64_t i = 0; i < count; i += kLanes) {
-    const __m128i packed =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    const __m512i bytes = _mm512_cvtepu8_epi32(packed);
-    const __m512i magnitude = _mm512_and_si512(bytes, magnitude_mask);
-    __m512 value = _mm512_mul_ps(
-        _mm512_castsi512_ps(_mm512_slli_epi32(magnitude, 20)), rescale);
-    const __mmask16 is_nan = _mm512_cmpeq_epi32_mask(magnitude, magnitude_mask);
-    value = _mm512_mask_mov_ps(value, is_nan, nan);
-    const __m512i sign = _mm512_slli_epi32(
-        _mm512_andnot_si512(magnitude_mask, bytes), 24);
-    value = _mm512_castsi512_ps(
-        _mm512_or_si512(_mm512_castps_si512(value), sign));
-    _mm512_storeu_ps(out + i, value);
+// Splits each 32-element chunk into its 16 even and then its 16 odd elements.
+void SplitQueries(const float* queries, int64_t count, int32_t head_dim, float* out) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const int64_t total = count * head_dim;
+  for (int64_t i = 0; i < total; i += kPairLanes) {
+    const __m512 low = _mm512_loadu_ps(queries + i);
+    const __m512 high = _mm512_loadu_ps(queries + i + kLanes);
+    _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(low, even, high));
+    _mm512_storeu_ps(out + i + kLanes, _mm512_permutex2var_ps(low, odd, high));
   }
 }
 
@@ -63,82 +79,114 @@ __m512 ReduceSixteen(const __m512* acc) {
     quads[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
   }
   // quads[k], 128-bit lane L, element m: partial sum of acc[4k+m] over lane L.
-  const __m512 half0 =
-      _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
-                    _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
-  const __m512 half1 =
-      _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
-                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  const __m512 half0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                     _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 half1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                     _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(half0, half1, 0x88),
                        _mm512_shuffle_f32x4(half0, half1, 0xDD));
 }
 
-}  // namespace
+// Scores of 4 queries against 4 consecutive keys: lane 4k + m of the result
+// is query m against key k. keys points at key 0 (bf16, row stride dim).
+__m512 ScoreFourByFour(const float* const query[4], const uint16_t* keys, int32_t dim) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int32_t c = 0; c < dim; c += kPairLanes) {
+    __m512 even_query[4];
+    __m512 odd_query[4];
+    for (int m = 0; m < 4; ++m) {
+      even_query[m] = _mm512_loadu_ps(query[m] + c);
+      odd_query[m] = _mm512_loadu_ps(query[m] + c + kLanes);
+    }
+    for (int k = 0; k < 4; ++k) {
+      const __m512i packed = _mm512_loadu_si512(keys + k * dim + c);
+      const __m512 even_key = _mm512_castsi512_ps(_mm512_slli_epi32(packed, 16));
+      const __m512 odd_key = _mm512_castsi512_ps(_mm512_and_si512(packed, high_half));
+      for (int m = 0; m < 4; ++m) {
+        acc[4 * k + m] = _mm512_fmadd_ps(even_query[m], even_key, acc[4 * k + m]);
+        acc[4 * k + m] = _mm512_fmadd_ps(odd_query[m], odd_key, acc[4 * k + m]);
+      }
+    }
+  }
+  return ReduceSixteen(acc);
+}
 
 void ScorePageAvx512(const PageScoreArgs& args) {
   const int32_t dim = args.head_dim;
-  const int32_t chunks = dim / kLanes;
   const int32_t num_queries = args.num_rows * args.num_heads;
   int32_t max_visible = 0;
   for (int32_t row = 0; row < args.num_rows; ++row) {
-    max_visible = args.visible_keys[row] > max_visible ? args.visible_keys[row]
-                                                        : max_visible;
+    max_visible = args.visible_keys[row] > max_visible ? args.visible_keys[row] : max_visible;
   }
   if (max_visible <= 0) return;
   const int32_t groups = (max_visible + kLanes - 1) / kLanes;
-  // Whole groups are converted; lanes past a row's visible keys are masked,
-  // so whatever the page holds there never reaches a result.
-  const int64_t converted = static_cast<int64_t>(groups) * kLanes * dim;
-  if (args.key_dtype == KeyDtype::kBf16) {
-    ConvertBf16(static_cast<const uint16_t*>(args.page), converted,
-                args.page_scratch);
-  } else {
-    ConvertFp8(static_cast<const uint8_t*>(args.page), converted,
-               args.page_scratch);
-  }
-
-  const __m512 nan_score = _mm512_set1_ps(-1e30f);
+  const int32_t quads = (num_queries + 3) / 4;
+  // Scratch: the running maxima, one vector per quad of queries, then room
+  // for one 16-key group of fp8 keys converted to bf16.
+  float* best = args.page_scratch;
+  auto* converted = reinterpret_cast<uint16_t*>(best + quads * kLanes);
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
-  // Queries go 16 at a time, their running maxima in registers, so that each
-  // 16-key group (8 KB at D = 128) stays in L1 while it serves all of them.
-  for (int32_t first_query = 0; first_query < num_queries; first_query += 16) {
-    const int32_t pass_queries =
-        num_queries - first_query < 16 ? num_queries - first_query : 16;
-    __m512 best[16];
-    for (int32_t q = 0; q < pass_queries; ++q) best[q] = neg_inf;
-    for (int32_t group = 0; group < groups; ++group) {
-      const float* group_keys = args.page_scratch + group * kLanes * dim;
-      for (int32_t q = 0; q < pass_queries; ++q) {
-        const int32_t query_index = first_query + q;
-        const int32_t remaining =
-            args.visible_keys[query_index / args.num_heads] - group * kLanes;
-        if (remaining <= 0) continue;
-        const float* query = args.queries + static_cast<int64_t>(query_index) * dim;
-        __m512 acc[kLanes];
-        for (int j = 0; j < kLanes; ++j) acc[j] = _mm512_setzero_ps();
-        for (int32_t c = 0; c < chunks; ++c) {
-          const __m512 query_chunk = _mm512_loadu_ps(query + c * kLanes);
-          for (int j = 0; j < kLanes; ++j) {
-            acc[j] = _mm512_fmadd_ps(
-                query_chunk, _mm512_loadu_ps(group_keys + j * dim + c * kLanes),
-                acc[j]);
-          }
-        }
-        __m512 scores = ReduceSixteen(acc);
-        const __mmask16 is_nan = _mm512_cmp_ps_mask(scores, scores, _CMP_UNORD_Q);
-        scores = _mm512_mask_mov_ps(scores, is_nan, nan_score);
-        const __mmask16 visible =
-            remaining >= kLanes ? static_cast<__mmask16>(0xFFFF)
-                                : static_cast<__mmask16>((1u << remaining) - 1u);
-        best[q] = _mm512_mask_max_ps(best[q], visible, best[q], scores);
-      }
+  for (int32_t quad = 0; quad < quads; ++quad) _mm512_storeu_ps(best + quad * kLanes, neg_inf);
+
+  // Lane 4k + m of a 4x4 score vector: query m of the quad, key k of the step.
+  const __m512i lane_query = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
+  const __m512i lane_key = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512 nan_score = _mm512_set1_ps(-1e30f);
+  const int64_t group_elements = static_cast<int64_t>(kLanes) * dim;
+  for (int32_t group = 0; group < groups; ++group) {
+    // Whole groups are scored; lanes past a row's visible keys are masked,
+    // so whatever the page holds there never reaches a result.
+    const uint16_t* group_keys;
+    if (args.key_dtype == KeyDtype::kBf16) {
+      group_keys = static_cast<const uint16_t*>(args.page) + group * group_elements;
+    } else {
+      ConvertFp8ToBf16(static_cast<const uint8_t*>(args.page) + group * group_elements,
+                       group_elements, converted);
+      group_keys = converted;
     }
-    for (int32_t q = 0; q < pass_queries; ++q) {
-      const int32_t query_index = first_query + q;
-      if (args.visible_keys[query_index / args.num_heads] <= 0) continue;
-      args.block_max[query_index] = _mm512_reduce_max_ps(best[q]);
+    for (int32_t quad = 0; quad < quads; ++quad) {
+      // Past num_queries the last query repeats; those lanes are never read.
+      const float* query[4];
+      int32_t remaining[4];
+      for (int m = 0; m < 4; ++m) {
+        const int32_t q = quad * 4 + m < num_queries ? quad * 4 + m : num_queries - 1;
+        query[m] = args.queries + static_cast<int64_t>(q) * dim;
+        remaining[m] = args.visible_keys[q / args.num_heads] - group * kLanes;
+      }
+      if (remaining[0] <= 0 && remaining[1] <= 0 && remaining[2] <= 0 && remaining[3] <= 0) {
+        continue;
+      }
+      const __m512i lane_remaining = _mm512_permutexvar_epi32(
+          lane_query,
+          _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(remaining))));
+      __m512 quad_best = _mm512_loadu_ps(best + quad * kLanes);
+      for (int32_t step = 0; step < kLanes / 4; ++step) {
+        __m512 scores = ScoreFourByFour(query, group_keys + step * 4 * dim, dim);
+        scores = _mm512_mask_mov_ps(scores, _mm512_cmp_ps_mask(scores, scores, _CMP_UNORD_Q),
+                                    nan_score);
+        const __mmask16 visible = _mm512_cmplt_epi32_mask(
+            _mm512_add_epi32(lane_key, _mm512_set1_epi32(step * 4)), lane_remaining);
+        quad_best = _mm512_mask_max_ps(quad_best, visible, quad_best, scores);
+      }
+      _mm512_storeu_ps(best + quad * kLanes, quad_best);
     }
   }
+  for (int32_t q = 0; q < num_queries; ++q) {
+    if (args.visible_keys[q / args.num_heads] <= 0) continue;
+    const float* lanes = best + (q / 4) * kLanes + q % 4;
+    float maximum = lanes[0];
+    for (int k = 1; k < 4; ++k) maximum = lanes[4 * k] > maximum ? lanes[4 * k] : maximum;
+    args.block_max[q] = maximum;
+  }
+}
+
+}  // namespace
+
+const PageScorer& Avx512PageScorer() {
+  static const PageScorer scorer{"avx512", &SplitQueries, &ScorePageAvx512};
+  return scorer;
 }
 
 }  // namespace blocksel::cpu

@@ -34,7 +34,8 @@ CpuBackend::CpuBackend(const ModelConfig& config, int64_t num_pages,
       selector_(num_threads) {}
 
 std::string CpuBackend::detail() const {
-  return absl::StrCat(selector_.isa(), ", ", selector_.num_threads(), " threads");
+  return absl::StrCat(cpu::CpuSelector::isa(config_.head_dim), ", ",
+                      selector_.num_threads(), " threads");
 }
 
 absl::Status CpuBackend::WriteKeys(absl::Span<const KeyWrite> writes) {

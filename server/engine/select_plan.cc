@@ -68,9 +68,10 @@ absl::StatusOr<std::vector<RowRequest>> CollectRows(
     }
   } else if (request.has_decode()) {
     const v1::DecodeBatch& batch = request.decode();
-    const int64_t q = batch.tokens_per_request() == 0 ? 1 : batch.tokens_per_request();
+    const int64_t batch_q = batch.tokens_per_request() == 0 ? 1 : batch.tokens_per_request();
     for (int i = 0; i < batch.requests_size(); ++i) {
       const v1::DecodeRequest& r = batch.requests(i);
+      const int64_t q = r.query_tokens() == 0 ? batch_q : r.query_tokens();
       if (r.seq_len() == 0) {
         if (!r.keys().empty()) {
           return absl::InvalidArgumentError(absl::StrCat(
@@ -82,7 +83,7 @@ absl::StatusOr<std::vector<RowRequest>> CollectRows(
       if (r.seq_len() < static_cast<uint64_t>(q)) {
         return absl::InvalidArgumentError(absl::StrCat(
             "decode request ", i, ": seq_len ", r.seq_len(),
-            " is smaller than tokens_per_request ", q,
+            " is smaller than its Q = ", q,
             "; seq_len counts the new tokens (0 marks padding)"));
       }
       if (r.seq_len() > static_cast<uint64_t>(model.max_positions)) {
