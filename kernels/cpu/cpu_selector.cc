@@ -150,16 +150,9 @@ void CpuSelector::ScoreItems(const PageScorer& scorer, const SelectionShape& sha
                 std::clamp<int64_t>(seen, 0, kBlockSize));
           }
           args.page = pool + tile.span->block_table[block] * page_bytes;
-          // Scoring a page is short next to fetching one from memory, and
-          // the next page is elsewhere in the pool, beyond the hardware
-          // prefetchers' reach: request it into L2 now, while this one is
-          // scored.
-          if (block + 1 < item.end_block) {
-            const uint8_t* next = pool + tile.span->block_table[block + 1] * page_bytes;
-            for (int64_t line = 0; line < page_bytes; line += 64) {
-              __builtin_prefetch(next + line, 0, 2);
-            }
-          }
+          args.next_page = block + 1 < item.end_block
+                               ? pool + tile.span->block_table[block + 1] * page_bytes
+                               : nullptr;
           scorer.score_page(args);
           float* scores = block_scores_.data() + tile.score_offset;
           for (int32_t r = 0; r < tile.num_rows; ++r) {

@@ -27,6 +27,8 @@ void ScorePagePortable(const PageScoreArgs& args) {
   const int32_t max_visible =
       *std::max_element(args.visible_keys, args.visible_keys + args.num_rows);
   if (max_visible <= 0) return;
+  PrefetchPageSlice(args.next_page, 0,
+                    int64_t{kBlockSize} * dim * KeyDtypeBytes(args.key_dtype));
   ConvertKeysToFloat(args.page, args.key_dtype,
                      static_cast<int64_t>(max_visible) * dim,
                      args.page_scratch);

@@ -19,33 +19,29 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int kPairLanes = 32;  // bf16 elements per 64-byte load
 
-// e4m3fn -> bf16 bit patterns, exactly, with no denormal arithmetic (a
-// multiply of a denormal would take a microcode assist): normals rebias the
-// exponent (e - 7 + 127) by an add on the fp32 pattern, subnormals are
-// m * 2^-9 from an exact int -> float conversion, 0x7f is NaN; every e4m3
-// value has at most 3 mantissa bits, so the upper half of its fp32 pattern
-// is its bf16 pattern.
+// e4m3fn -> bf16 bit patterns, exactly, in 16-bit lanes (AVX-512BW).
+// Normals rebias the exponent (e - 7 + 127): bf16 = (e << 7 | m << 4) +
+// (120 << 7). The 8 subnormals m * 2^-9 come from a table, 0x7f is NaN, and
+// the sign moves from bit 7 to bit 15.
 void ConvertFp8ToBf16(const uint8_t* src, int64_t count, uint16_t* out) {
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7F);
-  const __m512i rebias = _mm512_set1_epi32(120 << 23);
-  const __m512i smallest_normal = _mm512_set1_epi32(0x08);
-  const __m512 subnormal_step = _mm512_set1_ps(1.0f / 512.0f);  // 2^-9
-  const __m512i nan = _mm512_set1_epi32(0x7FC00000);
-  for (int64_t i = 0; i < count; i += kLanes) {
-    const __m512i bytes = _mm512_cvtepu8_epi32(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  alignas(64) static constexpr uint16_t kSubnormals[32] = {
+      0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+  const __m512i subnormals = _mm512_load_si512(kSubnormals);
+  const __m512i magnitude_mask = _mm512_set1_epi16(0x7F);
+  const __m512i sign_mask = _mm512_set1_epi16(0x80);
+  const __m512i rebias = _mm512_set1_epi16(120 << 7);
+  const __m512i smallest_normal = _mm512_set1_epi16(0x08);
+  const __m512i nan = _mm512_set1_epi16(0x7FC0);
+  for (int64_t i = 0; i < count; i += kPairLanes) {
+    const __m512i bytes = _mm512_cvtepu8_epi16(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
     const __m512i magnitude = _mm512_and_si512(bytes, magnitude_mask);
-    const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(magnitude, 20), rebias);
-    const __m512i subnormal = _mm512_castps_si512(
-        _mm512_mul_ps(_mm512_cvtepi32_ps(magnitude), subnormal_step));
-    __m512i value = _mm512_mask_mov_epi32(
-        normal, _mm512_cmplt_epi32_mask(magnitude, smallest_normal), subnormal);
-    value = _mm512_mask_mov_epi32(
-        value, _mm512_cmpeq_epi32_mask(magnitude, magnitude_mask), nan);
-    value = _mm512_or_si512(
-        value, _mm512_slli_epi32(_mm512_andnot_si512(magnitude_mask, bytes), 24));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(value, 16)));
+    __m512i value = _mm512_add_epi16(_mm512_slli_epi16(magnitude, 4), rebias);
+    value = _mm512_mask_mov_epi16(value, _mm512_cmplt_epu16_mask(magnitude, smallest_normal),
+                                  _mm512_permutexvar_epi16(magnitude, subnormals));
+    value = _mm512_mask_mov_epi16(value, _mm512_cmpeq_epi16_mask(magnitude, magnitude_mask), nan);
+    value = _mm512_or_si512(value, _mm512_slli_epi16(_mm512_and_si512(bytes, sign_mask), 8));
+    _mm512_storeu_si512(out + i, value);
   }
 }
 
@@ -135,7 +131,13 @@ void ScorePageAvx512(const PageScoreArgs& args) {
   const __m512i lane_key = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m512 nan_score = _mm512_set1_ps(-1e30f);
   const int64_t group_elements = static_cast<int64_t>(kLanes) * dim;
+  const int64_t group_bytes = group_elements * KeyDtypeBytes(args.key_dtype);
   for (int32_t group = 0; group < groups; ++group) {
+    // One group's worth of the next page per group of this one; the rest
+    // after the last group when this page is only partly visible.
+    PrefetchPageSlice(args.next_page, group * group_bytes,
+                      group + 1 < groups ? (group + 1) * group_bytes
+                                         : kBlockSize / kLanes * group_bytes);
     // Whole groups are scored; lanes past a row's visible keys are masked,
     // so whatever the page holds there never reaches a result.
     const uint16_t* group_keys;
