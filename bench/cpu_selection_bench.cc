@@ -67,7 +67,8 @@ double MeasureReadBandwidth(int threads) {
       }
       sums[t] = std::accumulate(lanes, lanes + 8, uint64_t{0});
     });
-    samples.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    samples.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   benchmark::DoNotOptimize(sums);
   return static_cast<double>(words * 8) / MedianSeconds(samples);
@@ -117,7 +118,8 @@ double MeasureFmaPeak(int threads) {
     pool.ParallelFor(threads, [&](int, int64_t t) {
       per_thread[t] = avx512 ? FmaFlopsAvx512(kIterations) : FmaFlopsPortable(kIterations / 16);
     });
-    samples.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    samples.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     flops = std::accumulate(per_thread.begin(), per_thread.end(), 0.0);
   }
   return flops / MedianSeconds(samples);
@@ -205,12 +207,12 @@ void RunSelection(benchmark::State& state, const Workload& w) {
   state.counters["GFLOP"] = w.flops / 1e9;
   state.counters["bw_floor_ms"] = 1e3 * w.key_bytes_read / g_floors.read_bytes_per_second;
   state.counters["flop_floor_ms"] = 1e3 * w.flops / g_floors.fma_flops_per_second;
-  state.counters["pct_of_read_bw"] = benchmark::Counter(
-      100.0 * w.key_bytes_read / g_floors.read_bytes_per_second,
-      benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["pct_of_fma_peak"] = benchmark::Counter(
-      100.0 * w.flops / g_floors.fma_flops_per_second,
-      benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["pct_of_read_bw"] =
+      benchmark::Counter(100.0 * w.key_bytes_read / g_floors.read_bytes_per_second,
+                         benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["pct_of_fma_peak"] =
+      benchmark::Counter(100.0 * w.flops / g_floors.fma_flops_per_second,
+                         benchmark::Counter::kIsIterationInvariantRate);
   state.SetLabel(cpu::CpuSelector::isa(w.shape.head_dim));
 }
 
@@ -224,23 +226,22 @@ int main(int argc, char** argv) {
   const double read_one = blocksel::MeasureReadBandwidth(1);
   blocksel::g_floors.read_bytes_per_second = blocksel::MeasureReadBandwidth(threads);
   blocksel::g_floors.fma_flops_per_second = blocksel::MeasureFmaPeak(threads);
-  std::printf("measured floors: streaming read %.1f GB/s (1 thread), %.1f GB/s (%d threads); "
-              "fp32 FMA peak %.1f GFLOP/s (%d threads)\n",
-              read_one / 1e9, blocksel::g_floors.read_bytes_per_second / 1e9, threads,
-              blocksel::g_floors.fma_flops_per_second / 1e9, threads);
+  std::printf(
+      "measured floors: streaming read %.1f GB/s (1 thread), %.1f GB/s (%d threads); "
+      "fp32 FMA peak %.1f GFLOP/s (%d threads)\n",
+      read_one / 1e9, blocksel::g_floors.read_bytes_per_second / 1e9, threads,
+      blocksel::g_floors.fma_flops_per_second / 1e9, threads);
 
   static const blocksel::Workload decode_bf16 =
       blocksel::MakeWorkload(KeyDtype::kBf16, 8, 32768, 1);
   static const blocksel::Workload decode_fp8 =
       blocksel::MakeWorkload(KeyDtype::kFp8E4m3, 8, 32768, 1);
-  static const blocksel::Workload spec_bf16 =
-      blocksel::MakeWorkload(KeyDtype::kBf16, 8, 32768, 4);
+  static const blocksel::Workload spec_bf16 = blocksel::MakeWorkload(KeyDtype::kBf16, 8, 32768, 4);
   static const blocksel::Workload prefill_bf16 =
       blocksel::MakeWorkload(KeyDtype::kBf16, 1, 30720 + 2048, 2048);
   auto add = [](const char* name, const blocksel::Workload* w, int iterations) {
-    auto* b = benchmark::RegisterBenchmark(name, [w](benchmark::State& s) {
-      blocksel::RunSelection(s, *w);
-    });
+    auto* b = benchmark::RegisterBenchmark(
+        name, [w](benchmark::State& s) { blocksel::RunSelection(s, *w); });
     b->Unit(benchmark::kMillisecond)->UseRealTime()->Repetitions(5)->ReportAggregatesOnly(true);
     if (iterations > 0) b->Iterations(iterations);
   };

@@ -11,8 +11,7 @@ namespace blocksel {
 namespace {
 
 absl::Status ToAbsl(const grpc::Status& status) {
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      status.error_message());
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
 }  // namespace
@@ -143,8 +142,7 @@ absl::Status SelectSession::Send(const v1::SelectRequest& request) {
   if (!stream_->Write(request)) {
     closed_ = true;
     grpc::Status status = stream_->Finish();
-    return status.ok() ? absl::UnavailableError("the server ended the stream")
-                       : ToAbsl(status);
+    return status.ok() ? absl::UnavailableError("the server ended the stream") : ToAbsl(status);
   }
   return absl::OkStatus();
 }
@@ -155,8 +153,7 @@ absl::StatusOr<SelectResult> SelectSession::Receive() {
   if (!stream_->Read(&response)) {
     closed_ = true;
     grpc::Status status = stream_->Finish();
-    return status.ok() ? absl::UnavailableError("the server ended the stream")
-                       : ToAbsl(status);
+    return status.ok() ? absl::UnavailableError("the server ended the stream") : ToAbsl(status);
   }
   return ToSelectResult(response);
 }

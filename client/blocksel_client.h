@@ -69,8 +69,7 @@ class BlockselClient {
 
   absl::StatusOr<v1::GetInfoResponse> GetInfo();
   // sequence_id 0 lets the server choose; lease_seconds 0 takes its default.
-  absl::StatusOr<uint64_t> OpenSequence(uint64_t sequence_id = 0,
-                                        uint32_t lease_seconds = 0);
+  absl::StatusOr<uint64_t> OpenSequence(uint64_t sequence_id = 0, uint32_t lease_seconds = 0);
   // True if the sequence was open.
   absl::StatusOr<bool> ReleaseSequence(uint64_t sequence_id);
   absl::Status RenewLease(absl::Span<const uint64_t> sequence_ids);

@@ -102,9 +102,8 @@ class Demo {
   }
 
   // Compares a result with the reference; prints the first rows.
-  bool Check(const char* what, const SelectResult& result,
-             const std::vector<ReferenceRows>& rows, const std::vector<float>& queries,
-             bool print) {
+  bool Check(const char* what, const SelectResult& result, const std::vector<ReferenceRows>& rows,
+             const std::vector<float>& queries, bool print) {
     const std::vector<int32_t> expected = ReferenceSelect(shape_, rows, queries.data());
     const bool match = result.block_ids == expected;
     if (print) {
@@ -114,8 +113,8 @@ class Demo {
         std::printf("  %s row %d head 0: [%s]\n", what, row, absl::StrJoin(ids, " ").c_str());
       }
     }
-    std::printf("%s: %d rows x %d heads %s the reference\n", what, result.total_q,
-                result.num_heads, match ? "match" : "DO NOT match");
+    std::printf("%s: %d rows x %d heads %s the reference\n", what, result.total_q, result.num_heads,
+                match ? "match" : "DO NOT match");
     return match;
   }
 
@@ -169,8 +168,7 @@ class Demo {
           std::printf("decode failed: %s\n", result.status().ToString().c_str());
           return false;
         }
-        const std::vector<int32_t> expected =
-            ReferenceSelect(shape_, rows, queries.data());
+        const std::vector<int32_t> expected = ReferenceSelect(shape_, rows, queries.data());
         if (result->block_ids == expected) {
           ++matched_layers;
         } else {
@@ -179,8 +177,10 @@ class Demo {
         if (l == 0 && step == 0) Check("decode step 0 layer 0", *result, rows, queries, true);
       }
       for (DemoSequence& sequence : sequences) ++sequence.length;
-      std::printf("decode step %d (StreamSelect, append+select): %d of %d layers match "
-                  "the reference\n", step, matched_layers, sparse_layers());
+      std::printf(
+          "decode step %d (StreamSelect, append+select): %d of %d layers match "
+          "the reference\n",
+          step, matched_layers, sparse_layers());
     }
     return (*session)->Close().ok() && all_match;
   }
@@ -207,13 +207,13 @@ int Run() {
     return 1;
   }
   const v1::ModelConfig& model = info->model();
-  std::printf("server %s, backend %s (%s): layers %u (sparse from %u), H=%u, D=%u, %s keys, "
-              "topk=%u, init=%u, local=%u; cache %llu pages\n",
-              info->server_version().c_str(), info->backend().c_str(),
-              info->backend_detail().c_str(), model.num_layers(), model.first_sparse_layer(),
-              model.num_heads(), model.head_dim(), v1::KeyDtype_Name(model.key_dtype()).c_str(),
-              model.topk(), model.init_blocks(), model.local_blocks(),
-              static_cast<unsigned long long>(info->cache().total_pages()));
+  std::printf(
+      "server %s, backend %s (%s): layers %u (sparse from %u), H=%u, D=%u, %s keys, "
+      "topk=%u, init=%u, local=%u; cache %llu pages\n",
+      info->server_version().c_str(), info->backend().c_str(), info->backend_detail().c_str(),
+      model.num_layers(), model.first_sparse_layer(), model.num_heads(), model.head_dim(),
+      v1::KeyDtype_Name(model.key_dtype()).c_str(), model.topk(), model.init_blocks(),
+      model.local_blocks(), static_cast<unsigned long long>(info->cache().total_pages()));
   Demo demo(&client, model, absl::GetFlag(FLAGS_seed));
   std::vector<DemoSequence> sequences(2);
   const int64_t prompt = absl::GetFlag(FLAGS_prompt_tokens);
@@ -230,8 +230,7 @@ int Run() {
     absl::StatusOr<bool> released = client.ReleaseSequence(sequence.id);
     ok = ok && released.ok() && *released;
   }
-  std::printf("%s\n", ok ? "demo OK: every selection matches the reference"
-                         : "demo FAILED");
+  std::printf("%s\n", ok ? "demo OK: every selection matches the reference" : "demo FAILED");
   return ok ? 0 : 1;
 }
 

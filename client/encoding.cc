@@ -32,8 +32,8 @@ std::string EncodeKeys(absl::Span<const float> values, v1::KeyDtype dtype) {
 std::vector<float> DecodeBf16(const std::string& bytes) {
   std::vector<float> values(bytes.size() / 2);
   for (size_t i = 0; i < values.size(); ++i) {
-    const uint16_t bits = static_cast<uint16_t>(
-        static_cast<uint8_t>(bytes[2 * i]) | (static_cast<uint8_t>(bytes[2 * i + 1]) << 8));
+    const uint16_t bits = static_cast<uint16_t>(static_cast<uint8_t>(bytes[2 * i]) |
+                                                (static_cast<uint8_t>(bytes[2 * i + 1]) << 8));
     values[i] = Bf16ToFloat(bits);
   }
   return values;
@@ -52,13 +52,13 @@ std::vector<float> DecodeKeys(const std::string& bytes, v1::KeyDtype dtype) {
 }
 
 absl::StatusOr<std::vector<int32_t>> DecodeBlockIds(const v1::Selection& selection) {
-  const uint64_t count = static_cast<uint64_t>(selection.num_heads()) *
-                         selection.total_q() * selection.topk();
+  const uint64_t count =
+      static_cast<uint64_t>(selection.num_heads()) * selection.total_q() * selection.topk();
   if (selection.block_ids().size() != count * sizeof(int32_t)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "selection holds ", selection.block_ids().size(), " bytes, expected ",
-        count * sizeof(int32_t), " for [", selection.num_heads(), ", ",
-        selection.total_q(), ", ", selection.topk(), "] int32"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("selection holds ", selection.block_ids().size(), " bytes, expected ",
+                     count * sizeof(int32_t), " for [", selection.num_heads(), ", ",
+                     selection.total_q(), ", ", selection.topk(), "] int32"));
   }
   std::vector<int32_t> ids(count);
   std::memcpy(ids.data(), selection.block_ids().data(), count * sizeof(int32_t));

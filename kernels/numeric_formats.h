@@ -32,8 +32,8 @@ inline float Fp8E4m3ToFloat(uint8_t bits) {
   if (magnitude == 0x7Fu) return std::numeric_limits<float>::quiet_NaN();
   const int exponent = static_cast<int>(magnitude >> 3);
   const float mantissa = static_cast<float>(magnitude & 0x7u);
-  const float value = exponent == 0 ? std::ldexp(mantissa, -9)
-                                    : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+  const float value =
+      exponent == 0 ? std::ldexp(mantissa, -9) : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
   return (bits & 0x80u) != 0 ? -value : value;
 }
 

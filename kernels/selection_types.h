@@ -24,9 +24,7 @@ enum class KeyDtype : int32_t {
   kFp8E4m3 = 1,  // OCP e4m3fn: bias 7, max finite 448, no infinities
 };
 
-constexpr int32_t KeyDtypeBytes(KeyDtype dtype) {
-  return dtype == KeyDtype::kBf16 ? 2 : 1;
-}
+constexpr int32_t KeyDtypeBytes(KeyDtype dtype) { return dtype == KeyDtype::kBf16 ? 2 : 1; }
 
 // Result of a kernel entry point. Kernels never throw and never log.
 enum class KernelStatus : int32_t {
@@ -38,8 +36,8 @@ enum class KernelStatus : int32_t {
 
 // The selection parameters fixed by the model (one per server).
 struct SelectionShape {
-  int32_t num_heads = 0;     // index heads H per query token, <= kMaxHeads
-  int32_t head_dim = 0;      // D: multiple of 16, <= kMaxHeadDim
+  int32_t num_heads = 0;  // index heads H per query token, <= kMaxHeads
+  int32_t head_dim = 0;   // D: multiple of 16, <= kMaxHeadDim
   KeyDtype key_dtype = KeyDtype::kBf16;
   int32_t topk = 0;          // selected blocks per (token, head)
   int32_t init_blocks = 0;   // leading blocks forced with priority 1e30
@@ -74,8 +72,7 @@ struct SelectionBatch {
 };
 
 // Checks the invariants every backend relies on. Pure host code.
-KernelStatus ValidateSelection(const SelectionShape& shape,
-                               const SelectionBatch& batch);
+KernelStatus ValidateSelection(const SelectionShape& shape, const SelectionBatch& batch);
 
 }  // namespace blocksel
 

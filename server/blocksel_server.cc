@@ -17,9 +17,8 @@ absl::Status ServerConfig::Validate() const {
   absl::Status model_status = model.Validate();
   if (!model_status.ok()) problems.emplace_back(model_status.message());
   if (model_status.ok() && NumPages() < 1) {
-    problems.push_back(absl::StrCat("cache of ", cache_bytes,
-                                    " bytes holds no page of ", model.PageBytes(),
-                                    " bytes; raise --cache_mib"));
+    problems.push_back(absl::StrCat("cache of ", cache_bytes, " bytes holds no page of ",
+                                    model.PageBytes(), " bytes; raise --cache_mib"));
   }
   if (model_status.ok() && NumPages() > (int64_t{1} << 31) - 1) {
     problems.push_back("cache holds more than 2^31 - 1 pages; lower --cache_mib");
@@ -40,8 +39,7 @@ absl::Status ServerConfig::Validate() const {
   return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
 }
 
-absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(
-    const ServerConfig& config) {
+absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const ServerConfig& config) {
   absl::Status valid = config.Validate();
   if (!valid.ok()) return valid;
   absl::StatusOr<std::unique_ptr<Backend>> backend =
@@ -49,8 +47,7 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(
   if (!backend.ok()) return backend.status();
 
   std::unique_ptr<BlockselServer> server(new BlockselServer());
-  server->backend_description_ =
-      absl::StrCat((*backend)->name(), " (", (*backend)->detail(), ")");
+  server->backend_description_ = absl::StrCat((*backend)->name(), " (", (*backend)->detail(), ")");
   EngineOptions engine_options;
   engine_options.model = config.model;
   engine_options.num_pages = config.NumPages();
@@ -69,8 +66,8 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(
   service_options.max_inflight_per_stream = config.max_inflight_per_stream;
   service_options.max_message_bytes = config.max_message_bytes;
   service_options.server_version = kBlockselVersion;
-  server->service_ = std::make_unique<BlockSelectorService>(
-      engine, server->executor_.get(), service_options);
+  server->service_ =
+      std::make_unique<BlockSelectorService>(engine, server->executor_.get(), service_options);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -78,8 +75,7 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(
   int first_tcp_port = -1;
   for (const std::string& address : config.listen_addresses) {
     if (!absl::StartsWith(address, "unix:") && first_tcp_port == -1) {
-      builder.AddListeningPort(address, grpc::InsecureServerCredentials(),
-                               &first_tcp_port);
+      builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &first_tcp_port);
     } else {
       builder.AddListeningPort(address, grpc::InsecureServerCredentials());
     }
@@ -89,9 +85,9 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(
   builder.RegisterService(server->service_.get());
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || first_tcp_port == 0) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot listen on ", absl::StrJoin(config.listen_addresses, ", "),
-        " (address in use, or not an address gRPC accepts)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", absl::StrJoin(config.listen_addresses, ", "),
+                     " (address in use, or not an address gRPC accepts)"));
   }
   server->port_ = first_tcp_port < 0 ? 0 : first_tcp_port;
   return server;

@@ -11,9 +11,9 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_split.h"
-#include "spdlog/spdlog.h"
 #include "server/blocksel_server.h"
 #include "server/version.h"
+#include "spdlog/spdlog.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051",
           "Comma-separated listen addresses: host:port (port 0 picks one) or "
@@ -73,8 +73,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   config.max_sequences = absl::GetFlag(FLAGS_max_sequences);
   config.default_lease = absl::Seconds(absl::GetFlag(FLAGS_default_lease_seconds));
   config.max_lease = absl::Seconds(absl::GetFlag(FLAGS_max_lease_seconds));
-  config.listen_addresses =
-      absl::StrSplit(absl::GetFlag(FLAGS_listen), ',', absl::SkipEmpty());
+  config.listen_addresses = absl::StrSplit(absl::GetFlag(FLAGS_listen), ',', absl::SkipEmpty());
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_mib) << 20;
   config.max_inflight_per_stream = absl::GetFlag(FLAGS_stream_max_inflight);
   config.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
@@ -99,12 +98,10 @@ int Run() {
     spdlog::error("invalid configuration: {}", std::string(config.status().message()));
     return 2;
   }
-  spdlog::info("blocksel-server {}: model {}", kBlockselVersion,
-               config->model.ToString());
+  spdlog::info("blocksel-server {}: model {}", kBlockselVersion, config->model.ToString());
   spdlog::info("cache: {} pages of {} bytes ({} MiB), max {} sequences, lease {}s",
-               config->NumPages(), config->model.PageBytes(),
-               absl::GetFlag(FLAGS_cache_mib), config->max_sequences,
-               absl::ToInt64Seconds(config->default_lease));
+               config->NumPages(), config->model.PageBytes(), absl::GetFlag(FLAGS_cache_mib),
+               config->max_sequences, absl::ToInt64Seconds(config->default_lease));
   absl::StatusOr<std::unique_ptr<BlockselServer>> server = BlockselServer::Start(*config);
   if (!server.ok()) {
     spdlog::error("cannot start: {}", std::string(server.status().message()));

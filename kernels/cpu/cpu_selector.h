@@ -38,8 +38,8 @@ class CpuSelector {
     const RowSpan* span;
     int32_t first_row_in_span;
     int32_t num_rows;
-    int32_t num_blocks;     // visible blocks of the tile's last row
-    int64_t score_offset;   // into block_scores_: [num_rows][H][num_blocks]
+    int32_t num_blocks;    // visible blocks of the tile's last row
+    int64_t score_offset;  // into block_scores_: [num_rows][H][num_blocks]
   };
   struct WorkItem {
     int32_t tile;
@@ -48,16 +48,15 @@ class CpuSelector {
   };
 
   void ScoreItems(const PageScorer& scorer, const SelectionShape& shape,
-                  const SelectionBatch& batch,
-                  const std::vector<Tile>& tiles,
+                  const SelectionBatch& batch, const std::vector<Tile>& tiles,
                   const std::vector<WorkItem>& items);
   void SelectRows(const SelectionShape& shape, const SelectionBatch& batch,
                   const std::vector<Tile>& tiles);
 
   ThreadPool pool_;
-  std::vector<float> widened_queries_;  // fp32 copy of the batch's queries
-  std::vector<float> queries_;  // the same in the page scorer's layout
-  std::vector<float> block_scores_;  // per wave of tiles
+  std::vector<float> widened_queries_;            // fp32 copy of the batch's queries
+  std::vector<float> queries_;                    // the same in the page scorer's layout
+  std::vector<float> block_scores_;               // per wave of tiles
   std::vector<std::vector<float>> page_scratch_;  // one per thread
 };
 

@@ -11,8 +11,7 @@ namespace {
 
 constexpr float kNanScore = -1e30f;
 
-void ConvertKeysToFloat(const void* page, KeyDtype dtype, int64_t count,
-                        float* out) {
+void ConvertKeysToFloat(const void* page, KeyDtype dtype, int64_t count, float* out) {
   if (dtype == KeyDtype::kBf16) {
     const auto* src = static_cast<const uint16_t*>(page);
     for (int64_t i = 0; i < count; ++i) out[i] = Bf16ToFloat(src[i]);
@@ -27,17 +26,14 @@ void ScorePagePortable(const PageScoreArgs& args) {
   const int32_t max_visible =
       *std::max_element(args.visible_keys, args.visible_keys + args.num_rows);
   if (max_visible <= 0) return;
-  PrefetchPageSlice(args.next_page, 0,
-                    int64_t{kBlockSize} * dim * KeyDtypeBytes(args.key_dtype));
-  ConvertKeysToFloat(args.page, args.key_dtype,
-                     static_cast<int64_t>(max_visible) * dim,
+  PrefetchPageSlice(args.next_page, 0, int64_t{kBlockSize} * dim * KeyDtypeBytes(args.key_dtype));
+  ConvertKeysToFloat(args.page, args.key_dtype, static_cast<int64_t>(max_visible) * dim,
                      args.page_scratch);
   for (int32_t row = 0; row < args.num_rows; ++row) {
     const int32_t visible = args.visible_keys[row];
     if (visible <= 0) continue;
     for (int32_t head = 0; head < args.num_heads; ++head) {
-      const int64_t query_index =
-          static_cast<int64_t>(row) * args.num_heads + head;
+      const int64_t query_index = static_cast<int64_t>(row) * args.num_heads + head;
       const float* query = args.queries + query_index * dim;
       float best = -std::numeric_limits<float>::infinity();
       for (int32_t key = 0; key < visible; ++key) {

@@ -15,7 +15,7 @@ namespace blocksel::cpu {
 struct PageScoreArgs {
   const void* page = nullptr;  // [kBlockSize][head_dim] keys of key_dtype
   KeyDtype key_dtype = KeyDtype::kBf16;
-  int32_t head_dim = 0;        // multiple of 16
+  int32_t head_dim = 0;  // multiple of 16
   // fp32 [num_rows][num_heads][head_dim] in the scorer's query layout (see
   // PageScorer::prepare_queries).
   const float* queries = nullptr;
@@ -53,8 +53,7 @@ struct PageScorer {
   const char* name;
   // Writes count fp32 query vectors of head_dim elements from natural order
   // into the order score_page reads (a permutation within each vector).
-  void (*prepare_queries)(const float* queries, int64_t count, int32_t head_dim,
-                          float* out);
+  void (*prepare_queries)(const float* queries, int64_t count, int32_t head_dim, float* out);
   void (*score_page)(const PageScoreArgs& args);
 };
 

@@ -24,8 +24,8 @@ constexpr int kPairLanes = 32;  // bf16 elements per 64-byte load
 // (120 << 7). The 8 subnormals m * 2^-9 come from a table, 0x7f is NaN, and
 // the sign moves from bit 7 to bit 15.
 void ConvertFp8ToBf16(const uint8_t* src, int64_t count, uint16_t* out) {
-  alignas(64) static constexpr uint16_t kSubnormals[32] = {
-      0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+  alignas(64) static constexpr uint16_t kSubnormals[32] = {0x0000, 0x3B00, 0x3B80, 0x3BC0,
+                                                           0x3C00, 0x3C20, 0x3C40, 0x3C60};
   const __m512i subnormals = _mm512_load_si512(kSubnormals);
   const __m512i magnitude_mask = _mm512_set1_epi16(0x7F);
   const __m512i sign_mask = _mm512_set1_epi16(0x80);
@@ -33,8 +33,8 @@ void ConvertFp8ToBf16(const uint8_t* src, int64_t count, uint16_t* out) {
   const __m512i smallest_normal = _mm512_set1_epi16(0x08);
   const __m512i nan = _mm512_set1_epi16(0x7FC0);
   for (int64_t i = 0; i < count; i += kPairLanes) {
-    const __m512i bytes = _mm512_cvtepu8_epi16(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    const __m512i bytes =
+        _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
     const __m512i magnitude = _mm512_and_si512(bytes, magnitude_mask);
     __m512i value = _mm512_add_epi16(_mm512_slli_epi16(magnitude, 4), rebias);
     value = _mm512_mask_mov_epi16(value, _mm512_cmplt_epu16_mask(magnitude, smallest_normal),
@@ -68,10 +68,10 @@ __m512 ReduceSixteen(const __m512* acc) {
   }
   __m512 quads[4];
   for (int i = 0; i < 4; ++i) {
-    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(pairs[2 * i]),
-                                          _mm512_castps_pd(pairs[2 * i + 1]));
-    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(pairs[2 * i]),
-                                          _mm512_castps_pd(pairs[2 * i + 1]));
+    const __m512d lo =
+        _mm512_unpacklo_pd(_mm512_castps_pd(pairs[2 * i]), _mm512_castps_pd(pairs[2 * i + 1]));
+    const __m512d hi =
+        _mm512_unpackhi_pd(_mm512_castps_pd(pairs[2 * i]), _mm512_castps_pd(pairs[2 * i + 1]));
     quads[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
   }
   // quads[k], 128-bit lane L, element m: partial sum of acc[4k+m] over lane L.
@@ -135,9 +135,9 @@ void ScorePageAvx512(const PageScoreArgs& args) {
   for (int32_t group = 0; group < groups; ++group) {
     // One group's worth of the next page per group of this one; the rest
     // after the last group when this page is only partly visible.
-    PrefetchPageSlice(args.next_page, group * group_bytes,
-                      group + 1 < groups ? (group + 1) * group_bytes
-                                         : kBlockSize / kLanes * group_bytes);
+    PrefetchPageSlice(
+        args.next_page, group * group_bytes,
+        group + 1 < groups ? (group + 1) * group_bytes : kBlockSize / kLanes * group_bytes);
     // Whole groups are scored; lanes past a row's visible keys are masked,
     // so whatever the page holds there never reaches a result.
     const uint16_t* group_keys;
@@ -166,8 +166,8 @@ void ScorePageAvx512(const PageScoreArgs& args) {
       __m512 quad_best = _mm512_loadu_ps(best + quad * kLanes);
       for (int32_t step = 0; step < kLanes / 4; ++step) {
         __m512 scores = ScoreFourByFour(query, group_keys + step * 4 * dim, dim);
-        scores = _mm512_mask_mov_ps(scores, _mm512_cmp_ps_mask(scores, scores, _CMP_UNORD_Q),
-                                    nan_score);
+        scores =
+            _mm512_mask_mov_ps(scores, _mm512_cmp_ps_mask(scores, scores, _CMP_UNORD_Q), nan_score);
         const __mmask16 visible = _mm512_cmplt_epi32_mask(
             _mm512_add_epi32(lane_key, _mm512_set1_epi32(step * 4)), lane_remaining);
         quad_best = _mm512_mask_max_ps(quad_best, visible, quad_best, scores);

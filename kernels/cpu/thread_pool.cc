@@ -32,9 +32,7 @@ void ThreadPool::WorkerLoop(int thread_index) {
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      work_ready_.wait(lock, [&] {
-        return stopping_ || generation_ != seen_generation;
-      });
+      work_ready_.wait(lock, [&] { return stopping_ || generation_ != seen_generation; });
       if (stopping_) return;
       seen_generation = generation_;
     }
@@ -47,8 +45,7 @@ void ThreadPool::WorkerLoop(int thread_index) {
   }
 }
 
-void ThreadPool::ParallelFor(
-    int64_t count, const std::function<void(int, int64_t)>& body) {
+void ThreadPool::ParallelFor(int64_t count, const std::function<void(int, int64_t)>& body) {
   if (count <= 0) return;
   if (workers_.empty() || count == 1) {
     for (int64_t i = 0; i < count; ++i) body(0, i);

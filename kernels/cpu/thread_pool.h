@@ -28,8 +28,7 @@ class ThreadPool {
   // Calls body(thread_index, i) once for each i in [0, count), spread over
   // the threads; thread_index is in [0, num_threads()) and unique among the
   // calls running at one time. Returns when every call has returned.
-  void ParallelFor(int64_t count,
-                   const std::function<void(int thread_index, int64_t i)>& body);
+  void ParallelFor(int64_t count, const std::function<void(int thread_index, int64_t i)>& body);
 
  private:
   void WorkerLoop(int thread_index);

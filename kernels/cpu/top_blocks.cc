@@ -2,9 +2,8 @@
 
 namespace blocksel::cpu {
 
-void SelectTopBlocks(const float* block_scores, int32_t valid_blocks,
-                     int32_t topk, int32_t init_blocks, int32_t local_blocks,
-                     int32_t* out) {
+void SelectTopBlocks(const float* block_scores, int32_t valid_blocks, int32_t topk,
+                     int32_t init_blocks, int32_t local_blocks, int32_t* out) {
   const int32_t first_local = valid_blocks - local_blocks;
   auto priority = [&](int32_t block) {
     if (block >= first_local) return kLocalPriority;

@@ -17,9 +17,8 @@ inline constexpr float kLocalPriority = 1e29f;
 //
 // block_scores[b] for b < valid_blocks must be NaN-free (a NaN token score is
 // already -1e30 in its block maximum); scores of forced blocks are ignored.
-void SelectTopBlocks(const float* block_scores, int32_t valid_blocks,
-                     int32_t topk, int32_t init_blocks, int32_t local_blocks,
-                     int32_t* out);
+void SelectTopBlocks(const float* block_scores, int32_t valid_blocks, int32_t topk,
+                     int32_t init_blocks, int32_t local_blocks, int32_t* out);
 
 }  // namespace blocksel::cpu
 

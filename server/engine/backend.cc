@@ -9,8 +9,7 @@ absl::Status KernelStatusToStatus(KernelStatus status, absl::string_view context
     case KernelStatus::kOk:
       return absl::OkStatus();
     case KernelStatus::kInvalidArgument:
-      return absl::InternalError(
-          absl::StrCat(context, ": the kernel rejected a validated batch"));
+      return absl::InternalError(absl::StrCat(context, ": the kernel rejected a validated batch"));
     case KernelStatus::kUnsupported:
       return absl::UnimplementedError(
           absl::StrCat(context, ": shape not supported by this backend"));

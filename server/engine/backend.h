@@ -5,9 +5,9 @@
 
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kernels/selection_types.h"
 
@@ -39,7 +39,7 @@ class KeyStore {
 class Backend : public KeyStore {
  public:
   virtual absl::string_view name() const = 0;  // "cpu", "cuda", "hip"
-  virtual std::string detail() const = 0;     // ISA, device name, threads
+  virtual std::string detail() const = 0;      // ISA, device name, threads
 
   // Runs one selection over sparse layer layer_index. batch.key_pool and
   // batch.num_pages are ignored: the backend uses its own storage. Block

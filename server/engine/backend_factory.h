@@ -21,8 +21,8 @@ struct BackendOptions {
 // INVALID_ARGUMENT for an unknown kind, FAILED_PRECONDITION for a GPU kind
 // this build or machine cannot run, RESOURCE_EXHAUSTED when the key storage
 // cannot be reserved.
-absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(
-    const BackendOptions& options, const ModelConfig& model, int64_t num_pages);
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options,
+                                                       const ModelConfig& model, int64_t num_pages);
 
 }  // namespace blocksel
 

@@ -8,42 +8,38 @@
 
 namespace blocksel {
 
-absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(
-    const ModelConfig& config, int64_t num_pages, int num_threads) {
+absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(const ModelConfig& config,
+                                                               int64_t num_pages, int num_threads) {
   std::vector<std::unique_ptr<uint8_t[]>> layers;
   const int64_t layer_bytes = num_pages * config.LayerPageBytes();
   for (int32_t l = 0; l < config.num_sparse_layers(); ++l) {
     // Default-initialized: untouched memory stays uncommitted.
     layers.emplace_back(new (std::nothrow) uint8_t[layer_bytes]);
     if (layers.back() == nullptr) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "cannot reserve ", layer_bytes * config.num_sparse_layers(),
-          " bytes of host memory for the key cache; lower --cache_mib"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot reserve ", layer_bytes * config.num_sparse_layers(),
+                       " bytes of host memory for the key cache; lower --cache_mib"));
     }
   }
   return std::unique_ptr<CpuBackend>(
       new CpuBackend(config, num_pages, num_threads, std::move(layers)));
 }
 
-CpuBackend::CpuBackend(const ModelConfig& config, int64_t num_pages,
-                       int num_threads,
+CpuBackend::CpuBackend(const ModelConfig& config, int64_t num_pages, int num_threads,
                        std::vector<std::unique_ptr<uint8_t[]>> layers)
-    : config_(config),
-      num_pages_(num_pages),
-      layers_(std::move(layers)),
-      selector_(num_threads) {}
+    : config_(config), num_pages_(num_pages), layers_(std::move(layers)), selector_(num_threads) {}
 
 std::string CpuBackend::detail() const {
-  return absl::StrCat(cpu::CpuSelector::isa(config_.head_dim), ", ",
-                      selector_.num_threads(), " threads");
+  return absl::StrCat(cpu::CpuSelector::isa(config_.head_dim), ", ", selector_.num_threads(),
+                      " threads");
 }
 
 absl::Status CpuBackend::WriteKeys(absl::Span<const KeyWrite> writes) {
   const int64_t token_bytes = config_.TokenBytes();
   const int64_t page_bytes = config_.LayerPageBytes();
   for (const KeyWrite& write : writes) {
-    uint8_t* destination = layers_[write.layer_index].get() +
-                           write.page * page_bytes + write.first_slot * token_bytes;
+    uint8_t* destination =
+        layers_[write.layer_index].get() + write.page * page_bytes + write.first_slot * token_bytes;
     std::memcpy(destination, write.keys, write.num_tokens * token_bytes);
   }
   return absl::OkStatus();
@@ -53,8 +49,7 @@ absl::Status CpuBackend::Select(int32_t layer_index, const SelectionBatch& batch
   SelectionBatch local = batch;
   local.key_pool = layers_[layer_index].get();
   local.num_pages = num_pages_;
-  return KernelStatusToStatus(selector_.Select(config_.shape(), local),
-                              "cpu selection");
+  return KernelStatusToStatus(selector_.Select(config_.shape(), local), "cpu selection");
 }
 
 }  // namespace blocksel

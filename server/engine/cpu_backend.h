@@ -18,8 +18,8 @@ class CpuBackend final : public Backend {
   // Reserves num_pages pages per sparse layer. The memory is not touched
   // here, so the operating system commits it page by page as keys arrive.
   // RESOURCE_EXHAUSTED when the reservation fails.
-  static absl::StatusOr<std::unique_ptr<CpuBackend>> Create(
-      const ModelConfig& config, int64_t num_pages, int num_threads);
+  static absl::StatusOr<std::unique_ptr<CpuBackend>> Create(const ModelConfig& config,
+                                                            int64_t num_pages, int num_threads);
 
   absl::string_view name() const override { return "cpu"; }
   std::string detail() const override;

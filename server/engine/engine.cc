@@ -12,8 +12,7 @@
 namespace blocksel {
 
 // Packed payloads are little-endian; the engine copies them as they are.
-static_assert(std::endian::native == std::endian::little,
-              "blocksel assumes a little-endian host");
+static_assert(std::endian::native == std::endian::little, "blocksel assumes a little-endian host");
 
 v1::ModelConfig ToProto(const ModelConfig& model) {
   v1::ModelConfig proto;
@@ -34,18 +33,16 @@ v1::ModelConfig ToProto(const ModelConfig& model) {
 Engine::Engine(EngineOptions options, std::unique_ptr<Backend> backend)
     : options_(std::move(options)),
       backend_(std::move(backend)),
-      cache_(options_.model, options_.num_pages, options_.max_sequences,
-             backend_.get()) {}
+      cache_(options_.model, options_.num_pages, options_.max_sequences, backend_.get()) {}
 
 absl::StatusOr<v1::OpenSequenceResponse> Engine::OpenSequence(
     const v1::OpenSequenceRequest& request) {
-  absl::Duration lease = request.lease_seconds() == 0
-                             ? options_.default_lease
-                             : absl::Seconds(request.lease_seconds());
+  absl::Duration lease = request.lease_seconds() == 0 ? options_.default_lease
+                                                      : absl::Seconds(request.lease_seconds());
   if (lease > options_.max_lease) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "lease_seconds ", request.lease_seconds(), " exceeds the server's maximum ",
-        absl::ToInt64Seconds(options_.max_lease)));
+    return absl::InvalidArgumentError(absl::StrCat("lease_seconds ", request.lease_seconds(),
+                                                   " exceeds the server's maximum ",
+                                                   absl::ToInt64Seconds(options_.max_lease)));
   }
   BLOCKSEL_ASSIGN_OR_RETURN(uint64_t id,
                             cache_.Open(request.sequence_id(), lease, options_.clock()));
@@ -55,8 +52,7 @@ absl::StatusOr<v1::OpenSequenceResponse> Engine::OpenSequence(
   return response;
 }
 
-v1::ReleaseSequenceResponse Engine::ReleaseSequence(
-    const v1::ReleaseSequenceRequest& request) {
+v1::ReleaseSequenceResponse Engine::ReleaseSequence(const v1::ReleaseSequenceRequest& request) {
   v1::ReleaseSequenceResponse response;
   response.set_released(cache_.Release(request.sequence_id()));
   return response;
@@ -66,8 +62,7 @@ absl::Status Engine::RenewLease(const v1::RenewLeaseRequest& request) {
   return cache_.Renew(request.sequence_ids(), options_.clock());
 }
 
-absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(
-    const v1::AppendKeysRequest& request) {
+absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(const v1::AppendKeysRequest& request) {
   const ModelConfig& model = options_.model;
   std::vector<KeyRange> ranges;
   uint64_t tokens = 0;
@@ -76,29 +71,28 @@ absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(
     const uint32_t num_layers = append.num_layers() == 0 ? 1 : append.num_layers();
     if (!model.IsSparseLayer(append.first_layer()) ||
         !model.IsSparseLayer(static_cast<int64_t>(append.first_layer()) + num_layers - 1)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "append ", i, ": layers [", append.first_layer(), ", ",
-          static_cast<uint64_t>(append.first_layer()) + num_layers,
-          ") are not all sparse; sparse layers are [", model.first_sparse_layer,
-          ", ", model.num_layers, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("append ", i, ": layers [", append.first_layer(), ", ",
+                       static_cast<uint64_t>(append.first_layer()) + num_layers,
+                       ") are not all sparse; sparse layers are [", model.first_sparse_layer, ", ",
+                       model.num_layers, ")"));
     }
     const bool dtype_matches =
         append.key_dtype() == v1::KEY_DTYPE_UNSPECIFIED ||
         (append.key_dtype() == v1::KEY_DTYPE_BF16) == (model.key_dtype == KeyDtype::kBf16);
     if (!dtype_matches) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "append ", i, ": key_dtype ", v1::KeyDtype_Name(append.key_dtype()),
-          " does not match the server's key dtype ", KeyDtypeName(model.key_dtype)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("append ", i, ": key_dtype ", v1::KeyDtype_Name(append.key_dtype()),
+                       " does not match the server's key dtype ", KeyDtypeName(model.key_dtype)));
     }
     if (append.start_position() > static_cast<uint64_t>(model.max_positions)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "append ", i, ": start_position ", append.start_position(),
-          " passes max_positions ", model.max_positions));
+      return absl::InvalidArgumentError(
+          absl::StrCat("append ", i, ": start_position ", append.start_position(),
+                       " passes max_positions ", model.max_positions));
     }
     KeyRange range;
     range.sequence_id = append.sequence_id();
-    range.first_layer_index =
-        static_cast<int32_t>(append.first_layer()) - model.first_sparse_layer;
+    range.first_layer_index = static_cast<int32_t>(append.first_layer()) - model.first_sparse_layer;
     range.num_layers = static_cast<int32_t>(num_layers);
     range.start_position = static_cast<int64_t>(append.start_position());
     range.num_tokens = append.num_tokens();
@@ -113,8 +107,7 @@ absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(
   return response;
 }
 
-absl::Status Engine::Select(const v1::SelectRequest& request,
-                            v1::Selection* selection) {
+absl::Status Engine::Select(const v1::SelectRequest& request, v1::Selection* selection) {
   const ModelConfig& model = options_.model;
   BLOCKSEL_ASSIGN_OR_RETURN(SelectPlan plan, PlanSelect(request, model, cache_));
   const absl::Time now = options_.clock();

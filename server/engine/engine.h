@@ -38,13 +38,10 @@ class Engine {
   const ModelConfig& model() const { return options_.model; }
   const EngineOptions& options() const { return options_; }
 
-  absl::StatusOr<v1::OpenSequenceResponse> OpenSequence(
-      const v1::OpenSequenceRequest& request);
-  v1::ReleaseSequenceResponse ReleaseSequence(
-      const v1::ReleaseSequenceRequest& request);
+  absl::StatusOr<v1::OpenSequenceResponse> OpenSequence(const v1::OpenSequenceRequest& request);
+  v1::ReleaseSequenceResponse ReleaseSequence(const v1::ReleaseSequenceRequest& request);
   absl::Status RenewLease(const v1::RenewLeaseRequest& request);
-  absl::StatusOr<v1::AppendKeysResponse> AppendKeys(
-      const v1::AppendKeysRequest& request);
+  absl::StatusOr<v1::AppendKeysResponse> AppendKeys(const v1::AppendKeysRequest& request);
 
   // Applies the keys the batch carries, then selects; *selection is
   // complete on OK and untouched otherwise.

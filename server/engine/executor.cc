@@ -20,9 +20,8 @@ absl::Status Executor::Submit(absl::AnyInvocable<void()> task) {
     return absl::UnavailableError("the server is shutting down");
   }
   if (static_cast<int64_t>(queue_.size()) >= queue_capacity_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the engine queue is full (", queue_capacity_,
-        " operations waiting); retry with backoff"));
+    return absl::ResourceExhaustedError(absl::StrCat("the engine queue is full (", queue_capacity_,
+                                                     " operations waiting); retry with backoff"));
   }
   queue_.push_back(std::move(task));
   return absl::OkStatus();

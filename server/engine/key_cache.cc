@@ -8,9 +8,7 @@
 namespace blocksel {
 namespace {
 
-int64_t BlocksFor(int64_t tokens) {
-  return (tokens + kBlockSize - 1) / kBlockSize;
-}
+int64_t BlocksFor(int64_t tokens) { return (tokens + kBlockSize - 1) / kBlockSize; }
 
 std::string NotOpenMessage(uint64_t id) {
   return absl::StrCat("sequence ", id,
@@ -20,27 +18,23 @@ std::string NotOpenMessage(uint64_t id) {
 
 }  // namespace
 
-KeyCache::KeyCache(const ModelConfig& config, int64_t num_pages,
-                   int64_t max_sequences, KeyStore* store)
-    : config_(config),
-      max_sequences_(max_sequences),
-      store_(store),
-      pool_(num_pages) {}
+KeyCache::KeyCache(const ModelConfig& config, int64_t num_pages, int64_t max_sequences,
+                   KeyStore* store)
+    : config_(config), max_sequences_(max_sequences), store_(store), pool_(num_pages) {}
 
-absl::StatusOr<uint64_t> KeyCache::Open(uint64_t requested_id,
-                                        absl::Duration lease, absl::Time now) {
+absl::StatusOr<uint64_t> KeyCache::Open(uint64_t requested_id, absl::Duration lease,
+                                        absl::Time now) {
   if (static_cast<int64_t>(sequences_.size()) >= max_sequences_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "too many open sequences (limit ", max_sequences_,
-        "); release finished sequences or raise --max_sequences"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("too many open sequences (limit ", max_sequences_,
+                     "); release finished sequences or raise --max_sequences"));
   }
   uint64_t id = requested_id;
   if (id == 0) {
     while (next_id_ == 0 || sequences_.contains(next_id_)) ++next_id_;
     id = next_id_++;
   } else if (sequences_.contains(id)) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("sequence ", id, " is already open"));
+    return absl::AlreadyExistsError(absl::StrCat("sequence ", id, " is already open"));
   }
   Sequence& sequence = sequences_[id];
   sequence.id = id;
@@ -84,34 +78,30 @@ absl::Status KeyCache::ValidateRanges(absl::Span<const KeyRange> ranges,
   absl::flat_hash_map<uint64_t, int64_t> blocks_after;
   for (size_t i = 0; i < ranges.size(); ++i) {
     const KeyRange& range = ranges[i];
-    const std::string where = absl::StrCat("append ", i, " (sequence ",
-                                           range.sequence_id, ")");
+    const std::string where = absl::StrCat("append ", i, " (sequence ", range.sequence_id, ")");
     if (range.num_layers < 1 || range.first_layer_index < 0 ||
         range.first_layer_index + range.num_layers > config_.num_sparse_layers()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          where, ": layers [", range.first_layer_index + config_.first_sparse_layer,
-          ", ", range.first_layer_index + range.num_layers + config_.first_sparse_layer,
-          ") are not all sparse; sparse layers are [", config_.first_sparse_layer,
-          ", ", config_.num_layers, ")"));
+          where, ": layers [", range.first_layer_index + config_.first_sparse_layer, ", ",
+          range.first_layer_index + range.num_layers + config_.first_sparse_layer,
+          ") are not all sparse; sparse layers are [", config_.first_sparse_layer, ", ",
+          config_.num_layers, ")"));
     }
     if (range.num_tokens < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": num_tokens must be >= 1"));
+      return absl::InvalidArgumentError(absl::StrCat(where, ": num_tokens must be >= 1"));
     }
     if (range.start_position < 0 ||
         range.start_position > config_.max_positions - range.num_tokens) {
       return absl::InvalidArgumentError(absl::StrCat(
-          where, ": tokens [", range.start_position, ", ",
-          range.start_position + range.num_tokens,
+          where, ": tokens [", range.start_position, ", ", range.start_position + range.num_tokens,
           ") pass the server's max_positions ", config_.max_positions));
     }
-    const int64_t expected_bytes =
-        range.num_layers * range.num_tokens * config_.TokenBytes();
+    const int64_t expected_bytes = range.num_layers * range.num_tokens * config_.TokenBytes();
     if (range.keys_size != expected_bytes || range.keys == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": keys must be ", expected_bytes, " bytes ([", range.num_layers,
-          " layers, ", range.num_tokens, " tokens, ", config_.head_dim, " x ",
-          KeyDtypeName(config_.key_dtype), "]), got ", range.keys_size));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": keys must be ", expected_bytes, " bytes ([", range.num_layers,
+                       " layers, ", range.num_tokens, " tokens, ", config_.head_dim, " x ",
+                       KeyDtypeName(config_.key_dtype), "]), got ", range.keys_size));
     }
     const Sequence* sequence = Find(range.sequence_id);
     if (sequence == nullptr) {
@@ -123,9 +113,9 @@ absl::Status KeyCache::ValidateRanges(absl::Span<const KeyRange> ranges,
       int64_t& fill = fill_it->second[range.first_layer_index + l];
       if (range.start_position > fill) {
         return absl::FailedPreconditionError(absl::StrCat(
-            where, ": layer ", range.first_layer_index + l + config_.first_sparse_layer,
-            " holds ", fill, " tokens, so an append must start at or before ",
-            "position ", fill, ", got ", range.start_position));
+            where, ": layer ", range.first_layer_index + l + config_.first_sparse_layer, " holds ",
+            fill, " tokens, so an append must start at or before ", "position ", fill, ", got ",
+            range.start_position));
       }
       fill = range.start_position + range.num_tokens;
     }

@@ -48,13 +48,11 @@ struct CacheStats {
 // Thread-compatible: the engine serializes every call on its worker thread.
 class KeyCache {
  public:
-  KeyCache(const ModelConfig& config, int64_t num_pages, int64_t max_sequences,
-           KeyStore* store);
+  KeyCache(const ModelConfig& config, int64_t num_pages, int64_t max_sequences, KeyStore* store);
 
   // Opens requested_id, or a fresh id when it is 0. ALREADY_EXISTS if open,
   // RESOURCE_EXHAUSTED past max_sequences.
-  absl::StatusOr<uint64_t> Open(uint64_t requested_id, absl::Duration lease,
-                                absl::Time now);
+  absl::StatusOr<uint64_t> Open(uint64_t requested_id, absl::Duration lease, absl::Time now);
 
   // Frees the sequence's pages. False when it was not open.
   bool Release(uint64_t id);
@@ -82,8 +80,7 @@ class KeyCache {
   CacheStats stats() const;
 
  private:
-  absl::Status ValidateRanges(absl::Span<const KeyRange> ranges,
-                              int64_t* pages_needed) const;
+  absl::Status ValidateRanges(absl::Span<const KeyRange> ranges, int64_t* pages_needed) const;
 
   const ModelConfig config_;
   const int64_t max_sequences_;

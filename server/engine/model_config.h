@@ -4,10 +4,10 @@
 
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "kernels/selection_types.h"
 
 namespace blocksel {
@@ -29,9 +29,7 @@ struct ModelConfig {
     return layer >= first_sparse_layer && layer < num_layers;
   }
   // Bytes of one token's key in one layer.
-  int64_t TokenBytes() const {
-    return static_cast<int64_t>(head_dim) * KeyDtypeBytes(key_dtype);
-  }
+  int64_t TokenBytes() const { return static_cast<int64_t>(head_dim) * KeyDtypeBytes(key_dtype); }
   // Bytes of one page (kBlockSize tokens) of one layer.
   int64_t LayerPageBytes() const { return TokenBytes() * kBlockSize; }
   // Bytes of one page over all sparse layers: the unit of cache capacity.

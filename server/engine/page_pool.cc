@@ -15,8 +15,7 @@ PagePool::PagePool(int64_t num_pages) : total_pages_(num_pages) {
 absl::Status PagePool::Allocate(int64_t count, std::vector<int32_t>* pages) {
   if (count > free_pages()) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "key cache is full: ", count, " more pages needed, ", free_pages(),
-        " of ", total_pages_,
+        "key cache is full: ", count, " more pages needed, ", free_pages(), " of ", total_pages_,
         " free; release finished sequences or start the server with a larger "
         "--cache_mib"));
   }

@@ -28,25 +28,24 @@ KeyDtype ToKeyDtype(v1::KeyDtype dtype, KeyDtype fallback) {
   }
 }
 
-absl::Status CheckDtypes(const v1::SelectRequest& request,
-                         const ModelConfig& model) {
+absl::Status CheckDtypes(const v1::SelectRequest& request, const ModelConfig& model) {
   if (request.query_dtype() != v1::QUERY_DTYPE_UNSPECIFIED &&
       request.query_dtype() != v1::QUERY_DTYPE_BF16) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "query_dtype ", v1::QueryDtype_Name(request.query_dtype()),
-        " is not supported; send bf16 queries"));
+    return absl::InvalidArgumentError(absl::StrCat("query_dtype ",
+                                                   v1::QueryDtype_Name(request.query_dtype()),
+                                                   " is not supported; send bf16 queries"));
   }
   if (request.key_dtype() != v1::KEY_DTYPE_UNSPECIFIED &&
       ToKeyDtype(request.key_dtype(), model.key_dtype) != model.key_dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "key_dtype ", v1::KeyDtype_Name(request.key_dtype()),
-        " does not match the server's key dtype ", KeyDtypeName(model.key_dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("key_dtype ", v1::KeyDtype_Name(request.key_dtype()),
+                     " does not match the server's key dtype ", KeyDtypeName(model.key_dtype)));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<RowRequest>> CollectRows(
-    const v1::SelectRequest& request, const ModelConfig& model) {
+absl::StatusOr<std::vector<RowRequest>> CollectRows(const v1::SelectRequest& request,
+                                                    const ModelConfig& model) {
   std::vector<RowRequest> rows;
   if (request.has_prefill()) {
     const v1::PrefillBatch& batch = request.prefill();
@@ -58,13 +57,12 @@ absl::StatusOr<std::vector<RowRequest>> CollectRows(
       }
       if (r.prefix_len() > static_cast<uint64_t>(model.max_positions) ||
           r.prefix_len() + r.q_len() > static_cast<uint64_t>(model.max_positions)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "prefill request ", i, ": positions [", r.prefix_len(), ", ",
-            r.prefix_len() + r.q_len(), ") pass max_positions ",
-            model.max_positions));
+        return absl::InvalidArgumentError(
+            absl::StrCat("prefill request ", i, ": positions [", r.prefix_len(), ", ",
+                         r.prefix_len() + r.q_len(), ") pass max_positions ", model.max_positions));
       }
-      rows.push_back({r.sequence_id(), static_cast<int64_t>(r.prefix_len()),
-                      r.q_len(), &r.keys(), false});
+      rows.push_back(
+          {r.sequence_id(), static_cast<int64_t>(r.prefix_len()), r.q_len(), &r.keys(), false});
     }
   } else if (request.has_decode()) {
     const v1::DecodeBatch& batch = request.decode();
@@ -82,17 +80,15 @@ absl::StatusOr<std::vector<RowRequest>> CollectRows(
       }
       if (r.seq_len() < static_cast<uint64_t>(q)) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "decode request ", i, ": seq_len ", r.seq_len(),
-            " is smaller than its Q = ", q,
+            "decode request ", i, ": seq_len ", r.seq_len(), " is smaller than its Q = ", q,
             "; seq_len counts the new tokens (0 marks padding)"));
       }
       if (r.seq_len() > static_cast<uint64_t>(model.max_positions)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("decode request ", i, ": seq_len ", r.seq_len(),
-                         " passes max_positions ", model.max_positions));
+        return absl::InvalidArgumentError(absl::StrCat("decode request ", i, ": seq_len ",
+                                                       r.seq_len(), " passes max_positions ",
+                                                       model.max_positions));
       }
-      rows.push_back({r.sequence_id(), static_cast<int64_t>(r.seq_len()) - q, q,
-                      &r.keys(), false});
+      rows.push_back({r.sequence_id(), static_cast<int64_t>(r.seq_len()) - q, q, &r.keys(), false});
     }
   } else {
     return absl::InvalidArgumentError("set prefill or decode in the SelectRequest");
@@ -105,13 +101,12 @@ absl::StatusOr<std::vector<RowRequest>> CollectRows(
 
 }  // namespace
 
-absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request,
-                                      const ModelConfig& model,
+absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const ModelConfig& model,
                                       const KeyCache& cache) {
   if (!model.IsSparseLayer(request.layer())) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "layer ", request.layer(), " is not a sparse layer; sparse layers are [",
-        model.first_sparse_layer, ", ", model.num_layers, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", request.layer(), " is not a sparse layer; sparse layers are [",
+                     model.first_sparse_layer, ", ", model.num_layers, ")"));
   }
   absl::Status dtypes = CheckDtypes(request, model);
   if (!dtypes.ok()) return dtypes;
@@ -126,8 +121,8 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request,
   for (size_t i = 0; i < rows->size(); ++i) {
     const RowRequest& row = (*rows)[i];
     if (total_rows + row.num_rows > kMaxBatchRows) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the batch has more than ", kMaxBatchRows, " query rows; split it"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("the batch has more than ", kMaxBatchRows, " query rows; split it"));
     }
     PlannedSpan span;
     span.first_position = static_cast<int32_t>(row.first_position);
@@ -147,9 +142,10 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request,
     }
     const Sequence* sequence = cache.Find(row.sequence_id);
     if (sequence == nullptr) {
-      return absl::NotFoundError(absl::StrCat(
-          where, ": sequence is not open (never opened, released, or its lease "
-                 "expired)"));
+      return absl::NotFoundError(
+          absl::StrCat(where,
+                       ": sequence is not open (never opened, released, or its lease "
+                       "expired)"));
     }
     const int64_t end = row.first_position + row.num_rows;
     if (!row.keys->empty()) {
@@ -162,30 +158,27 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request,
       range.keys = reinterpret_cast<const uint8_t*>(row.keys->data());
       range.keys_size = static_cast<int64_t>(row.keys->size());
       if (range.keys_size != row.num_rows * model.TokenBytes()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            where, ": keys must be empty or ", row.num_rows * model.TokenBytes(),
-            " bytes ([", row.num_rows, " tokens, ", model.head_dim, " x ",
-            KeyDtypeName(model.key_dtype), "]), got ", range.keys_size));
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": keys must be empty or ", row.num_rows * model.TokenBytes(),
+                         " bytes ([", row.num_rows, " tokens, ", model.head_dim, " x ",
+                         KeyDtypeName(model.key_dtype), "]), got ", range.keys_size));
       }
       plan.appends.push_back(range);
     } else if (sequence->layer_fill[plan.layer_index] < end) {
       return absl::FailedPreconditionError(absl::StrCat(
-          where, ": layer ", request.layer(), " holds ",
-          sequence->layer_fill[plan.layer_index], " tokens but rows up to position ",
-          end - 1, " need keys 0..", end - 1,
+          where, ": layer ", request.layer(), " holds ", sequence->layer_fill[plan.layer_index],
+          " tokens but rows up to position ", end - 1, " need keys 0..", end - 1,
           "; append them first or send them in the request's keys"));
     }
     plan.spans.push_back(span);
   }
   plan.total_rows = static_cast<int32_t>(total_rows);
 
-  const int64_t query_bytes =
-      total_rows * model.num_heads * model.head_dim * int64_t{2};
+  const int64_t query_bytes = total_rows * model.num_heads * model.head_dim * int64_t{2};
   if (static_cast<int64_t>(request.queries().size()) != query_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "queries must be ", query_bytes, " bytes ([", total_rows, " rows, ",
-        model.num_heads, " heads, ", model.head_dim, "] bf16), got ",
-        request.queries().size()));
+        "queries must be ", query_bytes, " bytes ([", total_rows, " rows, ", model.num_heads,
+        " heads, ", model.head_dim, "] bf16), got ", request.queries().size()));
   }
   return plan;
 }

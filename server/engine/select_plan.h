@@ -37,8 +37,7 @@ struct SelectPlan {
 // byte sizes, positions, repeated sequences), NOT_FOUND (sequence not open),
 // FAILED_PRECONDITION (keys a row needs are neither in the cache nor in the
 // request). Appends themselves are validated when the cache applies them.
-absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request,
-                                      const ModelConfig& model,
+absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const ModelConfig& model,
                                       const KeyCache& cache);
 
 }  // namespace blocksel

@@ -17,11 +17,9 @@ namespace blocksel {
 //
 // Concurrency: exactly one of {a read, an executor task} is outstanding at a
 // time, so the members need no lock. OnDone deletes the reactor.
-class AppendStreamReactor final
-    : public grpc::ServerReadReactor<v1::AppendKeysRequest> {
+class AppendStreamReactor final : public grpc::ServerReadReactor<v1::AppendKeysRequest> {
  public:
-  AppendStreamReactor(Engine* engine, Executor* executor,
-                      v1::AppendKeysResponse* response);
+  AppendStreamReactor(Engine* engine, Executor* executor, v1::AppendKeysResponse* response);
 
   void OnReadDone(bool ok) override;
   void OnDone() override;

@@ -14,30 +14,29 @@ BlockSelectorService::BlockSelectorService(Engine* engine, Executor* executor,
     : engine_(engine), executor_(executor), options_(std::move(options)) {}
 
 template <typename Operation>
-grpc::ServerUnaryReactor* BlockSelectorService::RunUnary(
-    grpc::CallbackServerContext* context, Operation operation) {
+grpc::ServerUnaryReactor* BlockSelectorService::RunUnary(grpc::CallbackServerContext* context,
+                                                         Operation operation) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status queued = executor_->Submit(
-      [context, reactor, operation = std::move(operation)]() mutable {
-        if (context->IsCancelled()) {
-          reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                                       "call cancelled before it ran"));
-          return;
-        }
-        if (context->deadline() < std::chrono::system_clock::now()) {
-          reactor->Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                       "deadline passed while the call was queued"));
-          return;
-        }
-        reactor->Finish(ToGrpcStatus(operation()));
-      });
+  absl::Status queued = executor_->Submit([context, reactor,
+                                           operation = std::move(operation)]() mutable {
+    if (context->IsCancelled()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled before it ran"));
+      return;
+    }
+    if (context->deadline() < std::chrono::system_clock::now()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                   "deadline passed while the call was queued"));
+      return;
+    }
+    reactor->Finish(ToGrpcStatus(operation()));
+  });
   if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
   return reactor;
 }
 
-grpc::ServerUnaryReactor* BlockSelectorService::GetInfo(
-    grpc::CallbackServerContext* context, const v1::GetInfoRequest* /*request*/,
-    v1::GetInfoResponse* response) {
+grpc::ServerUnaryReactor* BlockSelectorService::GetInfo(grpc::CallbackServerContext* context,
+                                                        const v1::GetInfoRequest* /*request*/,
+                                                        v1::GetInfoResponse* response) {
   return RunUnary(context, [this, response] {
     engine_->FillInfo(response);
     response->set_server_version(options_.server_version);
@@ -46,9 +45,9 @@ grpc::ServerUnaryReactor* BlockSelectorService::GetInfo(
   });
 }
 
-grpc::ServerUnaryReactor* BlockSelectorService::OpenSequence(
-    grpc::CallbackServerContext* context, const v1::OpenSequenceRequest* request,
-    v1::OpenSequenceResponse* response) {
+grpc::ServerUnaryReactor* BlockSelectorService::OpenSequence(grpc::CallbackServerContext* context,
+                                                             const v1::OpenSequenceRequest* request,
+                                                             v1::OpenSequenceResponse* response) {
   return RunUnary(context, [this, request, response] {
     absl::StatusOr<v1::OpenSequenceResponse> opened = engine_->OpenSequence(*request);
     if (!opened.ok()) return opened.status();
@@ -66,15 +65,15 @@ grpc::ServerUnaryReactor* BlockSelectorService::ReleaseSequence(
   });
 }
 
-grpc::ServerUnaryReactor* BlockSelectorService::RenewLease(
-    grpc::CallbackServerContext* context, const v1::RenewLeaseRequest* request,
-    v1::RenewLeaseResponse* /*response*/) {
+grpc::ServerUnaryReactor* BlockSelectorService::RenewLease(grpc::CallbackServerContext* context,
+                                                           const v1::RenewLeaseRequest* request,
+                                                           v1::RenewLeaseResponse* /*response*/) {
   return RunUnary(context, [this, request] { return engine_->RenewLease(*request); });
 }
 
-grpc::ServerUnaryReactor* BlockSelectorService::AppendKeys(
-    grpc::CallbackServerContext* context, const v1::AppendKeysRequest* request,
-    v1::AppendKeysResponse* response) {
+grpc::ServerUnaryReactor* BlockSelectorService::AppendKeys(grpc::CallbackServerContext* context,
+                                                           const v1::AppendKeysRequest* request,
+                                                           v1::AppendKeysResponse* response) {
   return RunUnary(context, [this, request, response] {
     absl::StatusOr<v1::AppendKeysResponse> appended = engine_->AppendKeys(*request);
     if (!appended.ok()) return appended.status();
@@ -88,17 +87,17 @@ grpc::ServerReadReactor<v1::AppendKeysRequest>* BlockSelectorService::StreamAppe
   return new AppendStreamReactor(engine_, executor_, response);
 }
 
-grpc::ServerUnaryReactor* BlockSelectorService::Select(
-    grpc::CallbackServerContext* context, const v1::SelectRequest* request,
-    v1::SelectResponse* response) {
+grpc::ServerUnaryReactor* BlockSelectorService::Select(grpc::CallbackServerContext* context,
+                                                       const v1::SelectRequest* request,
+                                                       v1::SelectResponse* response) {
   return RunUnary(context, [this, request, response] {
     response->set_request_id(request->request_id());
     return engine_->Select(*request, response->mutable_selection());
   });
 }
 
-grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>*
-BlockSelectorService::StreamSelect(grpc::CallbackServerContext* /*context*/) {
+grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>* BlockSelectorService::StreamSelect(
+    grpc::CallbackServerContext* /*context*/) {
   return new SelectStreamReactor(engine_, executor_, options_.max_inflight_per_stream);
 }
 

@@ -29,9 +29,9 @@ class BlockSelectorService final : public v1::BlockSelector::CallbackService {
   grpc::ServerUnaryReactor* OpenSequence(grpc::CallbackServerContext* context,
                                          const v1::OpenSequenceRequest* request,
                                          v1::OpenSequenceResponse* response) override;
-  grpc::ServerUnaryReactor* ReleaseSequence(
-      grpc::CallbackServerContext* context, const v1::ReleaseSequenceRequest* request,
-      v1::ReleaseSequenceResponse* response) override;
+  grpc::ServerUnaryReactor* ReleaseSequence(grpc::CallbackServerContext* context,
+                                            const v1::ReleaseSequenceRequest* request,
+                                            v1::ReleaseSequenceResponse* response) override;
   grpc::ServerUnaryReactor* RenewLease(grpc::CallbackServerContext* context,
                                        const v1::RenewLeaseRequest* request,
                                        v1::RenewLeaseResponse* response) override;
@@ -50,8 +50,7 @@ class BlockSelectorService final : public v1::BlockSelector::CallbackService {
   // Runs operation() on the executor and finishes the call with its status,
   // unless the call was cancelled or its deadline passed while it waited.
   template <typename Operation>
-  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* context,
-                                     Operation operation);
+  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* context, Operation operation);
 
   Engine* const engine_;
   Executor* const executor_;

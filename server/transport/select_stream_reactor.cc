@@ -14,8 +14,7 @@ void SetError(const absl::Status& status, v1::SelectResponse* response) {
 
 }  // namespace
 
-SelectStreamReactor::SelectStreamReactor(Engine* engine, Executor* executor,
-                                         int max_inflight)
+SelectStreamReactor::SelectStreamReactor(Engine* engine, Executor* executor, int max_inflight)
     : engine_(engine), executor_(executor), max_inflight_(max_inflight) {
   {
     absl::MutexLock lock(&mutex_);
@@ -113,9 +112,9 @@ void SelectStreamReactor::PlanLocked(Actions* actions) {
   if ((reads_done_ || cancelled_) && !reading_ && !writing_ && inflight_ == 0) {
     finished_ = true;
     actions->finish = true;
-    actions->finish_status =
-        cancelled_ ? grpc::Status(grpc::StatusCode::CANCELLED, "stream cancelled")
-                   : grpc::Status::OK;
+    actions->finish_status = cancelled_
+                                 ? grpc::Status(grpc::StatusCode::CANCELLED, "stream cancelled")
+                                 : grpc::Status::OK;
   }
 }
 

@@ -87,8 +87,7 @@ class EngineTest : public ::testing::Test {
 
   // What the test expects the cache to hold: the key values of each
   // (sequence, model layer), as the server decoded them.
-  void Remember(uint64_t sequence, int32_t layer, int64_t start,
-                const std::vector<float>& values) {
+  void Remember(uint64_t sequence, int32_t layer, int64_t start, const std::vector<float>& values) {
     std::vector<float>& keys = keys_[{sequence, layer}];
     // An append sets the fill to its end, so a rewrite drops what followed.
     keys.resize(start * model_.head_dim + values.size());
@@ -96,8 +95,7 @@ class EngineTest : public ::testing::Test {
   }
 
   // Appends random keys through AppendKeys and remembers them.
-  absl::Status AppendRandom(uint64_t sequence, int32_t layer, int64_t start,
-                            int64_t tokens) {
+  absl::Status AppendRandom(uint64_t sequence, int32_t layer, int64_t start, int64_t tokens) {
     Encoded keys = RandomKeys(tokens);
     v1::AppendKeysRequest request;
     v1::KeyAppend* append = request.add_appends();
@@ -113,9 +111,7 @@ class EngineTest : public ::testing::Test {
     return absl::OkStatus();
   }
 
-  const float* KeysOf(uint64_t sequence, int32_t layer) {
-    return keys_[{sequence, layer}].data();
-  }
+  const float* KeysOf(uint64_t sequence, int32_t layer) { return keys_[{sequence, layer}].data(); }
 
   std::vector<int32_t> Reference(const std::vector<ReferenceRows>& rows,
                                  const std::vector<float>& queries) const {
@@ -176,13 +172,11 @@ TEST_F(EngineTest, OpenSequenceHonoursIdsAndLeases) {
   EXPECT_EQ(explicit_id->sequence_id(), 1234u);
   EXPECT_EQ(explicit_id->lease_seconds(), 30u);
 
-  EXPECT_EQ(engine_->OpenSequence(request).status().code(),
-            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(engine_->OpenSequence(request).status().code(), absl::StatusCode::kAlreadyExists);
 
   request.set_sequence_id(99);
   request.set_lease_seconds(3601);  // past max_lease
-  EXPECT_EQ(engine_->OpenSequence(request).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->OpenSequence(request).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(engine_->cache_stats().open_sequences, 2);
 }
 
@@ -250,8 +244,8 @@ TEST_F(EngineTest, AppendKeysRejectsBadAppendsAndAppliesNothing) {
   std::vector<Case> cases;
   cases.push_back({"dense layer", make(0, 1), absl::StatusCode::kInvalidArgument});
   cases.push_back({"past the last layer", make(4, 1), absl::StatusCode::kInvalidArgument});
-  cases.push_back({"range ends past the last layer", make(3, 2),
-                   absl::StatusCode::kInvalidArgument});
+  cases.push_back(
+      {"range ends past the last layer", make(3, 2), absl::StatusCode::kInvalidArgument});
   Case fp8{"fp8 keys on a bf16 server", make(1, 1), absl::StatusCode::kInvalidArgument};
   fp8.append.set_key_dtype(v1::KEY_DTYPE_FP8_E4M3);
   cases.push_back(fp8);
@@ -281,8 +275,7 @@ TEST_F(EngineTest, AppendKeysRejectsBadAppendsAndAppliesNothing) {
   v1::AppendKeysRequest gap_probe;
   *gap_probe.add_appends() = make(2, 1);
   gap_probe.mutable_appends(0)->set_start_position(1);
-  EXPECT_EQ(engine_->AppendKeys(gap_probe).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(engine_->AppendKeys(gap_probe).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST_F(EngineTest, RenewLeaseOfAnUnknownIdIsNotFound) {
@@ -372,8 +365,7 @@ TEST_F(EngineTest, PrefillWithKeysInTheRequestMatchesTheReference) {
   EXPECT_EQ(selection.topk(), 4u);
   EXPECT_EQ(selection.layout(), v1::BLOCK_ID_LAYOUT_HEAD_MAJOR);
   const std::vector<int32_t> expected =
-      Reference({{KeysOf(warm, layer), 800, 200}, {KeysOf(fresh, layer), 0, 700}},
-                queries.values);
+      Reference({{KeysOf(warm, layer), 800, 200}, {KeysOf(fresh, layer), 0, 700}}, queries.values);
   EXPECT_EQ(Ids(selection), expected);
   // 8 pages for warm's 1000 tokens, 6 for fresh's 700.
   EXPECT_EQ(FreePages(), kPages - 8 - 6);
@@ -391,9 +383,8 @@ TEST_F(EngineTest, PrefillWithKeysInTheRequestMatchesTheReference) {
   decode.set_queries(decode_queries.bytes);
   v1::Selection decoded;
   ASSERT_TRUE(engine_->Select(decode, &decoded).ok());
-  EXPECT_EQ(Ids(decoded),
-            Reference({{KeysOf(warm, layer), 999, 1}, {KeysOf(fresh, layer), 699, 1}},
-                      decode_queries.values));
+  EXPECT_EQ(Ids(decoded), Reference({{KeysOf(warm, layer), 999, 1}, {KeysOf(fresh, layer), 699, 1}},
+                                    decode_queries.values));
 }
 
 // Speculative decode (Q = 2) on the last sparse layer: new keys in the
@@ -480,14 +471,13 @@ TEST_F(EngineTest, TokenMajorIsTheTransposedHeadMajorResult) {
   for (int head = 0; head < 2; ++head) {
     for (int row = 0; row < 30; ++row) {
       for (int slot = 0; slot < 4; ++slot) {
-        EXPECT_EQ(by_token[(row * 2 + head) * 4 + slot],
-                  by_head[(head * 30 + row) * 4 + slot])
+        EXPECT_EQ(by_token[(row * 2 + head) * 4 + slot], by_head[(head * 30 + row) * 4 + slot])
             << "head " << head << " row " << row << " slot " << slot;
       }
     }
   }
-  EXPECT_EQ(by_head, Reference({{KeysOf(a, layer), 980, 20}, {KeysOf(b, layer), 590, 10}},
-                               queries.values));
+  EXPECT_EQ(by_head,
+            Reference({{KeysOf(a, layer), 980, 20}, {KeysOf(b, layer), 590, 10}}, queries.values));
 }
 
 // Validation: every rejected request leaves the cache and the output as
@@ -549,8 +539,7 @@ class EngineSelectValidationTest : public EngineTest {
     v1::Selection selection;
     EXPECT_TRUE(engine_->Select(at_fill, &selection).ok());
     at_fill.mutable_decode()->mutable_requests(0)->set_seq_len(fill + 1);
-    EXPECT_EQ(engine_->Select(at_fill, &selection).code(),
-              absl::StatusCode::kFailedPrecondition);
+    EXPECT_EQ(engine_->Select(at_fill, &selection).code(), absl::StatusCode::kFailedPrecondition);
   }
 
   uint64_t ready_ = 0;
@@ -660,8 +649,7 @@ TEST_F(EngineSelectValidationTest, RequestKeysOfTheWrongSizeAreInvalidArgument) 
   request.mutable_decode()->mutable_requests(0)->set_keys(RandomKeys(3).bytes);
   ExpectRejected(request, absl::StatusCode::kInvalidArgument);
   v1::SelectRequest odd_bytes = GoodPrefill(10);
-  odd_bytes.mutable_prefill()->mutable_requests(0)->set_keys(
-      RandomKeys(10).bytes.substr(1));
+  odd_bytes.mutable_prefill()->mutable_requests(0)->set_keys(RandomKeys(10).bytes.substr(1));
   ExpectRejected(odd_bytes, absl::StatusCode::kInvalidArgument);
 }
 
@@ -735,8 +723,7 @@ TEST_F(EngineSelectValidationTest, FullCacheIsResourceExhaustedAndChangesNothing
   decode.set_queries(queries.bytes);
   v1::Selection selection;
   ASSERT_TRUE(engine_->Select(decode, &selection).ok());
-  EXPECT_EQ(Ids(selection), Reference({{KeysOf(hog, kFirstSparseLayer),
-                                        (kPages - 4) * 128 - 1, 1}},
+  EXPECT_EQ(Ids(selection), Reference({{KeysOf(hog, kFirstSparseLayer), (kPages - 4) * 128 - 1, 1}},
                                       queries.values));
 }
 

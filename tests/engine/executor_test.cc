@@ -118,8 +118,7 @@ TEST(ExecutorTest, SubmitAfterStopIsUnavailableAndDropsTheTask) {
   Executor executor(SmallQueue(8));
   executor.Stop();
   bool ran = false;
-  EXPECT_EQ(executor.Submit([&ran] { ran = true; }).code(),
-            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(executor.Submit([&ran] { ran = true; }).code(), absl::StatusCode::kUnavailable);
   executor.Stop();  // a second Stop is harmless
   EXPECT_FALSE(ran);
   EXPECT_EQ(executor.queue_depth(), 0);

@@ -77,11 +77,11 @@ ModelConfig SmallModel() {
 
 // The bytes a test writes for (layer, token): a tag that tells every token
 // of every layer and every generation apart, repeated over the token.
-std::vector<uint8_t> TokenBytes(const ModelConfig& model, int32_t generation,
-                                int32_t layer_index, int64_t token) {
+std::vector<uint8_t> TokenBytes(const ModelConfig& model, int32_t generation, int32_t layer_index,
+                                int64_t token) {
   const uint32_t tag = static_cast<uint32_t>(generation) * 1000003u +
-                       static_cast<uint32_t>(layer_index) * 10007u +
-                       static_cast<uint32_t>(token) + 1u;
+                       static_cast<uint32_t>(layer_index) * 10007u + static_cast<uint32_t>(token) +
+                       1u;
   std::vector<uint8_t> bytes(model.TokenBytes());
   for (size_t i = 0; i < bytes.size(); ++i) {
     bytes[i] = static_cast<uint8_t>(tag >> (8 * (i % 4)));
@@ -96,9 +96,8 @@ struct RangeKeys {
   KeyRange range;
 };
 
-RangeKeys MakeRange(const ModelConfig& model, uint64_t sequence_id,
-                    int32_t first_layer_index, int32_t num_layers,
-                    int64_t start_position, int64_t num_tokens,
+RangeKeys MakeRange(const ModelConfig& model, uint64_t sequence_id, int32_t first_layer_index,
+                    int32_t num_layers, int64_t start_position, int64_t num_tokens,
                     int32_t generation = 0) {
   RangeKeys keys;
   for (int32_t l = 0; l < num_layers; ++l) {
@@ -124,9 +123,7 @@ class KeyCacheTest : public ::testing::Test {
   static constexpr int64_t kMaxSequences = 4;
 
   KeyCacheTest()
-      : model_(SmallModel()),
-        store_(model_),
-        cache_(model_, kPages, kMaxSequences, &store_) {}
+      : model_(SmallModel()), store_(model_), cache_(model_, kPages, kMaxSequences, &store_) {}
 
   uint64_t OpenOrDie(uint64_t id = 0, absl::Duration lease = absl::Minutes(1)) {
     absl::StatusOr<uint64_t> opened = cache_.Open(id, lease, now_);
@@ -134,9 +131,7 @@ class KeyCacheTest : public ::testing::Test {
     return opened.ok() ? *opened : 0;
   }
 
-  absl::Status Append(const RangeKeys& keys) {
-    return cache_.Append({keys.range}, now_);
-  }
+  absl::Status Append(const RangeKeys& keys) { return cache_.Append({keys.range}, now_); }
 
   absl::Status Append(const std::vector<const RangeKeys*>& all) {
     std::vector<KeyRange> ranges;
@@ -254,8 +249,7 @@ TEST_F(KeyCacheTest, ReleasedPagesGoBackAndAnotherSequenceReusesThem) {
 
   const uint64_t second = OpenOrDie();
   EXPECT_EQ(Fill(second), (Fills{0, 0, 0})) << "a new sequence starts empty";
-  RangeKeys second_keys =
-      MakeRange(model_, second, 0, 3, 0, 2 * kBlockSize + 1, /*generation=*/1);
+  RangeKeys second_keys = MakeRange(model_, second, 0, 3, 0, 2 * kBlockSize + 1, /*generation=*/1);
   ASSERT_TRUE(Append(second_keys).ok());
   // The pool is LIFO, so the pages just freed are the ones handed out again.
   EXPECT_EQ(Table(second), first_pages);
@@ -313,8 +307,7 @@ TEST_F(KeyCacheTest, InvalidLayersAreInvalidArgument) {
   RangeKeys first_past_last = MakeRange(model_, id, 3, 1, 0, 4);
   for (const RangeKeys* keys : {&negative, &no_layers, &past_last, &first_past_last}) {
     EXPECT_EQ(Append(*keys).code(), absl::StatusCode::kInvalidArgument)
-        << "first " << keys->range.first_layer_index << " count "
-        << keys->range.num_layers;
+        << "first " << keys->range.first_layer_index << " count " << keys->range.num_layers;
   }
   EXPECT_EQ(Fill(id), (Fills{0, 0, 0}));
   EXPECT_EQ(store_.write_calls(), 0);
@@ -582,8 +575,7 @@ TEST_F(KeyCacheTest, RenewOfAnUnknownIdIsNotFoundAndRenewsNothing) {
   const absl::Time start = now_;
   const uint64_t known = OpenOrDie(0, absl::Seconds(10));
   const uint64_t ids[] = {known, 424242};
-  EXPECT_EQ(cache_.Renew(ids, start + absl::Seconds(9)).code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(cache_.Renew(ids, start + absl::Seconds(9)).code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(cache_.Find(known)->last_used, start);
   // Not renewed, so it expires on its original schedule.
   EXPECT_EQ(cache_.ReleaseExpired(start + absl::Seconds(11)), 1);

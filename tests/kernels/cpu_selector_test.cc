@@ -81,8 +81,7 @@ SelectionProblem RandomProblem(uint64_t seed, Values values) {
 TEST(CpuSelector, MatchesOracleOnRandomBatches) {
   for (uint64_t seed = 1; seed <= 120; ++seed) {
     const SelectionProblem problem = RandomProblem(seed, Values::kNormal);
-    const std::string mismatch =
-        CompareWithOracle(problem, RunCpu(problem, 2), kTolerance);
+    const std::string mismatch = CompareWithOracle(problem, RunCpu(problem, 2), kTolerance);
     ASSERT_EQ(mismatch, "") << "seed " << seed;
   }
 }
@@ -132,7 +131,7 @@ TEST(CpuSelector, PaddingRequestsYieldMinusOne) {
 
 TEST(CpuSelector, SpeculativeDecodeAndChunkedPrefillWithPrefix) {
   const SelectionProblem problem = ProblemBuilder(M3Shape(), 5, Values::kNormal)
-                                       .AddRequest(4100, 4096, 4)   // Q = 4
+                                       .AddRequest(4100, 4096, 4)    // Q = 4
                                        .AddRequest(2300, 2000, 300)  // prefix 2000
                                        .AddRequest(300, 0, 300)      // fresh prefill
                                        .Build();
@@ -185,9 +184,8 @@ TEST(CpuSelector, ThreadCountDoesNotChangeResults) {
 }
 
 TEST(CpuSelector, LongDecodeSplitsOneRequestAcrossThreads) {
-  const SelectionProblem problem = ProblemBuilder(M3Shape(), 9, Values::kNormal)
-                                       .AddRequest(40000, 39999, 1)
-                                       .Build();
+  const SelectionProblem problem =
+      ProblemBuilder(M3Shape(), 9, Values::kNormal).AddRequest(40000, 39999, 1).Build();
   EXPECT_EQ(CompareWithOracle(problem, RunCpu(problem, 4), kTolerance), "");
 }
 
@@ -277,8 +275,8 @@ TEST(PageScorers, AgreeWithFloat64BlockMaxima) {
           for (int32_t j = 0; j < visible[r]; ++j) {
             double s = 0;
             for (int32_t d = 0; d < dim; ++d) {
-              s += static_cast<double>(queries[(r * heads + h) * dim + d]) *
-                   key_values[j * dim + d];
+              s +=
+                  static_cast<double>(queries[(r * heads + h) * dim + d]) * key_values[j * dim + d];
             }
             best = std::max(best, std::isnan(s) ? -1e30 : s);
           }

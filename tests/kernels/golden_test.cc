@@ -47,9 +47,9 @@ TEST(Golden, CpuKernelReproducesEveryCase) {
       const auto& r = golden.requests[i];
       for (int64_t token = 0; token < r.seq_len; ++token) {
         if (token % kBlockSize == 0) tables[i].push_back(order[next_page++]);
-        std::memcpy(pool.data() + tables[i].back() * page_bytes +
-                        (token % kBlockSize) * token_bytes,
-                    r.keys.data() + token * token_bytes, token_bytes);
+        std::memcpy(
+            pool.data() + tables[i].back() * page_bytes + (token % kBlockSize) * token_bytes,
+            r.keys.data() + token * token_bytes, token_bytes);
       }
       RowSpan span;
       span.block_table = tables[i].data();

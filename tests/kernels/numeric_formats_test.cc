@@ -14,9 +14,8 @@ double DecodeByDefinition(int bits) {
   const int sign = bits >> 7;
   const int exponent = (bits >> 3) & 0xF;
   const int mantissa = bits & 0x7;
-  const double magnitude = exponent == 0
-                               ? mantissa / 8.0 * std::pow(2.0, -6)
-                               : (1.0 + mantissa / 8.0) * std::pow(2.0, exponent - 7);
+  const double magnitude = exponent == 0 ? mantissa / 8.0 * std::pow(2.0, -6)
+                                         : (1.0 + mantissa / 8.0) * std::pow(2.0, exponent - 7);
   return sign ? -magnitude : magnitude;
 }
 

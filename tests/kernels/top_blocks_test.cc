@@ -10,8 +10,8 @@ namespace {
 
 using ::testing::ElementsAre;
 
-std::vector<int32_t> Select(const std::vector<float>& scores, int32_t topk,
-                            int32_t init_blocks, int32_t local_blocks) {
+std::vector<int32_t> Select(const std::vector<float>& scores, int32_t topk, int32_t init_blocks,
+                            int32_t local_blocks) {
   std::vector<int32_t> out(topk, 99);
   SelectTopBlocks(scores.data(), static_cast<int32_t>(scores.size()), topk, init_blocks,
                   local_blocks, out.data());

@@ -55,9 +55,8 @@ GoldenCase LoadGoldenCase(const std::string& path) {
   golden.shape.topk = json.at("topk").get<int32_t>();
   golden.shape.init_blocks = json.at("init_blocks").get<int32_t>();
   golden.shape.local_blocks = json.at("local_blocks").get<int32_t>();
-  golden.shape.key_dtype = json.at("key_dtype").get<std::string>() == "bf16"
-                               ? KeyDtype::kBf16
-                               : KeyDtype::kFp8E4m3;
+  golden.shape.key_dtype =
+      json.at("key_dtype").get<std::string>() == "bf16" ? KeyDtype::kBf16 : KeyDtype::kFp8E4m3;
   for (const nlohmann::json& r : json.at("requests")) {
     GoldenRequest request;
     request.seq_len = r.at("seq_len").get<int64_t>();

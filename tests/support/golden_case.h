@@ -15,8 +15,8 @@ struct GoldenRequest {
   int64_t seq_len = 0;     // keys present
   int64_t prefix_len = 0;  // position of the first query row (-1: padding)
   int32_t q_len = 0;
-  std::string keys;     // raw little-endian [seq_len][D] of the key dtype
-  std::string queries;  // raw bf16 [q_len][H][D]
+  std::string keys;               // raw little-endian [seq_len][D] of the key dtype
+  std::string queries;            // raw bf16 [q_len][H][D]
   std::vector<int32_t> expected;  // [H][q_len][topk]
 };
 

@@ -46,7 +46,8 @@ std::vector<double> SelectionProblem::Priorities(int32_t head, int32_t row) cons
   if (position < 0) return {};
   const int64_t valid = position / kBlockSize + 1;
   const int64_t dim = shape.head_dim;
-  const float* query = query_values.data() + (static_cast<int64_t>(row) * shape.num_heads + head) * dim;
+  const float* query =
+      query_values.data() + (static_cast<int64_t>(row) * shape.num_heads + head) * dim;
   const float* keys = key_values[request].data();
   std::vector<double> priorities(valid);
   for (int64_t block = 0; block < valid; ++block) {
@@ -54,7 +55,8 @@ std::vector<double> SelectionProblem::Priorities(int32_t head, int32_t row) cons
     for (int64_t token = block * kBlockSize;
          token <= std::min(position, block * kBlockSize + kBlockSize - 1); ++token) {
       double score = 0;
-      for (int64_t d = 0; d < dim; ++d) score += static_cast<double>(query[d]) * keys[token * dim + d];
+      for (int64_t d = 0; d < dim; ++d)
+        score += static_cast<double>(query[d]) * keys[token * dim + d];
       if (std::isnan(score)) score = -1e30;
       best = std::max(best, score);
     }
@@ -78,8 +80,8 @@ float ProblemBuilder::Draw() {
   return std::normal_distribution<float>(0.0f, 1.0f)(random_);
 }
 
-ProblemBuilder& ProblemBuilder::AddRequest(int64_t sequence_tokens,
-                                           int64_t first_position, int32_t num_rows) {
+ProblemBuilder& ProblemBuilder::AddRequest(int64_t sequence_tokens, int64_t first_position,
+                                           int32_t num_rows) {
   Pending pending{sequence_tokens, first_position, num_rows, false, {}};
   pending.keys.resize(sequence_tokens * shape_.head_dim);
   for (float& v : pending.keys) v = Draw();
@@ -98,16 +100,14 @@ ProblemBuilder& ProblemBuilder::AddPadding(int32_t num_rows) {
   return *this;
 }
 
-ProblemBuilder& ProblemBuilder::SetKey(int request, int64_t token, int32_t element,
-                                       float value) {
+ProblemBuilder& ProblemBuilder::SetKey(int request, int64_t token, int32_t element, float value) {
   requests_[request].keys[token * shape_.head_dim + element] = value;
   return *this;
 }
 
-ProblemBuilder& ProblemBuilder::SetQuery(int32_t row, int32_t head, int32_t element,
-                                         float value) {
-  query_raw_[(static_cast<int64_t>(row) * shape_.num_heads + head) * shape_.head_dim +
-             element] = value;
+ProblemBuilder& ProblemBuilder::SetQuery(int32_t row, int32_t head, int32_t element, float value) {
+  query_raw_[(static_cast<int64_t>(row) * shape_.num_heads + head) * shape_.head_dim + element] =
+      value;
   return *this;
 }
 
@@ -159,8 +159,8 @@ SelectionProblem ProblemBuilder::Build() {
     span.num_rows = r.num_rows;
     span.first_row = row;
     problem.spans.push_back(span);
-    problem.reference_rows.push_back({r.padding ? nullptr : values.data(), r.first_position,
-                                      r.num_rows});
+    problem.reference_rows.push_back(
+        {r.padding ? nullptr : values.data(), r.first_position, r.num_rows});
     row += r.num_rows;
   }
   problem.total_rows = row;
@@ -173,8 +173,8 @@ SelectionProblem ProblemBuilder::Build() {
   return problem;
 }
 
-std::string CompareWithOracle(const SelectionProblem& problem,
-                              const std::vector<int32_t>& got, double tolerance) {
+std::string CompareWithOracle(const SelectionProblem& problem, const std::vector<int32_t>& got,
+                              double tolerance) {
   const std::vector<int32_t> expected = problem.Reference();
   if (got.size() != expected.size()) {
     return absl::StrCat("size ", got.size(), " != ", expected.size());

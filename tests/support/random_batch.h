@@ -46,8 +46,7 @@ class ProblemBuilder {
 
   // A request over a sequence of sequence_tokens keys, rows at positions
   // first_position .. first_position + num_rows - 1 (all < sequence_tokens).
-  ProblemBuilder& AddRequest(int64_t sequence_tokens, int64_t first_position,
-                             int32_t num_rows);
+  ProblemBuilder& AddRequest(int64_t sequence_tokens, int64_t first_position, int32_t num_rows);
   // A padding request (decode seq_len 0) of num_rows rows.
   ProblemBuilder& AddPadding(int32_t num_rows);
   // Sets key (request, token, element) to a raw value before encoding
@@ -78,8 +77,8 @@ class ProblemBuilder {
 // that differ only where the oracle's float64 priorities are within
 // tolerance of each other (near-ties, where fp32 rounding may decide), and
 // returns a description of the first row that is wrong beyond that.
-std::string CompareWithOracle(const SelectionProblem& problem,
-                              const std::vector<int32_t>& got, double tolerance);
+std::string CompareWithOracle(const SelectionProblem& problem, const std::vector<int32_t>& got,
+                              double tolerance);
 
 }  // namespace blocksel::testing
 

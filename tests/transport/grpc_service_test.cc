@@ -106,19 +106,16 @@ class GrpcServiceTest : public ::testing::Test {
   }
 
   // Records keys the server accepted, as it decoded them.
-  void Remember(uint64_t sequence, int32_t layer, int64_t start,
-                const std::vector<float>& values) {
+  void Remember(uint64_t sequence, int32_t layer, int64_t start, const std::vector<float>& values) {
     std::vector<float>& keys = keys_[{sequence, layer}];
     keys.resize(start * model_.head_dim + values.size());
     std::copy(values.begin(), values.end(), keys.begin() + start * model_.head_dim);
   }
-  const float* KeysOf(uint64_t sequence, int32_t layer) {
-    return keys_[{sequence, layer}].data();
-  }
+  const float* KeysOf(uint64_t sequence, int32_t layer) { return keys_[{sequence, layer}].data(); }
 
   // One append of random keys; the caller remembers them once accepted.
-  v1::KeyAppend MakeAppend(uint64_t sequence, int32_t layer, int64_t start,
-                           int64_t tokens, Encoded* keys) {
+  v1::KeyAppend MakeAppend(uint64_t sequence, int32_t layer, int64_t start, int64_t tokens,
+                           Encoded* keys) {
     *keys = RandomKeys(tokens);
     v1::KeyAppend append;
     append.set_sequence_id(sequence);
@@ -129,8 +126,7 @@ class GrpcServiceTest : public ::testing::Test {
     return append;
   }
 
-  absl::Status AppendRandom(uint64_t sequence, int32_t layer, int64_t start,
-                            int64_t tokens) {
+  absl::Status AppendRandom(uint64_t sequence, int32_t layer, int64_t start, int64_t tokens) {
     Encoded keys;
     v1::AppendKeysRequest request;
     *request.add_appends() = MakeAppend(sequence, layer, start, tokens, &keys);
@@ -229,8 +225,7 @@ TEST_F(GrpcServiceTest, SequenceLifecycle) {
   released = client_->ReleaseSequence(500);
   ASSERT_TRUE(released.ok()) << released.status();
   EXPECT_FALSE(*released) << "releasing twice is fine and says so";
-  EXPECT_EQ(client_->RenewLease(absl::MakeConstSpan(both, 2)).code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->RenewLease(absl::MakeConstSpan(both, 2)).code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(GrpcServiceTest, AppendKeysAndItsErrors) {
@@ -248,15 +243,13 @@ TEST_F(GrpcServiceTest, AppendKeysAndItsErrors) {
 
   v1::AppendKeysRequest dense;
   *dense.add_appends() = MakeAppend(id, 0, 0, 4, &keys);
-  EXPECT_EQ(client_->AppendKeys(dense).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(client_->AppendKeys(dense).status().code(), absl::StatusCode::kInvalidArgument);
   v1::AppendKeysRequest unknown;
   *unknown.add_appends() = MakeAppend(id + 77, 1, 0, 4, &keys);
   EXPECT_EQ(client_->AppendKeys(unknown).status().code(), absl::StatusCode::kNotFound);
   v1::AppendKeysRequest gap;
   *gap.add_appends() = MakeAppend(id, 1, 10, 4, &keys);
-  EXPECT_EQ(client_->AppendKeys(gap).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(client_->AppendKeys(gap).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(FreePages(), kPages - 2);
 }
 
@@ -292,10 +285,10 @@ TEST_F(GrpcServiceTest, SelectMatchesTheReferenceInBothLayouts) {
   EXPECT_EQ(head_major->total_q, 70);
   EXPECT_EQ(head_major->topk, 4);
   EXPECT_EQ(head_major->layout, v1::BLOCK_ID_LAYOUT_HEAD_MAJOR);
-  EXPECT_EQ(head_major->block_ids,
-            ReferenceSelect(model_.shape(),
-                            {{KeysOf(a, layer), 870, 30}, {KeysOf(b, layer), 1000, 40}},
-                            queries.values.data()));
+  EXPECT_EQ(
+      head_major->block_ids,
+      ReferenceSelect(model_.shape(), {{KeysOf(a, layer), 870, 30}, {KeysOf(b, layer), 1000, 40}},
+                      queries.values.data()));
 
   // The same rows again, token-major; b's keys are now cached.
   request.mutable_prefill()->mutable_requests(1)->clear_keys();
@@ -329,19 +322,16 @@ TEST_F(GrpcServiceTest, SelectErrorsAreTheCallStatus) {
   EXPECT_EQ(client_->Select(dense).status().code(), absl::StatusCode::kInvalidArgument);
   v1::SelectRequest short_queries = good.request;
   short_queries.mutable_queries()->pop_back();
-  EXPECT_EQ(client_->Select(short_queries).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(client_->Select(short_queries).status().code(), absl::StatusCode::kInvalidArgument);
   v1::SelectRequest unknown = good.request;
   unknown.mutable_decode()->mutable_requests(0)->set_sequence_id(id + 1);
   EXPECT_EQ(client_->Select(unknown).status().code(), absl::StatusCode::kNotFound);
   v1::SelectRequest missing_keys = good.request;
   missing_keys.mutable_decode()->mutable_requests(0)->set_seq_len(201);
-  EXPECT_EQ(client_->Select(missing_keys).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(client_->Select(missing_keys).status().code(), absl::StatusCode::kFailedPrecondition);
   v1::SelectRequest other_layer = good.request;
   other_layer.set_layer(3);
-  EXPECT_EQ(client_->Select(other_layer).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(client_->Select(other_layer).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST_F(GrpcServiceTest, FullCacheIsResourceExhaustedAndOthersAreStillServed) {
@@ -355,8 +345,7 @@ TEST_F(GrpcServiceTest, FullCacheIsResourceExhaustedAndOthersAreStillServed) {
   Encoded keys;
   v1::AppendKeysRequest too_big;
   *too_big.add_appends() = MakeAppend(late, kFirstSparseLayer, 0, 300, &keys);
-  EXPECT_EQ(client_->AppendKeys(too_big).status().code(),
-            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(client_->AppendKeys(too_big).status().code(), absl::StatusCode::kResourceExhausted);
   // A select that carries more keys than fit is refused the same way.
   Encoded select_keys = RandomKeys(300);
   v1::SelectRequest carries_keys;
@@ -366,8 +355,7 @@ TEST_F(GrpcServiceTest, FullCacheIsResourceExhaustedAndOthersAreStillServed) {
   prefill->set_q_len(300);
   prefill->set_keys(select_keys.bytes);
   carries_keys.set_queries(RandomQueries(300).bytes);
-  EXPECT_EQ(client_->Select(carries_keys).status().code(),
-            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(client_->Select(carries_keys).status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(FreePages(), 1);
 
   Batch both = Decode(9, kFirstSparseLayer, {{big, (kPages - 2) * 128}, {small, 100}});
@@ -387,8 +375,7 @@ TEST_F(GrpcServiceTest, MessageOverTheMaxSizeIsResourceExhausted) {
   append->set_first_layer(kFirstSparseLayer);
   append->set_num_tokens(kMaxMessageBytes / 64 + 1);
   append->set_keys(std::string(kMaxMessageBytes + 64, '\0'));
-  EXPECT_EQ(client_->AppendKeys(huge).status().code(),
-            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(client_->AppendKeys(huge).status().code(), absl::StatusCode::kResourceExhausted);
   // Nothing was applied, and the server carries on.
   EXPECT_EQ(FreePages(), kPages);
   EXPECT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, 10).ok());
@@ -440,13 +427,11 @@ TEST_F(GrpcServiceTest, StreamAppendKeysStopsAtTheFirstFailingMessage) {
   EXPECT_EQ(result->block_ids, at_100.expected);
   v1::SelectRequest at_101 = at_100.request;
   at_101.mutable_decode()->mutable_requests(0)->set_seq_len(101);
-  EXPECT_EQ(client_->Select(at_101).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(client_->Select(at_101).status().code(), absl::StatusCode::kFailedPrecondition);
 
   std::vector<v1::AppendKeysRequest> unknown(1);
   *unknown[0].add_appends() = MakeAppend(id + 5, 1, 0, 10, &keys);
-  EXPECT_EQ(client_->StreamAppendKeys(unknown).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->StreamAppendKeys(unknown).status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(GrpcServiceTest, StreamSelectSurvivesAnInBandError) {
@@ -505,8 +490,7 @@ TEST_F(GrpcServiceTest, StreamSelectAnswersPipelinedRequestsInOrder) {
     absl::StatusOr<SelectResult> result = (*session)->Receive();
     ASSERT_TRUE(result.ok()) << result.status();
     EXPECT_EQ(result->request_id, batch.request.request_id());
-    EXPECT_EQ(result->block_ids, batch.expected)
-        << "request " << batch.request.request_id();
+    EXPECT_EQ(result->block_ids, batch.expected) << "request " << batch.request.request_id();
   }
   EXPECT_TRUE((*session)->Close().ok());
 }
@@ -588,9 +572,8 @@ TEST_F(GrpcServiceTest, StreamSelectAppliesKeysItCarries) {
     absl::StatusOr<SelectResult> result = (*session)->Call(request);
     ASSERT_TRUE(result.ok()) << result.status();
     Remember(id, 2, seq_len - 1, key.values);
-    EXPECT_EQ(result->block_ids,
-              ReferenceSelect(model_.shape(), {{KeysOf(id, 2), seq_len - 1, 1}},
-                              queries.values.data()));
+    EXPECT_EQ(result->block_ids, ReferenceSelect(model_.shape(), {{KeysOf(id, 2), seq_len - 1, 1}},
+                                                 queries.values.data()));
   }
   EXPECT_TRUE((*session)->Close().ok());
 }
@@ -608,8 +591,8 @@ TEST_F(GrpcServiceTest, HealthServiceAnswersServing) {
   grpc::ByteBuffer response;
   absl::Notification done;
   grpc::Status status;
-  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                 &response, [&status, &done](grpc::Status call_status) {
+  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                 [&status, &done](grpc::Status call_status) {
                    status = std::move(call_status);
                    done.Notify();
                  });
