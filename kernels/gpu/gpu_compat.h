@@ -1,0 +1,132 @@
+// One source tree for CUDA (nvcc) and HIP (hipcc / CMake HIP): the runtime
+// calls and device intrinsics the kernels use, under one set of names.
+//
+// HIP's own NVIDIA headers do not build against CUDA 13, so this shim maps
+// to each runtime directly. Warp width is never assumed: device code uses
+// kWarpSize (32 on NVIDIA, 64 on CDNA wavefronts).
+#ifndef BLOCKSEL_KERNELS_GPU_GPU_COMPAT_H_
+#define BLOCKSEL_KERNELS_GPU_GPU_COMPAT_H_
+
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+#include <hip/hip_bf16.h>
+#include <hip/hip_runtime.h>
+#define BLOCKSEL_GPU_HIP 1
+using gpuError_t = hipError_t;
+using gpuStream_t = hipStream_t;
+using gpuEvent_t = hipEvent_t;
+using gpuGraph_t = hipGraph_t;
+using gpuGraphExec_t = hipGraphExec_t;
+#define gpuSuccess hipSuccess
+#define gpuGetLastError hipGetLastError
+#define gpuGetErrorString hipGetErrorString
+#define gpuGetDeviceCount hipGetDeviceCount
+#define gpuGetDeviceProperties hipGetDeviceProperties
+#define gpuDeviceProp_t hipDeviceProp_t
+#define gpuMalloc hipMalloc
+#define gpuMallocHost hipHostMalloc
+#define gpuFree hipFree
+#define gpuFreeHost hipHostFree
+#define gpuMemcpyAsync hipMemcpyAsync
+#define gpuMemsetAsync hipMemsetAsync
+#define gpuMemcpyHostToDevice hipMemcpyHostToDevice
+#define gpuMemcpyDeviceToHost hipMemcpyDeviceToHost
+#define gpuMemcpyDeviceToDevice hipMemcpyDeviceToDevice
+#define gpuStreamCreateWithFlags hipStreamCreateWithFlags
+#define gpuStreamNonBlocking hipStreamNonBlocking
+#define gpuStreamDestroy hipStreamDestroy
+#define gpuStreamSynchronize hipStreamSynchronize
+#define gpuStreamBeginCapture hipStreamBeginCapture
+#define gpuStreamEndCapture hipStreamEndCapture
+#define gpuStreamCaptureModeThreadLocal hipStreamCaptureModeThreadLocal
+#define gpuGraphInstantiate(exec, graph) hipGraphInstantiate((exec), (graph), nullptr, nullptr, 0)
+#define gpuGraphLaunch hipGraphLaunch
+#define gpuGraphDestroy hipGraphDestroy
+#define gpuGraphExecDestroy hipGraphExecDestroy
+#define gpuEventCreate hipEventCreate
+#define gpuEventRecord hipEventRecord
+#define gpuEventSynchronize hipEventSynchronize
+#define gpuEventElapsedTime hipEventElapsedTime
+#define gpuEventDestroy hipEventDestroy
+#define gpuSetDevice hipSetDevice
+#define gpuFuncSetMaxDynamicSharedMemory(kernel, bytes) \
+  hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), \
+                      hipFuncAttributeMaxDynamicSharedMemorySize, (bytes))
+#else
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#define BLOCKSEL_GPU_CUDA 1
+using gpuError_t = cudaError_t;
+using gpuStream_t = cudaStream_t;
+using gpuEvent_t = cudaEvent_t;
+using gpuGraph_t = cudaGraph_t;
+using gpuGraphExec_t = cudaGraphExec_t;
+#define gpuSuccess cudaSuccess
+#define gpuGetLastError cudaGetLastError
+#define gpuGetErrorString cudaGetErrorString
+#define gpuGetDeviceCount cudaGetDeviceCount
+#define gpuGetDeviceProperties cudaGetDeviceProperties
+#define gpuDeviceProp_t cudaDeviceProp
+#define gpuMalloc cudaMalloc
+#define gpuMallocHost cudaMallocHost
+#define gpuFree cudaFree
+#define gpuFreeHost cudaFreeHost
+#define gpuMemcpyAsync cudaMemcpyAsync
+#define gpuMemsetAsync cudaMemsetAsync
+#define gpuMemcpyHostToDevice cudaMemcpyHostToDevice
+#define gpuMemcpyDeviceToHost cudaMemcpyDeviceToHost
+#define gpuMemcpyDeviceToDevice cudaMemcpyDeviceToDevice
+#define gpuStreamCreateWithFlags cudaStreamCreateWithFlags
+#define gpuStreamNonBlocking cudaStreamNonBlocking
+#define gpuStreamDestroy cudaStreamDestroy
+#define gpuStreamSynchronize cudaStreamSynchronize
+#define gpuStreamBeginCapture cudaStreamBeginCapture
+#define gpuStreamEndCapture cudaStreamEndCapture
+#define gpuStreamCaptureModeThreadLocal cudaStreamCaptureModeThreadLocal
+#define gpuGraphInstantiate(exec, graph) cudaGraphInstantiate((exec), (graph), 0)
+#define gpuGraphLaunch cudaGraphLaunch
+#define gpuGraphDestroy cudaGraphDestroy
+#define gpuGraphExecDestroy cudaGraphExecDestroy
+#define gpuEventCreate cudaEventCreate
+#define gpuEventRecord cudaEventRecord
+#define gpuEventSynchronize cudaEventSynchronize
+#define gpuEventElapsedTime cudaEventElapsedTime
+#define gpuEventDestroy cudaEventDestroy
+#define gpuSetDevice cudaSetDevice
+#define gpuFuncSetMaxDynamicSharedMemory(kernel, bytes) \
+  cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, (bytes))
+#endif
+
+namespace blocksel::gpu {
+
+// Threads per warp (NVIDIA) or wavefront (AMD CDNA: 64). A compile-time
+// constant for the device pass being compiled.
+#if defined(BLOCKSEL_GPU_HIP) && defined(__AMDGCN_WAVEFRONT_SIZE)
+inline constexpr int kWarpSize = __AMDGCN_WAVEFRONT_SIZE;
+#elif defined(BLOCKSEL_GPU_HIP)
+inline constexpr int kWarpSize = 64;
+#else
+inline constexpr int kWarpSize = 32;
+#endif
+
+// Full-warp shuffles. HIP has no *_sync variants and no lane masks.
+template <typename T>
+__device__ __forceinline__ T ShuffleXor(T value, int lane_mask) {
+#if defined(BLOCKSEL_GPU_HIP)
+  return __shfl_xor(value, lane_mask, kWarpSize);
+#else
+  return __shfl_xor_sync(0xffffffffu, value, lane_mask, kWarpSize);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T ShuffleIndex(T value, int source_lane) {
+#if defined(BLOCKSEL_GPU_HIP)
+  return __shfl(value, source_lane, kWarpSize);
+#else
+  return __shfl_sync(0xffffffffu, value, source_lane, kWarpSize);
+#endif
+}
+
+}  // namespace blocksel::gpu
+
+#endif  // BLOCKSEL_KERNELS_GPU_GPU_COMPAT_H_
