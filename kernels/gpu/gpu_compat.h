@@ -48,7 +48,7 @@ using gpuGraphExec_t = hipGraphExec_t;
 #define gpuEventElapsedTime hipEventElapsedTime
 #define gpuEventDestroy hipEventDestroy
 #define gpuSetDevice hipSetDevice
-#define gpuFuncSetMaxDynamicSharedMemory(kernel, bytes) \
+#define gpuFuncSetMaxDynamicSharedMemory(kernel, bytes)      \
   hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), \
                       hipFuncAttributeMaxDynamicSharedMemorySize, (bytes))
 #else
@@ -124,6 +124,17 @@ __device__ __forceinline__ T ShuffleIndex(T value, int source_lane) {
   return __shfl(value, source_lane, kWarpSize);
 #else
   return __shfl_sync(0xffffffffu, value, source_lane, kWarpSize);
+#endif
+}
+
+// Orders shared-memory accesses among the lanes of one warp. AMD
+// wavefronts execute in lockstep; a wave barrier keeps the compiler from
+// reordering across it.
+__device__ __forceinline__ void SyncWarp() {
+#if defined(BLOCKSEL_GPU_HIP)
+  __builtin_amdgcn_wave_barrier();
+#else
+  __syncwarp();
 #endif
 }
 

@@ -17,6 +17,7 @@ namespace {
 
 using testing::CompareWithOracle;
 using testing::ProblemBuilder;
+using testing::RandomProblem;
 using testing::SelectionProblem;
 using testing::Values;
 
@@ -41,41 +42,6 @@ std::vector<int32_t> RunCpu(const SelectionProblem& problem, int threads) {
   cpu::CpuSelector selector(threads);
   EXPECT_EQ(selector.Select(problem.shape, problem.Batch(out.data())), KernelStatus::kOk);
   return out;
-}
-
-// A random shape and a random batch mixing decode, prefill and padding.
-SelectionProblem RandomProblem(uint64_t seed, Values values) {
-  std::mt19937_64 random(seed);
-  auto pick = [&](std::initializer_list<int> options) {
-    return *(options.begin() + random() % options.size());
-  };
-  SelectionShape shape;
-  shape.num_heads = pick({1, 2, 4, 8});
-  shape.head_dim = pick({16, 32, 64, 128, 256});
-  shape.key_dtype = random() % 2 ? KeyDtype::kBf16 : KeyDtype::kFp8E4m3;
-  shape.topk = pick({1, 2, 4, 16, 33});
-  shape.init_blocks = pick({0, 0, 1, 2});
-  shape.local_blocks = pick({0, 1, 1, 3});
-  ProblemBuilder builder(shape, seed * 7919 + 1, values);
-  const int requests = 1 + static_cast<int>(random() % 4);
-  const bool decode = random() % 2;
-  const int q = pick({1, 1, 2, 4});
-  for (int r = 0; r < requests; ++r) {
-    if (decode && random() % 5 == 0) {
-      builder.AddPadding(q);
-      continue;
-    }
-    const int64_t tokens = 1 + static_cast<int64_t>(random() % 3000);
-    if (decode) {
-      const int rows = static_cast<int>(std::min<int64_t>(q, tokens));
-      builder.AddRequest(tokens, tokens - rows, rows);
-    } else {
-      const int64_t rows = 1 + static_cast<int64_t>(random() % std::min<int64_t>(tokens, 150));
-      const int64_t prefix = tokens - rows;
-      builder.AddRequest(tokens, prefix, static_cast<int32_t>(rows));
-    }
-  }
-  return builder.Build();
 }
 
 TEST(CpuSelector, MatchesOracleOnRandomBatches) {

@@ -1,6 +1,7 @@
 #include "tests/support/golden_case.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
@@ -36,8 +37,12 @@ std::vector<int32_t> GoldenCase::ExpectedBatch() const {
 }
 
 std::vector<std::string> GoldenFiles() {
+  // BLOCKSEL_GOLDEN_DIR in the environment wins: a test binary copied to
+  // another machine (the GPU machine) finds the cases there.
+  const char* override_dir = std::getenv("BLOCKSEL_GOLDEN_DIR");
+  const std::string dir = override_dir != nullptr ? override_dir : BLOCKSEL_GOLDEN_DIR;
   std::vector<std::string> files;
-  for (const auto& entry : std::filesystem::directory_iterator(BLOCKSEL_GOLDEN_DIR)) {
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
     if (entry.path().extension() == ".json") files.push_back(entry.path().string());
   }
   std::sort(files.begin(), files.end());

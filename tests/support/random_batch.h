@@ -19,7 +19,15 @@ enum class Values {
   kSmallIntegers,  // integers in [-3, 3]: fp32 sums exact, many exact ties
 };
 
+// Move-only: spans and reference_rows point into the vectors it owns, which
+// a move keeps in place and a copy would not.
 struct SelectionProblem {
+  SelectionProblem() = default;
+  SelectionProblem(SelectionProblem&&) = default;
+  SelectionProblem& operator=(SelectionProblem&&) = default;
+  SelectionProblem(const SelectionProblem&) = delete;
+  SelectionProblem& operator=(const SelectionProblem&) = delete;
+
   SelectionShape shape;
   std::vector<uint8_t> pool;  // [num_pages][kBlockSize][head_dim] raw keys
   int64_t num_pages = 0;
@@ -72,6 +80,11 @@ class ProblemBuilder {
   std::vector<Pending> requests_;
   std::vector<float> query_raw_;
 };
+
+// A random shape (H, D in {16..256}, dtype, topk, init/local blocks) and a
+// random batch of 1 to 4 requests: either decode (Q in {1, 2, 4}, padding
+// requests among them) or prefill chunks with random prefixes.
+SelectionProblem RandomProblem(uint64_t seed, Values values);
 
 // Empty if the backend's rows equal the oracle's. Otherwise it accepts rows
 // that differ only where the oracle's float64 priorities are within

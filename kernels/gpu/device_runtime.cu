@@ -1,0 +1,111 @@
+// The runtime calls of gpu_selection.h: device discovery, memory, streams
+// and graphs, each returning a KernelStatus.
+#include "kernels/gpu/gpu_compat.h"
+#include "kernels/gpu/gpu_selection.h"
+
+namespace blocksel::gpu {
+namespace {
+
+thread_local gpuError_t last_error = gpuSuccess;
+
+KernelStatus Check(gpuError_t error) {
+  if (error == gpuSuccess) return KernelStatus::kOk;
+  last_error = error;
+  return KernelStatus::kDeviceError;
+}
+
+}  // namespace
+
+int DeviceCount() {
+  int count = 0;
+  if (gpuGetDeviceCount(&count) != gpuSuccess) {
+    (void)gpuGetLastError();  // no driver or no device: not an error here
+    return 0;
+  }
+  return count;
+}
+
+KernelStatus QueryDevice(int device, DeviceInfo* info) {
+  gpuDeviceProp_t properties;
+  const KernelStatus status = Check(gpuGetDeviceProperties(&properties, device));
+  if (status != KernelStatus::kOk) return status;
+  info->name = properties.name;
+  info->multiprocessors = properties.multiProcessorCount;
+  info->compute_major = properties.major;
+  info->compute_minor = properties.minor;
+  info->total_memory = static_cast<int64_t>(properties.totalGlobalMem);
+  info->warp_size = properties.warpSize;
+  return KernelStatus::kOk;
+}
+
+KernelStatus SetDevice(int device) { return Check(gpuSetDevice(device)); }
+
+const char* LastErrorText() { return gpuGetErrorString(last_error); }
+
+KernelStatus DeviceAlloc(void** pointer, int64_t bytes) {
+  return Check(gpuMalloc(pointer, static_cast<size_t>(bytes)));
+}
+
+void DeviceFree(void* pointer) {
+  if (pointer != nullptr) (void)gpuFree(pointer);
+}
+
+KernelStatus PinnedAlloc(void** pointer, int64_t bytes) {
+  return Check(gpuMallocHost(pointer, static_cast<size_t>(bytes)));
+}
+
+void PinnedFree(void* pointer) {
+  if (pointer != nullptr) (void)gpuFreeHost(pointer);
+}
+
+KernelStatus StreamCreate(void** stream) {
+  gpuStream_t created;
+  const KernelStatus status = Check(gpuStreamCreateWithFlags(&created, gpuStreamNonBlocking));
+  *stream = created;
+  return status;
+}
+
+void StreamDestroy(void* stream) {
+  if (stream != nullptr) (void)gpuStreamDestroy(static_cast<gpuStream_t>(stream));
+}
+
+KernelStatus StreamSynchronize(void* stream) {
+  return Check(gpuStreamSynchronize(static_cast<gpuStream_t>(stream)));
+}
+
+KernelStatus CopyHostToDevice(void* device, const void* host, int64_t bytes, void* stream) {
+  return Check(gpuMemcpyAsync(device, host, static_cast<size_t>(bytes), gpuMemcpyHostToDevice,
+                              static_cast<gpuStream_t>(stream)));
+}
+
+KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, void* stream) {
+  return Check(gpuMemcpyAsync(host, device, static_cast<size_t>(bytes), gpuMemcpyDeviceToHost,
+                              static_cast<gpuStream_t>(stream)));
+}
+
+CapturedGraph::~CapturedGraph() {
+  if (exec_ != nullptr) (void)gpuGraphExecDestroy(static_cast<gpuGraphExec_t>(exec_));
+  if (graph_ != nullptr) (void)gpuGraphDestroy(static_cast<gpuGraph_t>(graph_));
+}
+
+KernelStatus CapturedGraph::BeginCapture(void* stream) {
+  return Check(
+      gpuStreamBeginCapture(static_cast<gpuStream_t>(stream), gpuStreamCaptureModeThreadLocal));
+}
+
+KernelStatus CapturedGraph::EndCapture(void* stream) {
+  gpuGraph_t graph;
+  KernelStatus status = Check(gpuStreamEndCapture(static_cast<gpuStream_t>(stream), &graph));
+  if (status != KernelStatus::kOk) return status;
+  graph_ = graph;
+  gpuGraphExec_t exec;
+  status = Check(gpuGraphInstantiate(&exec, graph));
+  if (status == KernelStatus::kOk) exec_ = exec;
+  return status;
+}
+
+KernelStatus CapturedGraph::Replay(void* stream) {
+  return Check(gpuGraphLaunch(static_cast<gpuGraphExec_t>(exec_), static_cast<gpuStream_t>(stream)));
+}
+
+}  // namespace blocksel::gpu

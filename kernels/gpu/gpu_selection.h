@@ -1,0 +1,113 @@
+// GPU selection kernels and the device runtime calls a backend needs, behind
+// a plain C++ interface: no CUDA/HIP type crosses it, streams are void*, and
+// every call returns a KernelStatus (FlashInfer's style). Host code includes
+// this header only; the .cu files include no RPC or logging headers.
+#ifndef BLOCKSEL_KERNELS_GPU_GPU_SELECTION_H_
+#define BLOCKSEL_KERNELS_GPU_GPU_SELECTION_H_
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/selection_types.h"
+
+namespace blocksel::gpu {
+
+// ---------------------------------------------------------------- runtime
+
+struct DeviceInfo {
+  std::string name;
+  int multiprocessors = 0;
+  int compute_major = 0;
+  int compute_minor = 0;
+  int64_t total_memory = 0;
+  int warp_size = 0;
+};
+
+// Number of usable devices (0 when there is no driver or no device).
+int DeviceCount();
+KernelStatus QueryDevice(int device, DeviceInfo* info);
+KernelStatus SetDevice(int device);
+// The runtime's text for the last error seen by this thread's calls.
+const char* LastErrorText();
+
+KernelStatus DeviceAlloc(void** pointer, int64_t bytes);
+void DeviceFree(void* pointer);
+KernelStatus PinnedAlloc(void** pointer, int64_t bytes);
+void PinnedFree(void* pointer);
+KernelStatus StreamCreate(void** stream);
+void StreamDestroy(void* stream);
+KernelStatus StreamSynchronize(void* stream);
+KernelStatus CopyHostToDevice(void* device, const void* host, int64_t bytes, void* stream);
+KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, void* stream);
+
+// A captured sequence of launches on one stream, replayed as one graph.
+class CapturedGraph {
+ public:
+  CapturedGraph() = default;
+  ~CapturedGraph();
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+
+  KernelStatus BeginCapture(void* stream);
+  KernelStatus EndCapture(void* stream);  // instantiates the graph
+  KernelStatus Replay(void* stream);
+  bool ready() const { return exec_ != nullptr; }
+
+ private:
+  void* graph_ = nullptr;
+  void* exec_ = nullptr;
+};
+
+// ---------------------------------------------------------------- kernels
+
+// Rows [first_row, first_row + num_rows) of a batch belong to one sequence;
+// row i sits at first_position + i (negative: padding, all -1). Its logical
+// block b lives in page block_table[table_offset + b].
+struct DeviceSpan {
+  int32_t first_position;
+  int32_t num_rows;
+  int32_t first_row;
+  int32_t table_offset;
+};
+
+// One selection over one layer. Every pointer is device memory.
+struct DeviceBatch {
+  const void* key_pool = nullptr;  // [num_pages][kBlockSize][head_dim]
+  int64_t num_pages = 0;
+  const int32_t* block_table = nullptr;  // flat; spans index it
+  const DeviceSpan* spans = nullptr;
+  int32_t num_spans = 0;
+  const uint16_t* queries = nullptr;  // bf16 [total_rows][H][D]
+  int32_t total_rows = 0;
+  int32_t* block_ids = nullptr;  // int32 [H][total_rows][topk]
+  void* workspace = nullptr;     // DecodeWorkspaceBytes(...) bytes
+};
+
+// Head dims the GPU kernels support (powers of two from 16 to 512).
+bool SupportsHeadDim(int32_t head_dim);
+
+// Decode: every span has at most max_rows_per_span rows and
+// max_rows_per_span * H <= kMaxDecodeQueries. The key blocks of the whole
+// batch are split evenly over `splits` CTAs on the device (the split does
+// not depend on sequence lengths, so the launch can be captured in a graph
+// and replayed for any lengths), each keeping a partial top-k per query;
+// a second kernel merges them. Two launches.
+inline constexpr int32_t kMaxDecodeQueries = 64;
+int64_t DecodeWorkspaceBytes(const SelectionShape& shape, int32_t max_spans,
+                             int32_t max_rows_per_span, int32_t splits);
+// A good split count for the device (a few CTAs per multiprocessor).
+int32_t DecodeSplits(const DeviceInfo& device);
+KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
+                          int32_t max_rows_per_span, int32_t splits, void* stream);
+
+// Prefill: any spans, none longer than max_rows_per_span rows. Tiles of
+// query rows x all H heads share each key page read; matrix units score the
+// tile on sm_80+ (a plain loop elsewhere); a running top-k per (row, head)
+// stays on chip, so no score tensor is ever written. One launch, no
+// workspace.
+KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
+                           int32_t max_rows_per_span, void* stream);
+
+}  // namespace blocksel::gpu
+
+#endif  // BLOCKSEL_KERNELS_GPU_GPU_SELECTION_H_

@@ -1,0 +1,261 @@
+// Scoring key pages with matrix instructions: the page is staged in shared
+// memory with asynchronous copies, and each group of 32 lanes scores 16
+// queries against a range of 8-key tiles of it.
+#ifndef BLOCKSEL_KERNELS_GPU_PAGE_TILE_CUH_
+#define BLOCKSEL_KERNELS_GPU_PAGE_TILE_CUH_
+
+#include <cstdint>
+
+#include "kernels/gpu/gpu_compat.h"
+#include "kernels/gpu/select_common.cuh"
+#include "kernels/selection_types.h"
+
+namespace blocksel::gpu {
+
+// The m16n8k16 fragment layout works in groups of 32 lanes (an AMD
+// wavefront of 64 holds two groups).
+inline constexpr int kGroupLanes = 32;
+inline constexpr int kMaxKSteps = 16;  // head_dim <= 256
+
+#if defined(BLOCKSEL_GPU_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define BLOCKSEL_GPU_MMA 1
+#endif
+
+// Bytes of one staged key row: the row plus 16 bytes of padding, so the
+// fragment loads of 8 consecutive keys fall in different shared banks.
+template <KeyDtype kDtype>
+__host__ __device__ constexpr int StagedRowBytes(int head_dim) {
+  return head_dim * kKeyBytes<kDtype> + 16;
+}
+
+template <KeyDtype kDtype>
+__host__ __device__ constexpr int StagedPageBytes(int head_dim) {
+  return kBlockSize * StagedRowBytes<kDtype>(head_dim);
+}
+
+// Shared bytes of the widened bf16 copy an fp8 page needs (none for bf16).
+template <KeyDtype kDtype>
+__host__ __device__ constexpr int WidenedBytes(int head_dim) {
+  return kDtype == KeyDtype::kBf16 ? 0 : StagedPageBytes<KeyDtype::kBf16>(head_dim);
+}
+
+// Starts copying one page into shared memory; every thread of the CTA
+// calls it. Completes at WaitStagedPages.
+template <KeyDtype kDtype>
+__device__ __forceinline__ void StagePage(const void* page, unsigned char* staged, int head_dim,
+                                          int threads) {
+  const int row_bytes = head_dim * kKeyBytes<kDtype>;
+  const int chunks_per_row = row_bytes / 16;
+  const int chunks = kBlockSize * chunks_per_row;
+  for (int chunk = threadIdx.x; chunk < chunks; chunk += threads) {
+    const int row = chunk / chunks_per_row;
+    const int column = (chunk % chunks_per_row) * 16;
+    const unsigned char* source = static_cast<const unsigned char*>(page) + row * row_bytes + column;
+    unsigned char* destination = staged + row * StagedRowBytes<kDtype>(head_dim) + column;
+#if defined(BLOCKSEL_GPU_MMA)
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(source));
+#else
+    *reinterpret_cast<uint4*>(destination) = *reinterpret_cast<const uint4*>(source);
+#endif
+  }
+#if defined(BLOCKSEL_GPU_MMA)
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `pending` staged pages are still in flight, then
+// synchronizes the CTA so every thread sees the completed copies.
+template <int kPending>
+__device__ __forceinline__ void WaitStagedPages() {
+#if defined(BLOCKSEL_GPU_MMA)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+  __syncthreads();
+}
+
+// fp8 pages are staged raw, then widened once per page, exactly, into a
+// bf16 staging buffer that the scoring reads (rather than each of the
+// scoring lane groups widening its own fragments again).
+__device__ __forceinline__ void WidenStagedFp8(const unsigned char* raw, unsigned char* widened,
+                                               int head_dim, int threads) {
+  const int chunks_per_row = head_dim / 8;
+  for (int chunk = threadIdx.x; chunk < kBlockSize * chunks_per_row; chunk += threads) {
+    const int row = chunk / chunks_per_row;
+    const int column = (chunk % chunks_per_row) * 8;
+    const uint2 bytes = *reinterpret_cast<const uint2*>(
+        raw + row * StagedRowBytes<KeyDtype::kFp8E4m3>(head_dim) + column);
+    uint32_t words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t source = i < 2 ? bytes.x : bytes.y;
+      const uint32_t low = (source >> (16 * (i % 2))) & 0xFFu;
+      const uint32_t high = (source >> (16 * (i % 2) + 8)) & 0xFFu;
+      words[i] = (__float_as_uint(Fp8BitsToFloat(low)) >> 16) |
+                 (__float_as_uint(Fp8BitsToFloat(high)) & 0xFFFF0000u);
+    }
+    *reinterpret_cast<uint4*>(widened + row * StagedRowBytes<KeyDtype::kBf16>(head_dim) +
+                              column * 2) = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+// Two consecutive bf16 key elements of a staged row, packed.
+__device__ __forceinline__ uint32_t StagedKeyPair(const unsigned char* staged, int key, int element,
+                                                  int head_dim) {
+  return *reinterpret_cast<const uint32_t*>(
+      staged + key * StagedRowBytes<KeyDtype::kBf16>(head_dim) + element * 2);
+}
+
+#if !defined(BLOCKSEL_GPU_MMA)
+__device__ __forceinline__ float LowBf16(uint32_t pair) { return Bf16BitsToFloat(pair & 0xFFFFu); }
+__device__ __forceinline__ float HighBf16(uint32_t pair) { return Bf16BitsToFloat(pair >> 16); }
+#endif
+
+// acc (16 queries x 8 keys, m16n8 accumulator layout) += A * B for one
+// 16-element k step; a: 4 packed query pairs, b: 2 packed key pairs.
+__device__ __forceinline__ void MultiplyAccumulate(const uint32_t a[4], const uint32_t b[2],
+                                                   float acc[4]) {
+#if defined(BLOCKSEL_GPU_MMA)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  // The same fragment layout computed lane by lane, gathering operands
+  // from the group's lanes with shuffles (targets without mma.sync).
+  const int lane = threadIdx.x % kGroupLanes;
+  const int base = threadIdx.x % kWarpSize - lane;  // first lane of this group
+  const int row = lane / 4;
+  const int col = (lane % 4) * 2;
+  float sums[4] = {0, 0, 0, 0};
+  for (int k = 0; k < 16; ++k) {
+    // A (r, k): lane r%8*4 + (k%8)/2, register (k >= 8 ? 2 : 0) + (r >= 8).
+    const int owner = (k % 8) / 2;
+    const int reg = k >= 8 ? 2 : 0;
+    const uint32_t top = ShuffleIndex(a[reg], base + row * 4 + owner);
+    const uint32_t bottom = ShuffleIndex(a[reg + 1], base + row * 4 + owner);
+    const float q0 = (k % 2) ? HighBf16(top) : LowBf16(top);
+    const float q1 = (k % 2) ? HighBf16(bottom) : LowBf16(bottom);
+    // B (k, n): lane n*4 + (k%8)/2, register k >= 8.
+    for (int c = 0; c < 2; ++c) {
+      const uint32_t key = ShuffleIndex(b[k >= 8 ? 1 : 0], base + (col + c) * 4 + owner);
+      const float value = (k % 2) ? HighBf16(key) : LowBf16(key);
+      sums[c] = fmaf(q0, value, sums[c]);
+      sums[2 + c] = fmaf(q1, value, sums[2 + c]);
+    }
+  }
+  for (int i = 0; i < 4; ++i) acc[i] += sums[i];
+#endif
+}
+
+// Loads this lane's A fragments for 16 queries starting at first_query of
+// a [num_queries][head_dim] bf16 array (rows past num_queries are zero).
+__device__ __forceinline__ void LoadQueryFragments(const uint16_t* queries, int32_t first_query,
+                                                   int32_t num_queries, int head_dim,
+                                                   uint32_t a[kMaxKSteps][4]) {
+  const int lane = threadIdx.x % kGroupLanes;
+  const int row = lane / 4;
+  const int col = (lane % 4) * 2;
+#pragma unroll
+  for (int step = 0; step < kMaxKSteps; ++step) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int32_t q = first_query + row + (r % 2) * 8;
+      const int element = step * 16 + col + (r / 2) * 8;
+      a[step][r] = (step * 16 < head_dim && q < num_queries)
+                       ? *reinterpret_cast<const uint32_t*>(
+                             queries + static_cast<int64_t>(q) * head_dim + element)
+                       : 0u;
+    }
+  }
+}
+
+// Scores this group's 16 queries against 8-key tiles [first_tile,
+// end_tile) of a staged bf16 page. Returns in best_top / best_bottom the max
+// over those keys visible to the lane's two queries (rows lane/4 and
+// lane/4 + 8 of the 16, at positions position_top / position_bottom),
+// reduced over the 4 lanes that share a query. NaN scores count -1e30.
+__device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kMaxKSteps][4],
+                                                 const unsigned char* staged, int head_dim,
+                                                 int first_tile, int end_tile,
+                                                 int32_t block_start, int32_t position_top,
+                                                 int32_t position_bottom, float* best_top,
+                                                 float* best_bottom) {
+  const int lane = threadIdx.x % kGroupLanes;
+  const int col = (lane % 4) * 2;
+  const int k_steps = head_dim / 16;
+  const int row_bytes = StagedRowBytes<KeyDtype::kBf16>(head_dim);
+  float top = -__int_as_float(0x7f800000);
+  float bottom = top;
+  // Tiles go kTilesInFlight at a time, k steps outermost, so that many
+  // independent accumulator chains keep the matrix units busy (one tile's
+  // chain alone waits on each instruction's latency).
+  constexpr int kTilesInFlight = 4;
+  for (int tile0 = first_tile; tile0 < end_tile; tile0 += kTilesInFlight) {
+    float acc[kTilesInFlight][4] = {};
+#if defined(BLOCKSEL_GPU_MMA)
+    // ldmatrix.x4: lanes 8m..8m+7 address rows 0..7 (a tile's keys) of the
+    // 8x8 matrix m = elements [8m, 8m + 8) of a 32-element slice; each lane
+    // receives its B fragments for two k steps.
+#pragma unroll
+    for (int pair = 0; pair < kMaxKSteps / 2; ++pair) {
+      if (2 * pair >= k_steps) break;
+#pragma unroll
+      for (int t = 0; t < kTilesInFlight; ++t) {
+        const int tile = tile0 + t;
+        if (tile >= end_tile) break;
+        if (2 * pair + 1 < k_steps) {
+          uint32_t b[4];
+          const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(
+              staged + (tile * 8 + lane % 8) * row_bytes + (lane / 8) * 16 + pair * 64));
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                       : "r"(address));
+          MultiplyAccumulate(a[2 * pair], b, acc[t]);
+          MultiplyAccumulate(a[2 * pair + 1], b + 2, acc[t]);
+        } else {  // head_dim 16: a single k step
+          const int key = tile * 8 + lane / 4;
+          const uint32_t b[2] = {StagedKeyPair(staged, key, col, head_dim),
+                                 StagedKeyPair(staged, key, col + 8, head_dim)};
+          MultiplyAccumulate(a[0], b, acc[t]);
+        }
+      }
+    }
+#else
+#pragma unroll
+    for (int step = 0; step < kMaxKSteps; ++step) {
+      if (step >= k_steps) break;
+      for (int t = 0; t < kTilesInFlight && tile0 + t < end_tile; ++t) {
+        const int key = (tile0 + t) * 8 + lane / 4;
+        const uint32_t b[2] = {StagedKeyPair(staged, key, step * 16 + col, head_dim),
+                               StagedKeyPair(staged, key, step * 16 + col + 8, head_dim)};
+        MultiplyAccumulate(a[step], b, acc[t]);
+      }
+    }
+#endif
+    // acc[t][c]: top query vs key (tile0 + t)*8 + col + c; [2 + c]: bottom.
+#pragma unroll
+    for (int t = 0; t < kTilesInFlight; ++t) {
+      if (tile0 + t >= end_tile) break;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int32_t key_position = block_start + (tile0 + t) * 8 + col + c;
+        const float top_score = isnan(acc[t][c]) ? kNanScore : acc[t][c];
+        const float bottom_score = isnan(acc[t][2 + c]) ? kNanScore : acc[t][2 + c];
+        if (key_position <= position_top) top = fmaxf(top, top_score);
+        if (key_position <= position_bottom) bottom = fmaxf(bottom, bottom_score);
+      }
+    }
+  }
+  top = fmaxf(top, ShuffleXor(top, 1));
+  top = fmaxf(top, ShuffleXor(top, 2));
+  bottom = fmaxf(bottom, ShuffleXor(bottom, 1));
+  bottom = fmaxf(bottom, ShuffleXor(bottom, 2));
+  *best_top = top;
+  *best_bottom = bottom;
+}
+
+}  // namespace blocksel::gpu
+
+#endif  // BLOCKSEL_KERNELS_GPU_PAGE_TILE_CUH_

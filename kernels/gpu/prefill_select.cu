@@ -1,0 +1,153 @@
+// Prefill selection: many query rows per sequence.
+//
+// One CTA takes a tile of kTileQueries queries (row-major (row, head) pairs
+// of one sequence, so all H heads of a row share the tile) and walks every
+// key page the tile can see. Each warp scores its 16 queries against the
+// page's 128 keys with bf16 matrix instructions (mma.sync m16n8k16, fp32
+// accumulate; fp8 keys are widened to bf16 exactly), takes the causal max
+// per query, and folds it into a top-k list per query kept in shared memory.
+// Pages are staged in shared memory with asynchronous copies, the next one
+// in flight while the current one is scored. No score tensor is written.
+// Grid: (tiles of the longest span, spans).
+#include <cstdint>
+
+#include "kernels/gpu/gpu_compat.h"
+#include "kernels/gpu/gpu_selection.h"
+#include "kernels/gpu/page_tile.cuh"
+#include "kernels/gpu/select_common.cuh"
+
+namespace blocksel::gpu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kGroups = kThreads / kGroupLanes;
+constexpr int kTileQueries = 16 * kGroups;
+
+struct PrefillParams {
+  SelectionShape shape;
+  DeviceBatch batch;
+};
+
+template <KeyDtype kDtype>
+__global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  const SelectionShape& shape = params.shape;
+  const DeviceBatch& batch = params.batch;
+  const DeviceSpan span = batch.spans[blockIdx.y];
+  const int32_t heads = shape.num_heads;
+  const int32_t dim = shape.head_dim;
+  const int32_t topk = shape.topk;
+  const int32_t num_queries = span.num_rows * heads;
+  const int32_t tile_first = blockIdx.x * kTileQueries;
+  if (tile_first >= num_queries) return;
+  const int32_t tile_queries = min(kTileQueries, num_queries - tile_first);
+
+  unsigned char* staged[2] = {shared_raw, shared_raw + StagedPageBytes<kDtype>(dim)};
+  // fp8 only: the current page widened to bf16.
+  unsigned char* widened = shared_raw + 2 * StagedPageBytes<kDtype>(dim);
+  float* list_scores = reinterpret_cast<float*>(widened + WidenedBytes<kDtype>(dim));
+  int32_t* list_ids = reinterpret_cast<int32_t*>(list_scores + kTileQueries * topk);
+  for (int i = threadIdx.x; i < kTileQueries * topk; i += kThreads) {
+    list_scores[i] = -__int_as_float(0x7f800000);
+    list_ids[i] = kNoBlock;
+  }
+
+  const int group = threadIdx.x / kGroupLanes;
+  const int lane = threadIdx.x % kGroupLanes;
+  const int32_t group_first = tile_first + group * 16;
+  uint32_t a[kMaxKSteps][4];
+  LoadQueryFragments(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
+                     group_first, num_queries, dim, a);
+  // This lane's two queries (rows of the span) and their positions.
+  const int32_t query_top = group_first + lane / 4;
+  const int32_t query_bottom = query_top + 8;
+  const int32_t position_top = span.first_position + query_top / heads;
+  const int32_t position_bottom = span.first_position + query_bottom / heads;
+  const bool has_top = query_top < num_queries;
+  const bool has_bottom = query_bottom < num_queries;
+
+  const int32_t last_position = span.first_position + (tile_first + tile_queries - 1) / heads;
+  const int32_t num_blocks = last_position < 0 ? 0 : last_position / kBlockSize + 1;
+  const int64_t page_bytes = static_cast<int64_t>(kBlockSize) * dim * kKeyBytes<kDtype>;
+  auto page = [&](int32_t block) {
+    return static_cast<const char*>(batch.key_pool) +
+           static_cast<int64_t>(batch.block_table[span.table_offset + block]) * page_bytes;
+  };
+  if (num_blocks > 0) StagePage<kDtype>(page(0), staged[0], dim, kThreads);
+  for (int32_t block = 0; block < num_blocks; ++block) {
+    if (block + 1 < num_blocks) {
+      StagePage<kDtype>(page(block + 1), staged[(block + 1) % 2], dim, kThreads);
+      WaitStagedPages<1>();
+    } else {
+      WaitStagedPages<0>();
+    }
+    const int32_t block_start = block * kBlockSize;
+    float best_top, best_bottom;
+    const unsigned char* keys = staged[block % 2];
+    if constexpr (kDtype == KeyDtype::kFp8E4m3) {
+      WidenStagedFp8(keys, widened, dim, kThreads);
+      __syncthreads();
+      keys = widened;
+    }
+    ScoreStagedTiles(a, keys, dim, 0, kBlockSize / 8, block_start, position_top,
+                     position_bottom, &best_top, &best_bottom);
+    if (lane % 4 == 0) {
+      // This lane owns the lists of query_top and query_bottom.
+      if (has_top && block_start <= position_top) {
+        const int32_t local = query_top - tile_first;
+        InsertCandidate(list_scores + local * topk, list_ids + local * topk, topk,
+                        BlockPriority(best_top, block, position_top / kBlockSize + 1,
+                                      shape.init_blocks, shape.local_blocks),
+                        block);
+      }
+      if (has_bottom && block_start <= position_bottom) {
+        const int32_t local = query_bottom - tile_first;
+        InsertCandidate(list_scores + local * topk, list_ids + local * topk, topk,
+                        BlockPriority(best_bottom, block, position_bottom / kBlockSize + 1,
+                                      shape.init_blocks, shape.local_blocks),
+                        block);
+      }
+    }
+    __syncthreads();  // the next iteration stages into this page's buffer
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < tile_queries * topk; i += kThreads) {
+    const int32_t q = tile_first + i / topk;
+    const int32_t id = list_ids[i];
+    batch.block_ids[(static_cast<int64_t>(q % heads) * batch.total_rows + span.first_row +
+                     q / heads) * topk + i % topk] = id == kNoBlock ? -1 : id;
+  }
+}
+
+template <KeyDtype kDtype>
+KernelStatus Launch(const PrefillParams& params, dim3 grid, gpuStream_t stream) {
+  const int64_t shared = 2 * StagedPageBytes<kDtype>(params.shape.head_dim) +
+                         WidenedBytes<kDtype>(params.shape.head_dim) +
+                         static_cast<int64_t>(kTileQueries) * params.shape.topk * 8;
+  if (shared > 200 * 1024) return KernelStatus::kUnsupported;
+  if (gpuFuncSetMaxDynamicSharedMemory(PrefillKernel<kDtype>, shared) != gpuSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  PrefillKernel<kDtype><<<grid, kThreads, shared, stream>>>(params);
+  return gpuGetLastError() == gpuSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
+}
+
+}  // namespace
+
+KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
+                           int32_t max_rows_per_span, void* stream) {
+  if (!SupportsHeadDim(shape.head_dim) || shape.head_dim > 16 * kMaxKSteps ||
+      batch.num_spans < 1 || batch.num_spans > 65535 || max_rows_per_span < 1 ||
+      shape.topk > 256) {
+    return KernelStatus::kUnsupported;
+  }
+  const int64_t tiles =
+      (static_cast<int64_t>(max_rows_per_span) * shape.num_heads + kTileQueries - 1) / kTileQueries;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(batch.num_spans));
+  const PrefillParams params{shape, batch};
+  auto* cuda_stream = static_cast<gpuStream_t>(stream);
+  return shape.key_dtype == KeyDtype::kBf16 ? Launch<KeyDtype::kBf16>(params, grid, cuda_stream)
+                                            : Launch<KeyDtype::kFp8E4m3>(params, grid, cuda_stream);
+}
+
+}  // namespace blocksel::gpu

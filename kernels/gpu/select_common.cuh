@@ -1,0 +1,72 @@
+// Device helpers shared by the selection kernels: exact key conversion, the
+// order of candidates, and a small sorted top-k list.
+#ifndef BLOCKSEL_KERNELS_GPU_SELECT_COMMON_CUH_
+#define BLOCKSEL_KERNELS_GPU_SELECT_COMMON_CUH_
+
+#include <cstdint>
+
+#include "kernels/gpu/gpu_compat.h"
+#include "kernels/selection_types.h"
+
+namespace blocksel::gpu {
+
+inline constexpr float kInitPriority = 1e30f;
+inline constexpr float kLocalPriority = 1e29f;
+inline constexpr float kNanScore = -1e30f;
+// A list slot that holds no block: loses to every real candidate, even one
+// scoring -inf, because of its id.
+inline constexpr int32_t kNoBlock = 0x7fffffff;
+
+// Bytes of one key element (KeyDtypeBytes is host-only).
+template <KeyDtype kDtype>
+inline constexpr int kKeyBytes = kDtype == KeyDtype::kBf16 ? 2 : 1;
+
+__device__ __forceinline__ float Bf16BitsToFloat(uint32_t bits) {
+  return __uint_as_float(bits << 16);
+}
+
+// Exact e4m3fn -> fp32 without denormal arithmetic and without branches:
+// normals rebias the exponent (e - 7 + 127) on the bit pattern, subnormals
+// are m * 2^-9, 0x7f is NaN, then the sign.
+__device__ __forceinline__ float Fp8BitsToFloat(uint32_t byte) {
+  const uint32_t magnitude = byte & 0x7Fu;
+  const float normal = __uint_as_float((magnitude << 20) + (120u << 23));
+  const float subnormal = static_cast<float>(magnitude) * (1.0f / 512.0f);
+  uint32_t bits = __float_as_uint(magnitude < 8u ? subnormal : normal);
+  bits = magnitude == 0x7Fu ? 0x7FC00000u : bits;
+  return __uint_as_float(bits | ((byte & 0x80u) << 24));
+}
+
+// Candidate a ranks before b: higher score, then lower block id.
+__device__ __forceinline__ bool RanksBefore(float score_a, int32_t id_a, float score_b,
+                                            int32_t id_b) {
+  return score_a > score_b || (score_a == score_b && id_a < id_b);
+}
+
+// The priority SEMANTICS.md gives block `block` of a row with `valid`
+// visible blocks and block score `score` (already NaN-free).
+__device__ __forceinline__ float BlockPriority(float score, int32_t block, int32_t valid,
+                                               int32_t init_blocks, int32_t local_blocks) {
+  if (block >= valid - local_blocks) return kLocalPriority;
+  if (block < init_blocks) return kInitPriority;
+  return score;
+}
+
+// Inserts (score, id) into a list of k entries sorted best first, if it
+// ranks before the last one. One thread owns a list.
+__device__ __forceinline__ void InsertCandidate(float* scores, int32_t* ids, int32_t k,
+                                                float score, int32_t id) {
+  if (!RanksBefore(score, id, scores[k - 1], ids[k - 1])) return;
+  int32_t slot = k - 1;
+  while (slot > 0 && RanksBefore(score, id, scores[slot - 1], ids[slot - 1])) {
+    scores[slot] = scores[slot - 1];
+    ids[slot] = ids[slot - 1];
+    --slot;
+  }
+  scores[slot] = score;
+  ids[slot] = id;
+}
+
+}  // namespace blocksel::gpu
+
+#endif  // BLOCKSEL_KERNELS_GPU_SELECT_COMMON_CUH_
