@@ -21,14 +21,14 @@
 namespace blocksel {
 namespace {
 
-#define CHECK_CUDA(expr)                                                            \
-  do {                                                                              \
-    const cudaError_t error_ = (expr);                                              \
-    if (error_ != cudaSuccess) {                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr,             \
-                   cudaGetErrorString(error_));                                     \
-      std::exit(1);                                                                 \
-    }                                                                               \
+#define CHECK_CUDA(expr)                                                \
+  do {                                                                  \
+    const cudaError_t error_ = (expr);                                  \
+    if (error_ != cudaSuccess) {                                        \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, \
+                   cudaGetErrorString(error_));                         \
+      std::exit(1);                                                     \
+    }                                                                   \
   } while (0)
 
 __global__ void ReadKernel(const uint4* data, int64_t count, uint32_t* sink) {
@@ -104,8 +104,7 @@ double MeasureMatrixPeak(cudaStream_t stream) {
   for (int i = 0; i < 8; ++i) {
     CHECK_CUDA(cudaEventRecord(start, stream));
     cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b,
-                 CUDA_R_16BF, n, &beta, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
-                 CUBLAS_GEMM_DEFAULT);
+                 CUDA_R_16BF, n, &beta, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     CHECK_CUDA(cudaEventRecord(stop, stream));
     CHECK_CUDA(cudaEventSynchronize(stop));
     float ms;
@@ -223,9 +222,10 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
     }
     const double us = Median(times) * 1e3;
     const double floor_us = key_bytes / read_bw * 1e6;
-    std::printf("%-34s %9.1f us %7.0f GB/s  floor %7.1f us (%5.1f%%)  vLLM %6.1f us  target %6.1f us %s\n",
-                s.name, us, key_bytes / (us * 1e-6) / 1e9, floor_us, 100.0 * floor_us / us,
-                s.vllm_us, s.target_us, s.target_us > 0 ? (us <= s.target_us ? "MET" : "MISSED") : "");
+    std::printf(
+        "%-34s %9.1f us %7.0f GB/s  floor %7.1f us (%5.1f%%)  vLLM %6.1f us  target %6.1f us %s\n",
+        s.name, us, key_bytes / (us * 1e-6) / 1e9, floor_us, 100.0 * floor_us / us, s.vllm_us,
+        s.target_us, s.target_us > 0 ? (us <= s.target_us ? "MET" : "MISSED") : "");
   } else {
     batch.key_pool = pools[0];
     for (int i = 0; i < 7; ++i) {
@@ -242,9 +242,11 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
     }
     const double us = Median(times) * 1e3;
     const double floor_us = flops / peak * 1e6;
-    std::printf("%-34s %9.1f us %7.1f TFLOP/s  floor %7.1f us (%5.1f%%)  vLLM %6.1f us  target %6.1f us %s\n",
-                s.name, us, flops / (us * 1e-6) / 1e12, floor_us, 100.0 * floor_us / us, s.vllm_us,
-                s.target_us, s.target_us > 0 ? (us <= s.target_us ? "MET" : "MISSED") : "");
+    std::printf(
+        "%-34s %9.1f us %7.1f TFLOP/s  floor %7.1f us (%5.1f%%)  vLLM %6.1f us  target %6.1f us "
+        "%s\n",
+        s.name, us, flops / (us * 1e-6) / 1e12, floor_us, 100.0 * floor_us / us, s.vllm_us,
+        s.target_us, s.target_us > 0 ? (us <= s.target_us ? "MET" : "MISSED") : "");
   }
   for (void* pool : pools) CHECK_CUDA(cudaFree(pool));
   CHECK_CUDA(cudaFree(table_d));
@@ -270,8 +272,9 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   const double read_bw = blocksel::MeasureReadBandwidth(stream);
   const double peak = blocksel::MeasureMatrixPeak(stream);
-  std::printf("device %s, %d SMs; measured streaming read %.0f GB/s, bf16 matrix peak %.0f TFLOP/s\n",
-              device.name.c_str(), device.multiprocessors, read_bw / 1e9, peak / 1e12);
+  std::printf(
+      "device %s, %d SMs; measured streaming read %.0f GB/s, bf16 matrix peak %.0f TFLOP/s\n",
+      device.name.c_str(), device.multiprocessors, read_bw / 1e9, peak / 1e12);
   const blocksel::Shape shapes[] = {
       {"decode bf16 B=1 L=8K Q=1", 1, 8192, 1, KeyDtype::kBf16, true, 9.6, 5},
       {"decode bf16 B=1 L=128K Q=1", 1, 131072, 1, KeyDtype::kBf16, true, 16.3, 12},

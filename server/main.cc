@@ -22,6 +22,7 @@ ABSL_FLAG(std::string, backend, "auto",
           "Selection backend: auto (GPU if built in and present, else cpu), "
           "cpu, cuda or hip");
 ABSL_FLAG(int, cpu_threads, 0, "Threads of the cpu backend (0: one per core)");
+ABSL_FLAG(int, gpu_device, 0, "GPU device index of the cuda / hip backend");
 ABSL_FLAG(int, num_layers, 60, "Layers of the model");
 ABSL_FLAG(int, first_sparse_layer, 3,
           "First sparse layer; layers [first_sparse_layer, num_layers) have "
@@ -69,6 +70,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   config.model.max_positions = absl::GetFlag(FLAGS_max_positions);
   config.backend.kind = absl::GetFlag(FLAGS_backend);
   config.backend.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  config.backend.gpu_device = absl::GetFlag(FLAGS_gpu_device);
   config.cache_bytes = absl::GetFlag(FLAGS_cache_mib) << 20;
   config.max_sequences = absl::GetFlag(FLAGS_max_sequences);
   config.default_lease = absl::Seconds(absl::GetFlag(FLAGS_default_lease_seconds));

@@ -42,9 +42,8 @@ __host__ __device__ inline int64_t ListEntries(int32_t splits, int32_t num_spans
   return static_cast<int64_t>(splits + num_spans) * max_queries * topk;
 }
 
-__host__ __device__ inline Workspace CarveWorkspace(void* base, int32_t splits,
-                                                    int32_t num_spans, int32_t max_queries,
-                                                    int32_t topk) {
+__host__ __device__ inline Workspace CarveWorkspace(void* base, int32_t splits, int32_t num_spans,
+                                                    int32_t max_queries, int32_t topk) {
   Workspace w;
   w.prefix = static_cast<int32_t*>(base);
   const int64_t prefix_bytes = ((static_cast<int64_t>(num_spans) + 1) * 4 + 255) / 256 * 256;
@@ -111,9 +110,9 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
   // fp8 only: the current page widened to bf16.
   unsigned char* widened = shared_raw + 2 * StagedPageBytes<kDtype>(dim);
   int32_t* prefix = reinterpret_cast<int32_t*>(widened + WidenedBytes<kDtype>(dim));
-  int32_t* partial = prefix + num_spans + 1;                              // kThreads
-  float* group_max = reinterpret_cast<float*>(partial + kThreads);        // kLaneGroups * 16
-  float* list_scores = group_max + kLaneGroups * 16;                      // max_queries * topk
+  int32_t* partial = prefix + num_spans + 1;                        // kThreads
+  float* group_max = reinterpret_cast<float*>(partial + kThreads);  // kLaneGroups * 16
+  float* list_scores = group_max + kLaneGroups * 16;                // max_queries * topk
   int32_t* list_ids = reinterpret_cast<int32_t*>(list_scores + params.max_queries * topk);
 
   BlockPrefix(batch.spans, num_spans, prefix, partial);
@@ -133,7 +132,10 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
   int32_t low = 0, high = num_spans - 1;
   while (low < high) {
     const int32_t mid = (low + high + 1) / 2;
-    if (prefix[mid] <= begin) low = mid; else high = mid - 1;
+    if (prefix[mid] <= begin)
+      low = mid;
+    else
+      high = mid - 1;
   }
 
   const int lane_group = threadIdx.x / kGroupLanes;
@@ -142,8 +144,10 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
 
   for (int32_t s = low; s < num_spans && prefix[s] < end; ++s) {
     const DeviceSpan span = batch.spans[s];
-    const int32_t first_block = static_cast<int32_t>((begin > prefix[s] ? begin : prefix[s]) - prefix[s]);
-    const int32_t end_block = static_cast<int32_t>((end < prefix[s + 1] ? end : prefix[s + 1]) - prefix[s]);
+    const int32_t first_block =
+        static_cast<int32_t>((begin > prefix[s] ? begin : prefix[s]) - prefix[s]);
+    const int32_t end_block =
+        static_cast<int32_t>((end < prefix[s + 1] ? end : prefix[s + 1]) - prefix[s]);
     if (first_block >= end_block) continue;
     const int32_t num_queries = span.num_rows * heads;
     // Query groups of 16 (1, 2 or 4); the lane groups share the 16 key
@@ -186,8 +190,8 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
         __syncthreads();
         keys = widened;
       }
-      ScoreStagedTiles(a, keys, dim, first_tile, first_tile + tiles_each, block_start,
-                       position_top, position_bottom, &best_top, &best_bottom);
+      ScoreStagedTiles(a, keys, dim, first_tile, first_tile + tiles_each, block_start, position_top,
+                       position_bottom, &best_top, &best_bottom);
       if (lane % 4 == 0) {
         group_max[lane_group * 16 + lane / 4] = best_top;
         group_max[lane_group * 16 + lane / 4 + 8] = best_bottom;
@@ -270,9 +274,9 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
   }
   __syncthreads();
   const int32_t lists = last_list_cta - first_list_cta + 1;
-  float* scores = reinterpret_cast<float*>(shared_raw);   // [lists][topk]
+  float* scores = reinterpret_cast<float*>(shared_raw);  // [lists][topk]
   int32_t* ids = reinterpret_cast<int32_t*>(scores + params.splits * topk);
-  int32_t* positions = ids + params.splits * topk;         // [lists]
+  int32_t* positions = ids + params.splits * topk;  // [lists]
   for (int32_t i = threadIdx.x; i < lists * topk; i += kMergeThreads) {
     const int64_t index =
         ((static_cast<int64_t>(first_list_cta + i / topk) + s) * params.max_queries + q) * topk +
@@ -357,8 +361,8 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
                           int32_t max_rows_per_span, int32_t splits, void* stream) {
   const int32_t max_queries = max_rows_per_span * shape.num_heads;
   if (!SupportsHeadDim(shape.head_dim) || max_queries > kMaxDecodeQueries ||
-      max_rows_per_span < 1 || splits < 1 || splits > kMaxLists ||
-      batch.num_spans < 1 || shape.topk > 1024) {
+      max_rows_per_span < 1 || splits < 1 || splits > kMaxLists || batch.num_spans < 1 ||
+      shape.topk > 1024) {
     return KernelStatus::kUnsupported;
   }
   DecodeParams params{shape, batch, max_queries, splits};
@@ -366,7 +370,8 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
   if (shared > 200 * 1024) return KernelStatus::kUnsupported;
   auto* cuda_stream = static_cast<gpuStream_t>(stream);
   if (shape.key_dtype == KeyDtype::kBf16) {
-    if (gpuFuncSetMaxDynamicSharedMemory(DecodeScoreKernel<KeyDtype::kBf16>, shared) != gpuSuccess) {
+    if (gpuFuncSetMaxDynamicSharedMemory(DecodeScoreKernel<KeyDtype::kBf16>, shared) !=
+        gpuSuccess) {
       return KernelStatus::kDeviceError;
     }
     DecodeScoreKernel<KeyDtype::kBf16><<<splits, kThreads, shared, cuda_stream>>>(params);

@@ -105,7 +105,8 @@ KernelStatus CapturedGraph::EndCapture(void* stream) {
 }
 
 KernelStatus CapturedGraph::Replay(void* stream) {
-  return Check(gpuGraphLaunch(static_cast<gpuGraphExec_t>(exec_), static_cast<gpuStream_t>(stream)));
+  return Check(
+      gpuGraphLaunch(static_cast<gpuGraphExec_t>(exec_), static_cast<gpuStream_t>(stream)));
 }
 
 }  // namespace blocksel::gpu

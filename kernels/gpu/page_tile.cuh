@@ -50,7 +50,8 @@ __device__ __forceinline__ void StagePage(const void* page, unsigned char* stage
   for (int chunk = threadIdx.x; chunk < chunks; chunk += threads) {
     const int row = chunk / chunks_per_row;
     const int column = (chunk % chunks_per_row) * 16;
-    const unsigned char* source = static_cast<const unsigned char*>(page) + row * row_bytes + column;
+    const unsigned char* source =
+        static_cast<const unsigned char*>(page) + row * row_bytes + column;
     unsigned char* destination = staged + row * StagedRowBytes<kDtype>(head_dim) + column;
 #if defined(BLOCKSEL_GPU_MMA)
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
@@ -178,10 +179,9 @@ __device__ __forceinline__ void LoadQueryFragments(const uint16_t* queries, int3
 // reduced over the 4 lanes that share a query. NaN scores count -1e30.
 __device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kMaxKSteps][4],
                                                  const unsigned char* staged, int head_dim,
-                                                 int first_tile, int end_tile,
-                                                 int32_t block_start, int32_t position_top,
-                                                 int32_t position_bottom, float* best_top,
-                                                 float* best_bottom) {
+                                                 int first_tile, int end_tile, int32_t block_start,
+                                                 int32_t position_top, int32_t position_bottom,
+                                                 float* best_top, float* best_bottom) {
   const int lane = threadIdx.x % kGroupLanes;
   const int col = (lane % 4) * 2;
   const int k_steps = head_dim / 16;

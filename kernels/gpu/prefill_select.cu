@@ -89,8 +89,8 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
       __syncthreads();
       keys = widened;
     }
-    ScoreStagedTiles(a, keys, dim, 0, kBlockSize / 8, block_start, position_top,
-                     position_bottom, &best_top, &best_bottom);
+    ScoreStagedTiles(a, keys, dim, 0, kBlockSize / 8, block_start, position_top, position_bottom,
+                     &best_top, &best_bottom);
     if (lane % 4 == 0) {
       // This lane owns the lists of query_top and query_bottom.
       if (has_top && block_start <= position_top) {
@@ -115,7 +115,9 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
     const int32_t q = tile_first + i / topk;
     const int32_t id = list_ids[i];
     batch.block_ids[(static_cast<int64_t>(q % heads) * batch.total_rows + span.first_row +
-                     q / heads) * topk + i % topk] = id == kNoBlock ? -1 : id;
+                     q / heads) *
+                        topk +
+                    i % topk] = id == kNoBlock ? -1 : id;
   }
 }
 
@@ -136,9 +138,8 @@ KernelStatus Launch(const PrefillParams& params, dim3 grid, gpuStream_t stream) 
 
 KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
                            int32_t max_rows_per_span, void* stream) {
-  if (!SupportsHeadDim(shape.head_dim) || shape.head_dim > 16 * kMaxKSteps ||
-      batch.num_spans < 1 || batch.num_spans > 65535 || max_rows_per_span < 1 ||
-      shape.topk > 256) {
+  if (!SupportsHeadDim(shape.head_dim) || shape.head_dim > 16 * kMaxKSteps || batch.num_spans < 1 ||
+      batch.num_spans > 65535 || max_rows_per_span < 1 || shape.topk > 256) {
     return KernelStatus::kUnsupported;
   }
   const int64_t tiles =

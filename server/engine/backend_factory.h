@@ -16,6 +16,7 @@ struct BackendOptions {
   // "cuda" or "hip".
   std::string kind = "auto";
   int cpu_threads = 0;  // 0: one per hardware thread
+  int gpu_device = 0;   // device index for cuda / hip
 };
 
 // INVALID_ARGUMENT for an unknown kind, FAILED_PRECONDITION for a GPU kind

@@ -7,7 +7,7 @@
 #include "client/encoding.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_selector.h"
-#include "server/engine/cpu_backend.h"
+#include "server/engine/backend_factory.h"
 #include "server/engine/engine.h"
 #include "tests/support/golden_case.h"
 
@@ -77,9 +77,16 @@ TEST(Golden, CpuKernelReproducesEveryCase) {
   }
 }
 
-// The same cases through the server-side path: AppendKeys, then one
-// SelectRequest per case, decoded from the response bytes.
-TEST(Golden, EngineReproducesEveryCase) {
+// The same cases through the server-side path on every backend this
+// build and machine have: AppendKeys, then one SelectRequest per case,
+// decoded from the response bytes.
+class GoldenEngineTest : public ::testing::TestWithParam<std::string> {};
+
+INSTANTIATE_TEST_SUITE_P(Backends, GoldenEngineTest, ::testing::Values("cpu", "gpu"));
+
+TEST_P(GoldenEngineTest, ReproducesEveryCase) {
+  BackendOptions backend_options;
+  backend_options.kind = GetParam() == "cpu" ? "cpu" : "auto";
   for (const std::string& file : GoldenFiles()) {
     const GoldenCase golden = LoadGoldenCase(file);
     SCOPED_TRACE(golden.name);
@@ -93,8 +100,11 @@ TEST(Golden, EngineReproducesEveryCase) {
     options.model.init_blocks = golden.shape.init_blocks;
     options.model.local_blocks = golden.shape.local_blocks;
     options.num_pages = 512;
-    auto backend = CpuBackend::Create(options.model, options.num_pages, 2);
-    ASSERT_TRUE(backend.ok());
+    auto backend = CreateBackend(backend_options, options.model, options.num_pages);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    if (GetParam() == "gpu" && (*backend)->name() == "cpu") {
+      GTEST_SKIP() << "no GPU backend on this build or machine";
+    }
     Engine engine(options, std::move(*backend));
 
     v1::SelectRequest select;

@@ -58,8 +58,8 @@ class GpuSelectorTest : public ::testing::Test {
     int32_t max_rows = 1;
     for (size_t i = 0; i < problem.spans.size(); ++i) {
       const RowSpan& span = problem.spans[i];
-      spans.push_back({span.first_position, span.num_rows, span.first_row,
-                       static_cast<int32_t>(table.size())});
+      spans.push_back(
+          {span.first_position, span.num_rows, span.first_row, static_cast<int32_t>(table.size())});
       table.insert(table.end(), problem.block_tables[i].begin(), problem.block_tables[i].end());
       max_rows = std::max(max_rows, span.num_rows);
     }
@@ -100,9 +100,9 @@ class GpuSelectorTest : public ::testing::Test {
     batch.total_rows = problem.total_rows;
     batch.block_ids = static_cast<int32_t*>(out.get());
     batch.workspace = workspace.get();
-    const KernelStatus launched =
-        path == Path::kDecode ? gpu::LaunchDecode(shape, batch, max_rows, splits, stream_)
-                              : gpu::LaunchPrefill(shape, batch, max_rows, stream_);
+    const KernelStatus launched = path == Path::kDecode
+                                      ? gpu::LaunchDecode(shape, batch, max_rows, splits, stream_)
+                                      : gpu::LaunchPrefill(shape, batch, max_rows, stream_);
     EXPECT_EQ(launched, KernelStatus::kOk) << gpu::LastErrorText();
     EXPECT_EQ(gpu::CopyDeviceToHost(result.data(), out.get(), out_count * 4, stream_),
               KernelStatus::kOk);
@@ -111,8 +111,8 @@ class GpuSelectorTest : public ::testing::Test {
   }
 
   static std::vector<int32_t> RunCpu(const SelectionProblem& problem) {
-    std::vector<int32_t> out(
-        static_cast<size_t>(problem.shape.num_heads) * problem.total_rows * problem.shape.topk);
+    std::vector<int32_t> out(static_cast<size_t>(problem.shape.num_heads) * problem.total_rows *
+                             problem.shape.topk);
     cpu::CpuSelector selector(2);
     EXPECT_EQ(selector.Select(problem.shape, problem.Batch(out.data())), KernelStatus::kOk);
     return out;
@@ -198,9 +198,9 @@ TEST_F(GpuSelectorTest, EdgeCases) {
   cases.emplace_back("fp8 saturation", saturated.Build());
   cases.emplace_back("forced blocks beyond topk",
                      ProblemBuilder(forced, 8, Values::kNormal).AddRequest(2000, 1999, 1).Build());
-  cases.emplace_back("one long decode", ProblemBuilder(M3Shape(), 9, Values::kNormal)
-                                            .AddRequest(200000, 199999, 1)
-                                            .Build());
+  cases.emplace_back(
+      "one long decode",
+      ProblemBuilder(M3Shape(), 9, Values::kNormal).AddRequest(200000, 199999, 1).Build());
   ProblemBuilder mixed(M3Shape(KeyDtype::kFp8E4m3), 10, Values::kNormal);
   for (int i = 0; i < 40; ++i) mixed.AddRequest(1 + i * 397, i * 397, 1);
   cases.emplace_back("many sequences of mixed length", mixed.Build());
