@@ -23,6 +23,10 @@ ABSL_FLAG(std::string, backend, "auto",
           "cpu, cuda or hip");
 ABSL_FLAG(int, cpu_threads, 0, "Threads of the cpu backend (0: one per core)");
 ABSL_FLAG(int, gpu_device, 0, "GPU device index of the cuda / hip backend");
+ABSL_FLAG(int, gpu_graph_max_batch, 256,
+          "GPU decode graphs are captured at start for batch sizes 1, 2, 4, ... up to this "
+          "(0: no graphs, direct launches only)");
+ABSL_FLAG(int, gpu_graph_max_tokens, 4, "GPU decode graphs cover Q = 1 .. this");
 ABSL_FLAG(int, num_layers, 60, "Layers of the model");
 ABSL_FLAG(int, first_sparse_layer, 3,
           "First sparse layer; layers [first_sparse_layer, num_layers) have "
@@ -71,6 +75,8 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   config.backend.kind = absl::GetFlag(FLAGS_backend);
   config.backend.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   config.backend.gpu_device = absl::GetFlag(FLAGS_gpu_device);
+  config.backend.gpu_graph_max_batch = absl::GetFlag(FLAGS_gpu_graph_max_batch);
+  config.backend.gpu_graph_max_tokens = absl::GetFlag(FLAGS_gpu_graph_max_tokens);
   config.cache_bytes = absl::GetFlag(FLAGS_cache_mib) << 20;
   config.max_sequences = absl::GetFlag(FLAGS_max_sequences);
   config.default_lease = absl::Seconds(absl::GetFlag(FLAGS_default_lease_seconds));

@@ -141,6 +141,7 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
   const int lane_group = threadIdx.x / kGroupLanes;
   const int lane = threadIdx.x % kGroupLanes;
   const int64_t page_bytes = static_cast<int64_t>(kBlockSize) * dim * kKeyBytes<kDtype>;
+  const void* key_pool = batch.key_pool_ref != nullptr ? *batch.key_pool_ref : batch.key_pool;
 
   for (int32_t s = low; s < num_spans && prefix[s] < end; ++s) {
     const DeviceSpan span = batch.spans[s];
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
     }
 
     auto page = [&](int32_t block) {
-      return static_cast<const char*>(batch.key_pool) +
+      return static_cast<const char*>(key_pool) +
              static_cast<int64_t>(batch.block_table[span.table_offset + block]) * page_bytes;
     };
     StagePage<kDtype>(page(first_block), staged[0], dim, kThreads);

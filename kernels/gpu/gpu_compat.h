@@ -8,7 +8,6 @@
 #define BLOCKSEL_KERNELS_GPU_GPU_COMPAT_H_
 
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
-#include <hip/hip_bf16.h>
 #include <hip/hip_runtime.h>
 #define BLOCKSEL_GPU_HIP 1
 using gpuError_t = hipError_t;
@@ -52,7 +51,6 @@ using gpuGraphExec_t = hipGraphExec_t;
   hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), \
                       hipFuncAttributeMaxDynamicSharedMemorySize, (bytes))
 #else
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #define BLOCKSEL_GPU_CUDA 1
 using gpuError_t = cudaError_t;

@@ -73,6 +73,10 @@ struct DeviceSpan {
 // One selection over one layer. Every pointer is device memory.
 struct DeviceBatch {
   const void* key_pool = nullptr;  // [num_pages][kBlockSize][head_dim]
+  // Decode only, optional: device memory holding the key pool pointer,
+  // read by the kernel instead of key_pool. A captured graph then serves
+  // every layer: the caller rewrites the pointer, not the graph.
+  const void* const* key_pool_ref = nullptr;
   int64_t num_pages = 0;
   const int32_t* block_table = nullptr;  // flat; spans index it
   const DeviceSpan* spans = nullptr;

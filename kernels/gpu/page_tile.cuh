@@ -200,11 +200,10 @@ __device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kMaxKSteps][4]
     // receives its B fragments for two k steps.
 #pragma unroll
     for (int pair = 0; pair < kMaxKSteps / 2; ++pair) {
-      if (2 * pair >= k_steps) break;
 #pragma unroll
       for (int t = 0; t < kTilesInFlight; ++t) {
         const int tile = tile0 + t;
-        if (tile >= end_tile) break;
+        if (2 * pair >= k_steps || tile >= end_tile) continue;
         if (2 * pair + 1 < k_steps) {
           uint32_t b[4];
           const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(
@@ -225,8 +224,9 @@ __device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kMaxKSteps][4]
 #else
 #pragma unroll
     for (int step = 0; step < kMaxKSteps; ++step) {
-      if (step >= k_steps) break;
-      for (int t = 0; t < kTilesInFlight && tile0 + t < end_tile; ++t) {
+#pragma unroll
+      for (int t = 0; t < kTilesInFlight; ++t) {
+        if (step >= k_steps || tile0 + t >= end_tile) continue;
         const int key = (tile0 + t) * 8 + lane / 4;
         const uint32_t b[2] = {StagedKeyPair(staged, key, step * 16 + col, head_dim),
                                StagedKeyPair(staged, key, step * 16 + col + 8, head_dim)};
@@ -237,9 +237,9 @@ __device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kMaxKSteps][4]
     // acc[t][c]: top query vs key (tile0 + t)*8 + col + c; [2 + c]: bottom.
 #pragma unroll
     for (int t = 0; t < kTilesInFlight; ++t) {
-      if (tile0 + t >= end_tile) break;
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
+        if (tile0 + t >= end_tile) continue;
         const int32_t key_position = block_start + (tile0 + t) * 8 + col + c;
         const float top_score = isnan(acc[t][c]) ? kNanScore : acc[t][c];
         const float bottom_score = isnan(acc[t][2 + c]) ? kNanScore : acc[t][2 + c];

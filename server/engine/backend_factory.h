@@ -17,6 +17,10 @@ struct BackendOptions {
   std::string kind = "auto";
   int cpu_threads = 0;  // 0: one per hardware thread
   int gpu_device = 0;   // device index for cuda / hip
+  // Decode graphs captured at start: batch buckets up to this, Q up to
+  // gpu_graph_max_tokens (0 disables graphs).
+  int gpu_graph_max_batch = 256;
+  int gpu_graph_max_tokens = 4;
 };
 
 // INVALID_ARGUMENT for an unknown kind, FAILED_PRECONDITION for a GPU kind

@@ -14,7 +14,8 @@ int64_t AlignUp(int64_t value) { return (value + 255) / 256 * 256; }
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelConfig& config,
-                                                              int64_t num_pages, int device) {
+                                                               int64_t num_pages, int device,
+                                                               GpuGraphOptions graphs) {
   if (gpu::DeviceCount() <= device) {
     return absl::FailedPreconditionError(
         absl::StrCat("no GPU device ", device, " (", gpu::DeviceCount(), " found)"));
@@ -30,21 +31,24 @@ absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelConfig
     return absl::FailedPreconditionError(
         absl::StrCat("GPU device ", device, " is not usable: ", gpu::LastErrorText()));
   }
-  std::unique_ptr<GpuBackend> backend(new GpuBackend(config, num_pages, info));
+  std::unique_ptr<GpuBackend> backend(new GpuBackend(config, num_pages, info, graphs));
   if (gpu::StreamCreate(&backend->stream_) != KernelStatus::kOk) {
     return backend->DeviceStatus(KernelStatus::kDeviceError, "creating a stream");
   }
   const int64_t pool_bytes = num_pages * config.PageBytes();
   if (gpu::DeviceAlloc(&backend->pool_, pool_bytes) != KernelStatus::kOk) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "cannot allocate ", pool_bytes, " bytes of GPU memory for the key cache on ", info.name,
-        " (", info.total_memory, " bytes): lower --cache_mib"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate ", pool_bytes, " bytes of GPU memory for the key cache on ",
+                     info.name, " (", info.total_memory, " bytes): lower --cache_mib"));
   }
+  absl::Status captured = backend->CaptureDecodeGraphs();
+  if (!captured.ok()) return captured;
   return backend;
 }
 
-GpuBackend::GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::DeviceInfo device)
-    : config_(config), num_pages_(num_pages), device_(std::move(device)) {}
+GpuBackend::GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::DeviceInfo device,
+                       GpuGraphOptions graphs)
+    : config_(config), num_pages_(num_pages), device_(std::move(device)), graph_options_(graphs) {}
 
 GpuBackend::~GpuBackend() {
   if (stream_ != nullptr) (void)gpu::StreamSynchronize(stream_);
@@ -52,6 +56,10 @@ GpuBackend::~GpuBackend() {
   gpu::DeviceFree(inputs_.data);
   gpu::DeviceFree(outputs_.data);
   gpu::DeviceFree(workspace_.data);
+  graphs_.clear();
+  gpu::DeviceFree(graph_inputs_.data);
+  gpu::DeviceFree(graph_outputs_.data);
+  gpu::DeviceFree(graph_workspace_.data);
   gpu::PinnedFree(staging_.data);
   gpu::PinnedFree(results_.data);
   gpu::StreamDestroy(stream_);
@@ -92,8 +100,8 @@ absl::Status GpuBackend::Reserve(Buffer* buffer, int64_t bytes, bool pinned) {
       pinned ? gpu::PinnedAlloc(&buffer->data, grown) : gpu::DeviceAlloc(&buffer->data, grown);
   if (status != KernelStatus::kOk) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("cannot allocate ", grown, pinned ? " bytes of pinned host memory"
-                                                       : " bytes of GPU memory"));
+        absl::StrCat("cannot allocate ", grown,
+                     pinned ? " bytes of pinned host memory" : " bytes of GPU memory"));
   }
   buffer->bytes = grown;
   return absl::OkStatus();
@@ -123,7 +131,142 @@ absl::Status GpuBackend::WriteKeys(absl::Span<const KeyWrite> writes) {
   return DeviceStatus(gpu::StreamSynchronize(stream_), "copying keys to the GPU");
 }
 
+const void* GpuBackend::LayerPool(int32_t layer_index) const {
+  return static_cast<unsigned char*>(pool_) + layer_index * num_pages_ * config_.LayerPageBytes();
+}
+
+gpu::DeviceBatch GpuBackend::GraphBatch(int32_t bucket, int32_t tokens) const {
+  auto* inputs = static_cast<unsigned char*>(graph_inputs_.data);
+  gpu::DeviceBatch batch;
+  batch.key_pool_ref = reinterpret_cast<const void* const*>(inputs);
+  batch.num_pages = num_pages_;
+  batch.spans = reinterpret_cast<const gpu::DeviceSpan*>(inputs + graph_layout_.spans);
+  batch.num_spans = bucket;
+  batch.queries = reinterpret_cast<const uint16_t*>(inputs + graph_layout_.queries);
+  batch.block_table = reinterpret_cast<const int32_t*>(inputs + graph_layout_.table);
+  batch.total_rows = bucket * tokens;
+  batch.block_ids = static_cast<int32_t*>(graph_outputs_.data);
+  batch.workspace = graph_workspace_.data;
+  return batch;
+}
+
+absl::Status GpuBackend::CaptureDecodeGraphs() {
+  const SelectionShape shape = config_.shape();
+  const int32_t max_batch = graph_options_.max_batch;
+  const int32_t max_tokens =
+      std::min(graph_options_.max_tokens, gpu::kMaxDecodeQueries / shape.num_heads);
+  if (max_batch < 1 || max_tokens < 1 || shape.topk > 64) return absl::OkStatus();
+  const int64_t max_blocks = (config_.max_positions + kBlockSize - 1) / kBlockSize;
+  graph_layout_.queries =
+      graph_layout_.spans + AlignUp(int64_t{max_batch} * sizeof(gpu::DeviceSpan));
+  graph_layout_.table = graph_layout_.queries + AlignUp(int64_t{max_batch} * max_tokens *
+                                                        shape.num_heads * shape.head_dim * 2);
+  graph_layout_.end = graph_layout_.table + int64_t{max_batch} * max_blocks * 4;
+  const int32_t splits = gpu::DecodeSplits(device_);
+  for (absl::Status reserved :
+       {Reserve(&graph_inputs_, graph_layout_.end, false),
+        Reserve(&graph_outputs_, int64_t{max_batch} * max_tokens * shape.num_heads * shape.topk * 4,
+                false),
+        Reserve(&graph_workspace_, gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, splits),
+                false)}) {
+    if (!reserved.ok()) return reserved;
+  }
+  for (int32_t bucket = 1; bucket <= max_batch; bucket *= 2) {
+    for (int32_t tokens = 1; tokens <= max_tokens; ++tokens) {
+      auto graph = std::make_unique<gpu::CapturedGraph>();
+      KernelStatus status = graph->BeginCapture(stream_);
+      if (status == KernelStatus::kOk) {
+        status = gpu::LaunchDecode(shape, GraphBatch(bucket, tokens), tokens, splits, stream_);
+        const KernelStatus ended = graph->EndCapture(stream_);
+        if (status == KernelStatus::kOk) status = ended;
+      }
+      if (status != KernelStatus::kOk) return DeviceStatus(status, "capturing a decode graph");
+      graphs_[{bucket, tokens}] = std::move(graph);
+    }
+  }
+  return absl::OkStatus();
+}
+
+gpu::CapturedGraph* GpuBackend::FindGraph(const SelectionBatch& batch, int32_t* bucket,
+                                          int32_t* tokens) {
+  if (graphs_.empty() || batch.num_spans < 1) return nullptr;
+  *tokens = batch.spans[0].num_rows;
+  for (int32_t s = 0; s < batch.num_spans; ++s) {
+    if (batch.spans[s].num_rows != *tokens) return nullptr;
+  }
+  *bucket = 1;
+  while (*bucket < batch.num_spans) *bucket *= 2;
+  auto it = graphs_.find({*bucket, *tokens});
+  return it == graphs_.end() ? nullptr : it->second.get();
+}
+
 absl::Status GpuBackend::Select(int32_t layer_index, const SelectionBatch& batch) {
+  int32_t bucket = 0;
+  int32_t tokens = 0;
+  gpu::CapturedGraph* graph = FindGraph(batch, &bucket, &tokens);
+  return graph != nullptr ? SelectWithGraph(layer_index, batch, graph, bucket, tokens)
+                          : SelectDirect(layer_index, batch);
+}
+
+absl::Status GpuBackend::SelectWithGraph(int32_t layer_index, const SelectionBatch& batch,
+                                         gpu::CapturedGraph* graph, int32_t bucket,
+                                         int32_t tokens) {
+  const SelectionShape shape = config_.shape();
+  // Host image of graph_inputs_ up to the end of the used table: the key
+  // pool pointer, bucket spans (padding past the batch), queries, table.
+  int64_t table_entries = 0;
+  for (int32_t s = 0; s < batch.num_spans; ++s) {
+    const RowSpan& span = batch.spans[s];
+    const int64_t last = static_cast<int64_t>(span.first_position) + span.num_rows - 1;
+    table_entries += last < 0 ? 0 : last / kBlockSize + 1;
+  }
+  const int64_t upload = graph_layout_.table + table_entries * 4;
+  absl::Status reserved = Reserve(&staging_, upload, true);
+  if (!reserved.ok()) return reserved;
+  auto* staging = static_cast<unsigned char*>(staging_.data);
+  const void* pool = LayerPool(layer_index);
+  std::memcpy(staging, &pool, sizeof(pool));
+  auto* spans = reinterpret_cast<gpu::DeviceSpan*>(staging + graph_layout_.spans);
+  auto* table = reinterpret_cast<int32_t*>(staging + graph_layout_.table);
+  int32_t table_offset = 0;
+  for (int32_t s = 0; s < bucket; ++s) {
+    if (s >= batch.num_spans) {
+      spans[s] = {-tokens, tokens, s * tokens, 0};
+      continue;
+    }
+    const RowSpan& span = batch.spans[s];
+    const int64_t last = static_cast<int64_t>(span.first_position) + span.num_rows - 1;
+    const int32_t blocks = last < 0 ? 0 : static_cast<int32_t>(last / kBlockSize + 1);
+    spans[s] = {span.first_position, span.num_rows, s * tokens, table_offset};
+    std::memcpy(table + table_offset, span.block_table, blocks * 4);
+    table_offset += blocks;
+  }
+  std::memcpy(staging + graph_layout_.queries, batch.queries,
+              static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.head_dim * 2);
+  KernelStatus status = gpu::CopyHostToDevice(graph_inputs_.data, staging, upload, stream_);
+  if (status != KernelStatus::kOk) return DeviceStatus(status, "uploading a batch");
+  status = graph->Replay(stream_);
+  if (status != KernelStatus::kOk) return DeviceStatus(status, "replaying a decode graph");
+  const int64_t bucket_rows = int64_t{bucket} * tokens;
+  const int64_t output_bytes = bucket_rows * shape.num_heads * shape.topk * 4;
+  reserved = Reserve(&results_, output_bytes, true);
+  if (!reserved.ok()) return reserved;
+  status = gpu::CopyDeviceToHost(results_.data, graph_outputs_.data, output_bytes, stream_);
+  if (status != KernelStatus::kOk) return DeviceStatus(status, "downloading block ids");
+  status = gpu::StreamSynchronize(stream_);
+  if (status != KernelStatus::kOk) return DeviceStatus(status, "decode graph");
+  // [H][bucket rows][topk] -> [H][batch rows][topk]: the first rows of
+  // each head are the batch's (spans were laid out in batch order).
+  const auto* results = static_cast<const int32_t*>(results_.data);
+  const int64_t row_ids = int64_t{batch.total_rows} * shape.topk;
+  for (int32_t head = 0; head < shape.num_heads; ++head) {
+    std::memcpy(batch.block_ids + head * row_ids, results + head * bucket_rows * shape.topk,
+                row_ids * 4);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch& batch) {
   const SelectionShape shape = config_.shape();
   // Pack spans, the block tables they need, and the queries into one upload.
   std::vector<gpu::DeviceSpan> spans;
@@ -135,8 +278,8 @@ absl::Status GpuBackend::Select(int32_t layer_index, const SelectionBatch& batch
     const RowSpan& span = batch.spans[s];
     const int64_t last = static_cast<int64_t>(span.first_position) + span.num_rows - 1;
     const int64_t blocks = last < 0 ? 0 : last / kBlockSize + 1;
-    spans.push_back({span.first_position, span.num_rows, span.first_row,
-                     static_cast<int32_t>(table.size())});
+    spans.push_back(
+        {span.first_position, span.num_rows, span.first_row, static_cast<int32_t>(table.size())});
     table.insert(table.end(), span.block_table, span.block_table + blocks);
     max_rows = std::max(max_rows, span.num_rows);
     fits_decode = fits_decode && span.num_rows * shape.num_heads <= gpu::kMaxDecodeQueries;
@@ -162,8 +305,7 @@ absl::Status GpuBackend::Select(int32_t layer_index, const SelectionBatch& batch
 
   auto* inputs = static_cast<unsigned char*>(inputs_.data);
   gpu::DeviceBatch device_batch;
-  device_batch.key_pool = static_cast<unsigned char*>(pool_) +
-                          layer_index * num_pages_ * config_.LayerPageBytes();
+  device_batch.key_pool = LayerPool(layer_index);
   device_batch.num_pages = num_pages_;
   device_batch.spans = reinterpret_cast<const gpu::DeviceSpan*>(inputs);
   device_batch.num_spans = batch.num_spans;

@@ -3,8 +3,10 @@
 #define BLOCKSEL_SERVER_ENGINE_GPU_BACKEND_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -14,12 +16,26 @@
 
 namespace blocksel {
 
+// Decode batches served by captured graphs: batch sizes are bucketed to
+// powers of two up to max_batch, Q up to max_tokens.
+struct GpuGraphOptions {
+  int32_t max_batch = 256;
+  int32_t max_tokens = 4;
+};
+
 // Owns one device allocation holding num_pages pages of every sparse layer,
 // pinned host staging for uploads and results, and one stream. Appended
 // keys are copied into pinned staging, then to the device with async
 // copies on the stream. A selection uploads its spans, block tables and
 // queries in one copy, runs the decode kernels (few rows per sequence) or
 // the prefill kernel, and copies the block ids back.
+//
+// At creation it captures one decode graph per (batch bucket, Q) over
+// persistent device buffers; a decode batch whose requests all have the same
+// Q <= max_tokens and whose size fits a bucket is padded to the bucket with
+// padding requests and replayed, and anything else is launched directly.
+// The graphs read the layer's key pool pointer from device memory, so one
+// graph serves every layer.
 //
 // Thread-compatible: the engine's executor is its only caller.
 class GpuBackend final : public Backend {
@@ -28,7 +44,8 @@ class GpuBackend final : public Backend {
   // kernels do not support; RESOURCE_EXHAUSTED when the device memory for
   // the cache cannot be allocated.
   static absl::StatusOr<std::unique_ptr<GpuBackend>> Create(const ModelConfig& config,
-                                                            int64_t num_pages, int device);
+                                                            int64_t num_pages, int device,
+                                                            GpuGraphOptions graphs);
   ~GpuBackend() override;
 
   absl::string_view name() const override;
@@ -43,9 +60,26 @@ class GpuBackend final : public Backend {
     int64_t bytes = 0;
   };
 
-  GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::DeviceInfo device);
+  // Offsets into graph_inputs_: [key pool pointer][spans][queries][table].
+  struct GraphLayout {
+    int64_t spans = 256;
+    int64_t queries = 0;
+    int64_t table = 0;
+    int64_t end = 0;
+  };
+
+  GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::DeviceInfo device,
+             GpuGraphOptions graphs);
   absl::Status Reserve(Buffer* buffer, int64_t bytes, bool pinned);
   absl::Status DeviceStatus(KernelStatus status, absl::string_view what) const;
+  absl::Status CaptureDecodeGraphs();
+  gpu::DeviceBatch GraphBatch(int32_t bucket, int32_t tokens) const;
+  // The graph for this batch, or nullptr when it must be launched directly.
+  gpu::CapturedGraph* FindGraph(const SelectionBatch& batch, int32_t* bucket, int32_t* tokens);
+  absl::Status SelectWithGraph(int32_t layer_index, const SelectionBatch& batch,
+                               gpu::CapturedGraph* graph, int32_t bucket, int32_t tokens);
+  absl::Status SelectDirect(int32_t layer_index, const SelectionBatch& batch);
+  const void* LayerPool(int32_t layer_index) const;
 
   const ModelConfig config_;
   const int64_t num_pages_;
@@ -57,7 +91,13 @@ class GpuBackend final : public Backend {
   Buffer inputs_;         // device: spans, block table, queries
   Buffer outputs_;        // device: block ids
   Buffer workspace_;      // device: decode partial top-k lists
-  std::vector<unsigned char> packed_;
+  // Captured decode graphs and their persistent buffers.
+  const GpuGraphOptions graph_options_;
+  GraphLayout graph_layout_;
+  Buffer graph_inputs_;
+  Buffer graph_outputs_;
+  Buffer graph_workspace_;
+  std::map<std::pair<int32_t, int32_t>, std::unique_ptr<gpu::CapturedGraph>> graphs_;
 };
 
 }  // namespace blocksel
