@@ -1,9 +1,10 @@
 // GPU selection benchmark. First measures the card's streaming read
 // bandwidth (a read-only kernel over 4 GiB) and its bf16 matrix peak
 // (cuBLAS, 8192^3), then times every decode and prefill shape of
-// PERFORMANCE.md. Decode runs as CUDA-graph replays, one graph per copy of
-// the key pool, rotating over copies larger than L2; each shape reports the
-// median replay, its bandwidth and the floor bytes / measured bandwidth.
+// PERFORMANCE.md. Decode runs as CUDA-graph replays queued back to back,
+// one graph per copy of the key pool, rotating over copies larger than L2;
+// each shape reports the median replay, its bandwidth and the floor bytes /
+// measured bandwidth.
 // Prefill is timed with events around direct launches.
 #include <cublas_v2.h>
 
@@ -211,15 +212,24 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
       }
     }
     for (int i = 0; i < 20; ++i) (void)graphs[i % copies].Replay(stream);
-    for (int i = 0; i < 200; ++i) {
-      CHECK_CUDA(cudaEventRecord(start, stream));
+    // Replays are queued back to back with an event between each two, and
+    // synchronized once: every interval is one replay's GPU time with the
+    // queue full, not the host's launch latency.
+    constexpr int kReplays = 200;
+    std::vector<cudaEvent_t> marks(kReplays + 1);
+    for (cudaEvent_t& mark : marks) CHECK_CUDA(cudaEventCreate(&mark));
+    CHECK_CUDA(cudaEventRecord(marks[0], stream));
+    for (int i = 0; i < kReplays; ++i) {
       (void)graphs[i % copies].Replay(stream);
-      CHECK_CUDA(cudaEventRecord(stop, stream));
-      CHECK_CUDA(cudaEventSynchronize(stop));
+      CHECK_CUDA(cudaEventRecord(marks[i + 1], stream));
+    }
+    CHECK_CUDA(cudaEventSynchronize(marks[kReplays]));
+    for (int i = 0; i < kReplays; ++i) {
       float ms;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+      CHECK_CUDA(cudaEventElapsedTime(&ms, marks[i], marks[i + 1]));
       times.push_back(ms);
     }
+    for (cudaEvent_t& mark : marks) CHECK_CUDA(cudaEventDestroy(mark));
     const double us = Median(times) * 1e3;
     const double floor_us = key_bytes / read_bw * 1e6;
     std::printf(
