@@ -112,6 +112,26 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
 KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
                            int32_t max_rows_per_span, void* stream);
 
+// ------------------------------------------------ vLLM's indexer entry points
+// For callers that link the kernels in process and want vLLM's three calls:
+// score, top-k from scores, and decode (LaunchDecode above, which writes
+// into the caller's block_ids buffer, a stable address for graph capture).
+
+// Score: scores[h][row][b] (fp32, device, [H][total_rows][max_blocks]) is the
+// block score of SEMANTICS.md (max of q.k over the keys of block b the row
+// sees, NaN token scores as -1e30) and -inf for blocks the row cannot see.
+// max_blocks must cover the visible blocks of every row.
+KernelStatus LaunchBlockScores(const SelectionShape& shape, const DeviceBatch& batch,
+                               int32_t max_rows_per_span, float* scores, int32_t max_blocks,
+                               void* stream);
+
+// Top-k from scores of that layout: positions[row] is the row's absolute
+// position (negative: padding, all -1). Applies the init/local forcing and
+// writes block_ids [H][rows][topk] in SEMANTICS.md's order.
+KernelStatus LaunchTopKFromScores(const SelectionShape& shape, const float* scores,
+                                  int32_t max_blocks, const int32_t* positions, int32_t rows,
+                                  int32_t* block_ids, void* stream);
+
 }  // namespace blocksel::gpu
 
 #endif  // BLOCKSEL_KERNELS_GPU_GPU_SELECTION_H_

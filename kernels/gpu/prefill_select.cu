@@ -26,9 +26,20 @@ constexpr int kTileQueries = 16 * kGroups;
 struct PrefillParams {
   SelectionShape shape;
   DeviceBatch batch;
+  float* scores;       // score mode: [H][total_rows][max_blocks]
+  int32_t max_blocks;  // score mode: the scores tensor's last dimension
 };
 
-template <KeyDtype kDtype>
+// Start of the scores row of query q (a (row, head) pair) of span.
+__device__ __forceinline__ int64_t ScoreIndex(const PrefillParams& params, int32_t q,
+                                              const DeviceSpan& span, int32_t heads) {
+  return (static_cast<int64_t>(q % heads) * params.batch.total_rows + span.first_row + q / heads) *
+         params.max_blocks;
+}
+
+// kWriteScores: write every block score (vLLM's score entry point) instead
+// of keeping top-k lists.
+template <KeyDtype kDtype, bool kWriteScores>
 __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
   const SelectionShape& shape = params.shape;
@@ -47,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
   unsigned char* widened = shared_raw + 2 * StagedPageBytes<kDtype>(dim);
   float* list_scores = reinterpret_cast<float*>(widened + WidenedBytes<kDtype>(dim));
   int32_t* list_ids = reinterpret_cast<int32_t*>(list_scores + kTileQueries * topk);
-  for (int i = threadIdx.x; i < kTileQueries * topk; i += kThreads) {
+  for (int i = threadIdx.x; i < kTileQueries * topk && !kWriteScores; i += kThreads) {
     list_scores[i] = -__int_as_float(0x7f800000);
     list_ids[i] = kNoBlock;
   }
@@ -91,7 +102,19 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
     }
     ScoreStagedTiles(a, keys, dim, 0, kBlockSize / 8, block_start, position_top, position_bottom,
                      &best_top, &best_bottom);
-    if (lane % 4 == 0) {
+    if constexpr (kWriteScores) {
+      if (lane % 4 == 0 && block < params.max_blocks) {
+        const float neg_inf = -__int_as_float(0x7f800000);
+        if (has_top) {
+          params.scores[ScoreIndex(params, query_top, span, heads) + block] =
+              block_start <= position_top ? best_top : neg_inf;
+        }
+        if (has_bottom) {
+          params.scores[ScoreIndex(params, query_bottom, span, heads) + block] =
+              block_start <= position_bottom ? best_bottom : neg_inf;
+        }
+      }
+    } else if (lane % 4 == 0) {
       // This lane owns the lists of query_top and query_bottom.
       if (has_top && block_start <= position_top) {
         const int32_t local = query_top - tile_first;
@@ -110,6 +133,16 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
     }
     __syncthreads();  // the next iteration stages into this page's buffer
   }
+  if constexpr (kWriteScores) {
+    // Blocks past the tile's last visible one: no row of the tile sees them.
+    const int32_t fill = params.max_blocks - min(num_blocks, params.max_blocks);
+    for (int i = threadIdx.x; i < tile_queries * fill; i += kThreads) {
+      params
+          .scores[ScoreIndex(params, tile_first + i / fill, span, heads) + num_blocks + i % fill] =
+          -__int_as_float(0x7f800000);
+    }
+    return;
+  }
   __syncthreads();
   for (int i = threadIdx.x; i < tile_queries * topk; i += kThreads) {
     const int32_t q = tile_first + i / topk;
@@ -121,23 +154,24 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
   }
 }
 
-template <KeyDtype kDtype>
+template <KeyDtype kDtype, bool kWriteScores>
 KernelStatus Launch(const PrefillParams& params, dim3 grid, gpuStream_t stream) {
-  const int64_t shared = 2 * StagedPageBytes<kDtype>(params.shape.head_dim) +
-                         WidenedBytes<kDtype>(params.shape.head_dim) +
-                         static_cast<int64_t>(kTileQueries) * params.shape.topk * 8;
+  const int64_t shared =
+      2 * StagedPageBytes<kDtype>(params.shape.head_dim) +
+      WidenedBytes<kDtype>(params.shape.head_dim) +
+      (kWriteScores ? 0 : static_cast<int64_t>(kTileQueries) * params.shape.topk * 8);
   if (shared > 200 * 1024) return KernelStatus::kUnsupported;
-  if (gpuFuncSetMaxDynamicSharedMemory(PrefillKernel<kDtype>, shared) != gpuSuccess) {
+  auto* kernel = &PrefillKernel<kDtype, kWriteScores>;
+  if (gpuFuncSetMaxDynamicSharedMemory(kernel, shared) != gpuSuccess) {
     return KernelStatus::kDeviceError;
   }
-  PrefillKernel<kDtype><<<grid, kThreads, shared, stream>>>(params);
+  kernel<<<grid, kThreads, shared, stream>>>(params);
   return gpuGetLastError() == gpuSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
 }
 
-}  // namespace
-
-KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
-                           int32_t max_rows_per_span, void* stream) {
+KernelStatus LaunchTiles(const SelectionShape& shape, const DeviceBatch& batch,
+                         int32_t max_rows_per_span, float* scores, int32_t max_blocks,
+                         void* stream) {
   if (!SupportsHeadDim(shape.head_dim) || shape.head_dim > 16 * kMaxKSteps || batch.num_spans < 1 ||
       batch.num_spans > 65535 || max_rows_per_span < 1 || shape.topk > 256) {
     return KernelStatus::kUnsupported;
@@ -145,10 +179,30 @@ KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch
   const int64_t tiles =
       (static_cast<int64_t>(max_rows_per_span) * shape.num_heads + kTileQueries - 1) / kTileQueries;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(batch.num_spans));
-  const PrefillParams params{shape, batch};
+  const PrefillParams params{shape, batch, scores, max_blocks};
   auto* cuda_stream = static_cast<gpuStream_t>(stream);
-  return shape.key_dtype == KeyDtype::kBf16 ? Launch<KeyDtype::kBf16>(params, grid, cuda_stream)
-                                            : Launch<KeyDtype::kFp8E4m3>(params, grid, cuda_stream);
+  if (scores != nullptr) {
+    return shape.key_dtype == KeyDtype::kBf16
+               ? Launch<KeyDtype::kBf16, true>(params, grid, cuda_stream)
+               : Launch<KeyDtype::kFp8E4m3, true>(params, grid, cuda_stream);
+  }
+  return shape.key_dtype == KeyDtype::kBf16
+             ? Launch<KeyDtype::kBf16, false>(params, grid, cuda_stream)
+             : Launch<KeyDtype::kFp8E4m3, false>(params, grid, cuda_stream);
+}
+
+}  // namespace
+
+KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
+                           int32_t max_rows_per_span, void* stream) {
+  return LaunchTiles(shape, batch, max_rows_per_span, nullptr, 0, stream);
+}
+
+KernelStatus LaunchBlockScores(const SelectionShape& shape, const DeviceBatch& batch,
+                               int32_t max_rows_per_span, float* scores, int32_t max_blocks,
+                               void* stream) {
+  if (scores == nullptr || max_blocks < 1) return KernelStatus::kInvalidArgument;
+  return LaunchTiles(shape, batch, max_rows_per_span, scores, max_blocks, stream);
 }
 
 }  // namespace blocksel::gpu

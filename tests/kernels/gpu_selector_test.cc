@@ -1,6 +1,7 @@
 // The GPU kernels against the CPU backend and the float64 oracle: fresh
 // random batches, every edge case, the golden cases. Skips without a GPU.
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <random>
 #include <string>
@@ -49,10 +50,15 @@ class GpuSelectorTest : public ::testing::Test {
   }
   void TearDown() override { gpu::StreamDestroy(stream_); }
 
-  enum class Path { kDecode, kPrefill };
+  // kScoresThenTopK: vLLM's score entry point, then top-k from scores.
+  enum class Path { kDecode, kPrefill, kScoresThenTopK };
 
   // Uploads the problem, runs one kernel path, returns [H][rows][topk].
-  std::vector<int32_t> Run(const SelectionProblem& problem, Path path) {
+  // With scores_out, the score path also returns its [H][rows][max_blocks]
+  // tensor and *max_blocks.
+  std::vector<int32_t> Run(const SelectionProblem& problem, Path path,
+                           std::vector<float>* scores_out = nullptr,
+                           int32_t* max_blocks_out = nullptr) {
     std::vector<gpu::DeviceSpan> spans;
     std::vector<int32_t> table;
     int32_t max_rows = 1;
@@ -100,10 +106,47 @@ class GpuSelectorTest : public ::testing::Test {
     batch.total_rows = problem.total_rows;
     batch.block_ids = static_cast<int32_t*>(out.get());
     batch.workspace = workspace.get();
-    const KernelStatus launched = path == Path::kDecode
-                                      ? gpu::LaunchDecode(shape, batch, max_rows, splits, stream_)
-                                      : gpu::LaunchPrefill(shape, batch, max_rows, stream_);
+    // Score path: positions of every row, the visible blocks of the longest.
+    std::vector<int32_t> positions(problem.total_rows);
+    int32_t max_blocks = 1;
+    for (const RowSpan& span : problem.spans) {
+      for (int32_t r = 0; r < span.num_rows; ++r) {
+        positions[span.first_row + r] = span.first_position + r;
+        max_blocks = std::max(max_blocks, (span.first_position + r) / kBlockSize + 1);
+      }
+    }
+    const int64_t score_count = out_count / shape.topk * max_blocks;
+    DeviceBuffer scores(path == Path::kScoresThenTopK ? score_count * 4 : 16);
+    DeviceBuffer positions_device(static_cast<int64_t>(positions.size()) * 4);
+    EXPECT_EQ(gpu::CopyHostToDevice(positions_device.get(), positions.data(),
+                                    static_cast<int64_t>(positions.size()) * 4, stream_),
+              KernelStatus::kOk);
+    KernelStatus launched = KernelStatus::kOk;
+    switch (path) {
+      case Path::kDecode:
+        launched = gpu::LaunchDecode(shape, batch, max_rows, splits, stream_);
+        break;
+      case Path::kPrefill:
+        launched = gpu::LaunchPrefill(shape, batch, max_rows, stream_);
+        break;
+      case Path::kScoresThenTopK:
+        launched = gpu::LaunchBlockScores(shape, batch, max_rows, static_cast<float*>(scores.get()),
+                                          max_blocks, stream_);
+        if (launched == KernelStatus::kOk) {
+          launched = gpu::LaunchTopKFromScores(
+              shape, static_cast<const float*>(scores.get()), max_blocks,
+              static_cast<const int32_t*>(positions_device.get()), problem.total_rows,
+              static_cast<int32_t*>(out.get()), stream_);
+        }
+        break;
+    }
     EXPECT_EQ(launched, KernelStatus::kOk) << gpu::LastErrorText();
+    if (scores_out != nullptr && path == Path::kScoresThenTopK) {
+      scores_out->resize(score_count);
+      EXPECT_EQ(gpu::CopyDeviceToHost(scores_out->data(), scores.get(), score_count * 4, stream_),
+                KernelStatus::kOk);
+      *max_blocks_out = max_blocks;
+    }
     EXPECT_EQ(gpu::CopyDeviceToHost(result.data(), out.get(), out_count * 4, stream_),
               KernelStatus::kOk);
     EXPECT_EQ(gpu::StreamSynchronize(stream_), KernelStatus::kOk) << gpu::LastErrorText();
@@ -144,6 +187,8 @@ TEST_F(GpuSelectorTest, BothPathsMatchTheOracleOnRandomBatches) {
     const SelectionProblem problem = RandomProblem(seed, Values::kNormal);
     ASSERT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefill), kTolerance), "")
         << "prefill, seed " << seed;
+    ASSERT_EQ(CompareWithOracle(problem, Run(problem, Path::kScoresThenTopK), kTolerance), "")
+        << "scores + top-k, seed " << seed;
     if (FitsDecode(problem)) {
       ASSERT_EQ(CompareWithOracle(problem, Run(problem, Path::kDecode), kTolerance), "")
           << "decode, seed " << seed;
@@ -159,6 +204,7 @@ TEST_F(GpuSelectorTest, BothPathsEqualTheCpuBackendExactlyOnExactInputs) {
     const std::vector<int32_t> cpu = RunCpu(problem);
     ASSERT_EQ(cpu, problem.Reference()) << "seed " << seed;
     ASSERT_EQ(Run(problem, Path::kPrefill), cpu) << "prefill, seed " << seed;
+    ASSERT_EQ(Run(problem, Path::kScoresThenTopK), cpu) << "scores + top-k, seed " << seed;
     if (FitsDecode(problem)) {
       ASSERT_EQ(Run(problem, Path::kDecode), cpu) << "decode, seed " << seed;
     }
@@ -208,6 +254,49 @@ TEST_F(GpuSelectorTest, EdgeCases) {
     SCOPED_TRACE(name);
     EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kDecode), kTolerance), "");
     EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefill), kTolerance), "");
+    EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kScoresThenTopK), kTolerance), "");
+  }
+}
+
+// The score entry point's tensor against float64 block maxima: every
+// visible block within rounding, every invisible block exactly -inf.
+TEST_F(GpuSelectorTest, BlockScoresMatchFloat64BlockMaxima) {
+  for (uint64_t seed = 200; seed < 230; ++seed) {
+    const SelectionProblem problem = RandomProblem(seed, Values::kNormal);
+    std::vector<float> scores;
+    int32_t max_blocks = 0;
+    Run(problem, Path::kScoresThenTopK, &scores, &max_blocks);
+    const SelectionShape& shape = problem.shape;
+    for (size_t s = 0; s < problem.spans.size(); ++s) {
+      const RowSpan& span = problem.spans[s];
+      for (int32_t r = 0; r < span.num_rows; ++r) {
+        const int64_t position = int64_t{span.first_position} + r;
+        const int32_t row = span.first_row + r;
+        for (int32_t head = 0; head < shape.num_heads; ++head) {
+          const float* query = problem.query_values.data() +
+                               (int64_t{row} * shape.num_heads + head) * shape.head_dim;
+          for (int32_t block = 0; block < max_blocks; ++block) {
+            const float got =
+                scores[(int64_t{head} * problem.total_rows + row) * max_blocks + block];
+            if (position < int64_t{block} * kBlockSize) {
+              ASSERT_EQ(got, -INFINITY) << "seed " << seed << " row " << row << " block " << block;
+              continue;
+            }
+            double best = -INFINITY;
+            for (int64_t token = int64_t{block} * kBlockSize;
+                 token <= std::min<int64_t>(position, int64_t{block} * kBlockSize + 127); ++token) {
+              double dot = 0;
+              for (int32_t d = 0; d < shape.head_dim; ++d) {
+                dot += double{query[d]} * problem.key_values[s][token * shape.head_dim + d];
+              }
+              best = std::max(best, std::isnan(dot) ? -1e30 : dot);
+            }
+            ASSERT_NEAR(got, best, 1e-3 * (1 + std::fabs(best)))
+                << "seed " << seed << " row " << row << " block " << block;
+          }
+        }
+      }
+    }
   }
 }
 
