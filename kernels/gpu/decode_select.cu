@@ -96,7 +96,7 @@ __host__ __device__ inline int32_t ActiveSplits(int64_t total, int32_t splits) {
   return static_cast<int32_t>(wanted < splits ? (wanted < 1 ? 1 : wanted) : splits);
 }
 
-template <KeyDtype kDtype>
+template <KeyDtype kDtype, int kKSteps>
 __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams params) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
   const SelectionShape& shape = params.shape;
@@ -158,8 +158,8 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
     const int query_group = lane_group % groups;
     const int tiles_each = (kBlockSize / 8) / (kLaneGroups / groups);
     const int first_tile = (lane_group / groups) * tiles_each;
-    uint32_t a[kMaxKSteps][4];
-    LoadQueryFragments(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
+    uint32_t a[kKSteps][4];
+    LoadQueryFragments<kKSteps>(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
                        query_group * 16, num_queries, dim, a);
     const int32_t query_top = query_group * 16 + lane / 4;
     const int32_t position_top = span.first_position + min(query_top, num_queries - 1) / heads;
@@ -175,10 +175,14 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
              static_cast<int64_t>(batch.block_table[span.table_offset + block]) * page_bytes;
     };
     StagePage<kDtype>(page(first_block), staged[0], dim, kThreads);
+    // The block table entry of the page after next is read one iteration
+    // early, so the copy of each page starts without waiting on that load.
+    const char* next_page = first_block + 1 < end_block ? page(first_block + 1) : nullptr;
     for (int32_t block = first_block; block < end_block; ++block) {
       const int buffer = (block - first_block) % 2;
-      if (block + 1 < end_block) {
-        StagePage<kDtype>(page(block + 1), staged[1 - buffer], dim, kThreads);
+      if (next_page != nullptr) {
+        StagePage<kDtype>(next_page, staged[1 - buffer], dim, kThreads);
+        next_page = block + 2 < end_block ? page(block + 2) : nullptr;
         WaitStagedPages<1>();
       } else {
         WaitStagedPages<0>();
@@ -191,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
         __syncthreads();
         keys = widened;
       }
-      ScoreStagedTiles(a, keys, dim, first_tile, first_tile + tiles_each, block_start, position_top,
+      ScoreStagedTiles<kKSteps>(a, keys, dim, first_tile, first_tile + tiles_each, block_start, position_top,
                        position_bottom, &best_top, &best_bottom);
       if (lane % 4 == 0) {
         group_max[lane_group * 16 + lane / 4] = best_top;
@@ -328,6 +332,24 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
   }
 }
 
+// One instantiation per head dim, so query fragments take only the
+// registers the head dim needs (occupancy).
+template <KeyDtype kDtype>
+auto ScoreKernelFor(int32_t head_dim) -> void (*)(DecodeParams) {
+  switch (head_dim) {
+    case 16:
+      return &DecodeScoreKernel<kDtype, 1>;
+    case 32:
+      return &DecodeScoreKernel<kDtype, 2>;
+    case 64:
+      return &DecodeScoreKernel<kDtype, 4>;
+    case 128:
+      return &DecodeScoreKernel<kDtype, 8>;
+    default:
+      return &DecodeScoreKernel<kDtype, 16>;
+  }
+}
+
 int64_t MergeSharedBytes(const SelectionShape& shape, int32_t splits) {
   return static_cast<int64_t>(splits) * shape.topk * 8 + splits * 4;
 }
@@ -370,19 +392,13 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
   const int64_t shared = SharedBytes(shape, batch.num_spans, max_queries);
   if (shared > 200 * 1024) return KernelStatus::kUnsupported;
   auto* cuda_stream = static_cast<gpuStream_t>(stream);
-  if (shape.key_dtype == KeyDtype::kBf16) {
-    if (gpuFuncSetMaxDynamicSharedMemory(DecodeScoreKernel<KeyDtype::kBf16>, shared) !=
-        gpuSuccess) {
-      return KernelStatus::kDeviceError;
-    }
-    DecodeScoreKernel<KeyDtype::kBf16><<<splits, kThreads, shared, cuda_stream>>>(params);
-  } else {
-    if (gpuFuncSetMaxDynamicSharedMemory(DecodeScoreKernel<KeyDtype::kFp8E4m3>, shared) !=
-        gpuSuccess) {
-      return KernelStatus::kDeviceError;
-    }
-    DecodeScoreKernel<KeyDtype::kFp8E4m3><<<splits, kThreads, shared, cuda_stream>>>(params);
+  void (*score_kernel)(DecodeParams) =
+      shape.key_dtype == KeyDtype::kBf16 ? ScoreKernelFor<KeyDtype::kBf16>(shape.head_dim)
+                                         : ScoreKernelFor<KeyDtype::kFp8E4m3>(shape.head_dim);
+  if (gpuFuncSetMaxDynamicSharedMemory(score_kernel, shared) != gpuSuccess) {
+    return KernelStatus::kDeviceError;
   }
+  score_kernel<<<splits, kThreads, shared, cuda_stream>>>(params);
   const int64_t merge_shared = MergeSharedBytes(shape, splits);
   if (merge_shared > 200 * 1024 ||
       gpuFuncSetMaxDynamicSharedMemory(DecodeMergeKernel, merge_shared) != gpuSuccess) {

@@ -152,14 +152,15 @@ __device__ __forceinline__ void MultiplyAccumulate(const uint32_t a[4], const ui
 
 // Loads this lane's A fragments for 16 queries starting at first_query of
 // a [num_queries][head_dim] bf16 array (rows past num_queries are zero).
+template <int kKSteps>
 __device__ __forceinline__ void LoadQueryFragments(const uint16_t* queries, int32_t first_query,
                                                    int32_t num_queries, int head_dim,
-                                                   uint32_t a[kMaxKSteps][4]) {
+                                                   uint32_t a[kKSteps][4]) {
   const int lane = threadIdx.x % kGroupLanes;
   const int row = lane / 4;
   const int col = (lane % 4) * 2;
 #pragma unroll
-  for (int step = 0; step < kMaxKSteps; ++step) {
+  for (int step = 0; step < kKSteps; ++step) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int32_t q = first_query + row + (r % 2) * 8;
@@ -177,7 +178,8 @@ __device__ __forceinline__ void LoadQueryFragments(const uint16_t* queries, int3
 // over those keys visible to the lane's two queries (rows lane/4 and
 // lane/4 + 8 of the 16, at positions position_top / position_bottom),
 // reduced over the 4 lanes that share a query. NaN scores count -1e30.
-__device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kMaxKSteps][4],
+template <int kKSteps>
+__device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kKSteps][4],
                                                  const unsigned char* staged, int head_dim,
                                                  int first_tile, int end_tile, int32_t block_start,
                                                  int32_t position_top, int32_t position_bottom,
@@ -199,7 +201,7 @@ __device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kMaxKSteps][4]
     // 8x8 matrix m = elements [8m, 8m + 8) of a 32-element slice; each lane
     // receives its B fragments for two k steps.
 #pragma unroll
-    for (int pair = 0; pair < kMaxKSteps / 2; ++pair) {
+    for (int pair = 0; pair < (kKSteps + 1) / 2; ++pair) {
 #pragma unroll
       for (int t = 0; t < kTilesInFlight; ++t) {
         const int tile = tile0 + t;
@@ -223,7 +225,7 @@ __device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kMaxKSteps][4]
     }
 #else
 #pragma unroll
-    for (int step = 0; step < kMaxKSteps; ++step) {
+    for (int step = 0; step < kKSteps; ++step) {
 #pragma unroll
       for (int t = 0; t < kTilesInFlight; ++t) {
         if (step >= k_steps || tile0 + t >= end_tile) continue;

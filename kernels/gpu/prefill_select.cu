@@ -39,7 +39,7 @@ __device__ __forceinline__ int64_t ScoreIndex(const PrefillParams& params, int32
 
 // kWriteScores: write every block score (vLLM's score entry point) instead
 // of keeping top-k lists.
-template <KeyDtype kDtype, bool kWriteScores>
+template <KeyDtype kDtype, bool kWriteScores, int kKSteps>
 __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
   const SelectionShape& shape = params.shape;
@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
   const int group = threadIdx.x / kGroupLanes;
   const int lane = threadIdx.x % kGroupLanes;
   const int32_t group_first = tile_first + group * 16;
-  uint32_t a[kMaxKSteps][4];
-  LoadQueryFragments(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
+  uint32_t a[kKSteps][4];
+  LoadQueryFragments<kKSteps>(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
                      group_first, num_queries, dim, a);
   // This lane's two queries (rows of the span) and their positions.
   const int32_t query_top = group_first + lane / 4;
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
       __syncthreads();
       keys = widened;
     }
-    ScoreStagedTiles(a, keys, dim, 0, kBlockSize / 8, block_start, position_top, position_bottom,
+    ScoreStagedTiles<kKSteps>(a, keys, dim, 0, kBlockSize / 8, block_start, position_top, position_bottom,
                      &best_top, &best_bottom);
     if constexpr (kWriteScores) {
       if (lane % 4 == 0 && block < params.max_blocks) {
@@ -161,7 +161,26 @@ KernelStatus Launch(const PrefillParams& params, dim3 grid, gpuStream_t stream) 
       WidenedBytes<kDtype>(params.shape.head_dim) +
       (kWriteScores ? 0 : static_cast<int64_t>(kTileQueries) * params.shape.topk * 8);
   if (shared > 200 * 1024) return KernelStatus::kUnsupported;
-  auto* kernel = &PrefillKernel<kDtype, kWriteScores>;
+  // One instantiation per head dim, so query fragments take only the
+  // registers the head dim needs (occupancy).
+  void (*kernel)(PrefillParams) = nullptr;
+  switch (params.shape.head_dim) {
+    case 16:
+      kernel = &PrefillKernel<kDtype, kWriteScores, 1>;
+      break;
+    case 32:
+      kernel = &PrefillKernel<kDtype, kWriteScores, 2>;
+      break;
+    case 64:
+      kernel = &PrefillKernel<kDtype, kWriteScores, 4>;
+      break;
+    case 128:
+      kernel = &PrefillKernel<kDtype, kWriteScores, 8>;
+      break;
+    default:
+      kernel = &PrefillKernel<kDtype, kWriteScores, 16>;
+      break;
+  }
   if (gpuFuncSetMaxDynamicSharedMemory(kernel, shared) != gpuSuccess) {
     return KernelStatus::kDeviceError;
   }
