@@ -44,7 +44,7 @@ elseif(BLOCKSEL_GPU_BACKEND STREQUAL "HIP")
     set(CMAKE_HIP_COMPILER /usr/lib/llvm-15/bin/clang++)
   endif()
   if(NOT DEFINED CMAKE_HIP_ARCHITECTURES)
-    set(CMAKE_HIP_ARCHITECTURES "gfx90a;gfx940")
+    set(CMAKE_HIP_ARCHITECTURES "gfx90a;gfx940" CACHE STRING "AMD GPU targets")
   endif()
   set(CMAKE_HIP_FLAGS
       "${CMAKE_HIP_FLAGS} --rocm-path=/usr --rocm-device-lib-path=/usr/lib/x86_64-linux-gnu/amdgcn/bitcode")

@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
     const int first_tile = (lane_group / groups) * tiles_each;
     uint32_t a[kKSteps][4];
     LoadQueryFragments<kKSteps>(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
-                       query_group * 16, num_queries, dim, a);
+                                query_group * 16, num_queries, dim, a);
     const int32_t query_top = query_group * 16 + lane / 4;
     const int32_t position_top = span.first_position + min(query_top, num_queries - 1) / heads;
     const int32_t position_bottom =
@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
         __syncthreads();
         keys = widened;
       }
-      ScoreStagedTiles<kKSteps>(a, keys, dim, first_tile, first_tile + tiles_each, block_start, position_top,
-                       position_bottom, &best_top, &best_bottom);
+      ScoreStagedTiles<kKSteps>(a, keys, dim, first_tile, first_tile + tiles_each, block_start,
+                                position_top, position_bottom, &best_top, &best_bottom);
       if (lane % 4 == 0) {
         group_max[lane_group * 16 + lane / 4] = best_top;
         group_max[lane_group * 16 + lane / 4 + 8] = best_bottom;
@@ -314,14 +314,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
     }
     float winner_score = best_score;
     int32_t winner_id = best_id;
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      const float other_score = ShuffleXor(winner_score, offset);
-      const int32_t other_id = ShuffleXor(winner_id, offset);
-      if (RanksBefore(other_score, other_id, winner_score, winner_id)) {
-        winner_score = other_score;
-        winner_id = other_id;
-      }
-    }
+    WarpBest(&winner_score, &winner_id);
     if (lane == 0) out[rank] = winner_id == kNoBlock ? -1 : winner_id;
     if (winner_id == kNoBlock) {
       for (int32_t rest = rank + 1 + lane; rest < topk; rest += kWarpSize) out[rest] = -1;
@@ -392,9 +385,9 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
   const int64_t shared = SharedBytes(shape, batch.num_spans, max_queries);
   if (shared > 200 * 1024) return KernelStatus::kUnsupported;
   auto* cuda_stream = static_cast<gpuStream_t>(stream);
-  void (*score_kernel)(DecodeParams) =
-      shape.key_dtype == KeyDtype::kBf16 ? ScoreKernelFor<KeyDtype::kBf16>(shape.head_dim)
-                                         : ScoreKernelFor<KeyDtype::kFp8E4m3>(shape.head_dim);
+  void (*score_kernel)(DecodeParams) = shape.key_dtype == KeyDtype::kBf16
+                                           ? ScoreKernelFor<KeyDtype::kBf16>(shape.head_dim)
+                                           : ScoreKernelFor<KeyDtype::kFp8E4m3>(shape.head_dim);
   if (gpuFuncSetMaxDynamicSharedMemory(score_kernel, shared) != gpuSuccess) {
     return KernelStatus::kDeviceError;
   }

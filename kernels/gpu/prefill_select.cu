@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
   const int32_t group_first = tile_first + group * 16;
   uint32_t a[kKSteps][4];
   LoadQueryFragments<kKSteps>(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
-                     group_first, num_queries, dim, a);
+                              group_first, num_queries, dim, a);
   // This lane's two queries (rows of the span) and their positions.
   const int32_t query_top = group_first + lane / 4;
   const int32_t query_bottom = query_top + 8;
@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
       __syncthreads();
       keys = widened;
     }
-    ScoreStagedTiles<kKSteps>(a, keys, dim, 0, kBlockSize / 8, block_start, position_top, position_bottom,
-                     &best_top, &best_bottom);
+    ScoreStagedTiles<kKSteps>(a, keys, dim, 0, kBlockSize / 8, block_start, position_top,
+                              position_bottom, &best_top, &best_bottom);
     if constexpr (kWriteScores) {
       if (lane % 4 == 0 && block < params.max_blocks) {
         const float neg_inf = -__int_as_float(0x7f800000);

@@ -43,6 +43,19 @@ __device__ __forceinline__ bool RanksBefore(float score_a, int32_t id_a, float s
   return score_a > score_b || (score_a == score_b && id_a < id_b);
 }
 
+// Replaces (score, id) in every lane of the warp with the best candidate
+// over the warp.
+__device__ __forceinline__ void WarpBest(float* score, int32_t* id) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float other_score = ShuffleXor(*score, offset);
+    const int32_t other_id = ShuffleXor(*id, offset);
+    if (RanksBefore(other_score, other_id, *score, *id)) {
+      *score = other_score;
+      *id = other_id;
+    }
+  }
+}
+
 // The priority SEMANTICS.md gives block `block` of a row with `valid`
 // visible blocks and block score `score` (already NaN-free).
 __device__ __forceinline__ float BlockPriority(float score, int32_t block, int32_t valid,

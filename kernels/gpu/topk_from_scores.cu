@@ -47,14 +47,7 @@ __global__ void __launch_bounds__(kThreads)
         best_id = block;
       }
     }
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      const float other_score = ShuffleXor(best_score, offset);
-      const int32_t other_id = ShuffleXor(best_id, offset);
-      if (RanksBefore(other_score, other_id, best_score, best_id)) {
-        best_score = other_score;
-        best_id = other_id;
-      }
-    }
+    WarpBest(&best_score, &best_id);
     if (lane == 0) out[rank] = best_id == kNoBlock ? -1 : best_id;
     previous_score = best_score;
     previous_id = best_id;

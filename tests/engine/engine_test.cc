@@ -17,38 +17,21 @@
 #include "gtest/gtest.h"
 #include "server/engine/cpu_backend.h"
 #include "server/engine/model_config.h"
+#include "tests/support/test_model.h"
 
 namespace blocksel {
 namespace {
 
 constexpr int64_t kPages = 32;
-constexpr int32_t kFirstSparseLayer = 1;
+constexpr int32_t kFirstSparseLayer = testing::kTestFirstSparseLayer;
 constexpr int32_t kLastLayer = 3;
 
-ModelConfig SmallModel() {
-  ModelConfig model;
-  model.num_layers = 4;
-  model.first_sparse_layer = kFirstSparseLayer;  // sparse layers 1, 2, 3
-  model.num_heads = 2;
-  model.head_dim = 32;
-  model.key_dtype = KeyDtype::kBf16;
-  model.topk = 4;
-  model.init_blocks = 1;
-  model.local_blocks = 1;
-  model.max_positions = 4096;
-  return model;
-}
-
-// Encoded bytes and the float values the server decodes from them.
-struct Encoded {
-  std::string bytes;
-  std::vector<float> values;
-};
+using Encoded = testing::EncodedBf16;
 
 class EngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    model_ = SmallModel();
+    model_ = testing::SmallTestModel();
     absl::StatusOr<std::unique_ptr<CpuBackend>> backend =
         CpuBackend::Create(model_, kPages, /*num_threads=*/1);
     ASSERT_TRUE(backend.ok()) << backend.status();
@@ -62,15 +45,7 @@ class EngineTest : public ::testing::Test {
     engine_ = std::make_unique<Engine>(std::move(options), std::move(*backend));
   }
 
-  Encoded RandomBf16(int64_t count) {
-    std::normal_distribution<float> normal;
-    std::vector<float> raw(count);
-    for (float& value : raw) value = normal(random_);
-    Encoded encoded;
-    encoded.bytes = EncodeKeys(raw, v1::KEY_DTYPE_BF16);
-    encoded.values = DecodeKeys(encoded.bytes, v1::KEY_DTYPE_BF16);
-    return encoded;
-  }
+  Encoded RandomBf16(int64_t count) { return testing::RandomBf16(random_, count); }
   Encoded RandomKeys(int64_t tokens) { return RandomBf16(tokens * model_.head_dim); }
   Encoded RandomQueries(int64_t rows) {
     return RandomBf16(rows * model_.num_heads * model_.head_dim);

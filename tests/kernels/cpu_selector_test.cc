@@ -16,6 +16,7 @@ namespace blocksel {
 namespace {
 
 using testing::CompareWithOracle;
+using testing::M3Shape;
 using testing::ProblemBuilder;
 using testing::RandomProblem;
 using testing::SelectionProblem;
@@ -23,17 +24,6 @@ using testing::Values;
 
 // fp32 rounding of 128-term sums of N(0,1) products stays far below this.
 constexpr double kTolerance = 1e-2;
-
-SelectionShape M3Shape(KeyDtype dtype = KeyDtype::kBf16) {
-  SelectionShape shape;
-  shape.num_heads = 4;
-  shape.head_dim = 128;
-  shape.key_dtype = dtype;
-  shape.topk = 16;
-  shape.init_blocks = 0;
-  shape.local_blocks = 1;
-  return shape;
-}
 
 std::vector<int32_t> RunCpu(const SelectionProblem& problem, int threads) {
   std::vector<int32_t> out(

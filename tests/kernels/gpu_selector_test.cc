@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "client/reference_selection.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_selector.h"
 #include "kernels/gpu/gpu_selection.h"
@@ -17,6 +18,7 @@ namespace blocksel {
 namespace {
 
 using testing::CompareWithOracle;
+using testing::M3Shape;
 using testing::ProblemBuilder;
 using testing::RandomProblem;
 using testing::SelectionProblem;
@@ -172,16 +174,6 @@ class GpuSelectorTest : public ::testing::Test {
   void* stream_ = nullptr;
 };
 
-SelectionShape M3Shape(KeyDtype dtype = KeyDtype::kBf16) {
-  SelectionShape shape;
-  shape.num_heads = 4;
-  shape.head_dim = 128;
-  shape.key_dtype = dtype;
-  shape.topk = 16;
-  shape.local_blocks = 1;
-  return shape;
-}
-
 TEST_F(GpuSelectorTest, BothPathsMatchTheOracleOnRandomBatches) {
   for (uint64_t seed = 1; seed <= 120; ++seed) {
     const SelectionProblem problem = RandomProblem(seed, Values::kNormal);
@@ -275,22 +267,18 @@ TEST_F(GpuSelectorTest, BlockScoresMatchFloat64BlockMaxima) {
         for (int32_t head = 0; head < shape.num_heads; ++head) {
           const float* query = problem.query_values.data() +
                                (int64_t{row} * shape.num_heads + head) * shape.head_dim;
+          const std::vector<double> expected =
+              position < 0 ? std::vector<double>()
+                           : ReferenceBlockScores(shape.head_dim, problem.key_values[s].data(),
+                                                  position, query);
           for (int32_t block = 0; block < max_blocks; ++block) {
             const float got =
                 scores[(int64_t{head} * problem.total_rows + row) * max_blocks + block];
-            if (position < int64_t{block} * kBlockSize) {
+            if (block >= static_cast<int32_t>(expected.size())) {
               ASSERT_EQ(got, -INFINITY) << "seed " << seed << " row " << row << " block " << block;
               continue;
             }
-            double best = -INFINITY;
-            for (int64_t token = int64_t{block} * kBlockSize;
-                 token <= std::min<int64_t>(position, int64_t{block} * kBlockSize + 127); ++token) {
-              double dot = 0;
-              for (int32_t d = 0; d < shape.head_dim; ++d) {
-                dot += double{query[d]} * problem.key_values[s][token * shape.head_dim + d];
-              }
-              best = std::max(best, std::isnan(dot) ? -1e30 : dot);
-            }
+            const double best = expected[block];
             ASSERT_NEAR(got, best, 1e-3 * (1 + std::fabs(best)))
                 << "seed " << seed << " row " << row << " block " << block;
           }

@@ -44,30 +44,22 @@ std::vector<double> SelectionProblem::Priorities(int32_t head, int32_t row) cons
   }
   const int64_t position = PositionOf(row);
   if (position < 0) return {};
-  const int64_t valid = position / kBlockSize + 1;
-  const int64_t dim = shape.head_dim;
-  const float* query =
-      query_values.data() + (static_cast<int64_t>(row) * shape.num_heads + head) * dim;
-  const float* keys = key_values[request].data();
-  std::vector<double> priorities(valid);
-  for (int64_t block = 0; block < valid; ++block) {
-    double best = -INFINITY;
-    for (int64_t token = block * kBlockSize;
-         token <= std::min(position, block * kBlockSize + kBlockSize - 1); ++token) {
-      double score = 0;
-      for (int64_t d = 0; d < dim; ++d)
-        score += static_cast<double>(query[d]) * keys[token * dim + d];
-      if (std::isnan(score)) score = -1e30;
-      best = std::max(best, score);
-    }
-    if (block >= valid - shape.local_blocks) {
-      best = 1e29;
-    } else if (block < shape.init_blocks) {
-      best = 1e30;
-    }
-    priorities[block] = best;
-  }
+  std::vector<double> priorities = ReferenceBlockScores(
+      shape.head_dim, key_values[request].data(), position,
+      query_values.data() + (static_cast<int64_t>(row) * shape.num_heads + head) * shape.head_dim);
+  ApplyForcedPriorities(shape, &priorities);
   return priorities;
+}
+
+SelectionShape M3Shape(KeyDtype dtype) {
+  SelectionShape shape;
+  shape.num_heads = 4;
+  shape.head_dim = 128;
+  shape.key_dtype = dtype;
+  shape.topk = 16;
+  shape.init_blocks = 0;
+  shape.local_blocks = 1;
+  return shape;
 }
 
 ProblemBuilder::ProblemBuilder(const SelectionShape& shape, uint64_t seed, Values values)

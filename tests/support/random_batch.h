@@ -81,6 +81,9 @@ class ProblemBuilder {
   std::vector<float> query_raw_;
 };
 
+// MiniMax M3's indexer: H=4, D=128, topk 16, init 0, local 1.
+SelectionShape M3Shape(KeyDtype dtype = KeyDtype::kBf16);
+
 // A random shape (H, D in {16..256}, dtype, topk, init/local blocks) and a
 // random batch of 1 to 4 requests: either decode (Q in {1, 2, 4}, padding
 // requests among them) or prefill chunks with random prefixes.

@@ -27,38 +27,22 @@
 #include "grpcpp/support/stub_options.h"
 #include "gtest/gtest.h"
 #include "server/blocksel_server.h"
+#include "tests/support/test_model.h"
 
 namespace blocksel {
 namespace {
 
 constexpr int64_t kPages = 24;
-constexpr int32_t kFirstSparseLayer = 1;
+constexpr int32_t kFirstSparseLayer = testing::kTestFirstSparseLayer;
 constexpr int64_t kMaxMessageBytes = 1 << 20;  // the smallest the server allows
 constexpr absl::Duration kWaitLimit = absl::Seconds(10);
 
-ModelConfig SmallModel() {
-  ModelConfig model;
-  model.num_layers = 4;
-  model.first_sparse_layer = kFirstSparseLayer;  // sparse layers 1, 2, 3
-  model.num_heads = 2;
-  model.head_dim = 32;
-  model.key_dtype = KeyDtype::kBf16;
-  model.topk = 4;
-  model.init_blocks = 1;
-  model.local_blocks = 1;
-  model.max_positions = 4096;
-  return model;
-}
-
-struct Encoded {
-  std::string bytes;
-  std::vector<float> values;  // what the server decodes from bytes
-};
+using Encoded = testing::EncodedBf16;
 
 class GrpcServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    model_ = SmallModel();
+    model_ = testing::SmallTestModel();
     ServerConfig config;
     config.model = model_;
     config.backend.kind = "cpu";
@@ -85,15 +69,7 @@ class GrpcServiceTest : public ::testing::Test {
     if (server_ != nullptr) server_->Shutdown(absl::ZeroDuration());
   }
 
-  Encoded RandomBf16(int64_t count) {
-    std::normal_distribution<float> normal;
-    std::vector<float> raw(count);
-    for (float& value : raw) value = normal(random_);
-    Encoded encoded;
-    encoded.bytes = EncodeKeys(raw, v1::KEY_DTYPE_BF16);
-    encoded.values = DecodeKeys(encoded.bytes, v1::KEY_DTYPE_BF16);
-    return encoded;
-  }
+  Encoded RandomBf16(int64_t count) { return testing::RandomBf16(random_, count); }
   Encoded RandomKeys(int64_t tokens) { return RandomBf16(tokens * model_.head_dim); }
   Encoded RandomQueries(int64_t rows) {
     return RandomBf16(rows * model_.num_heads * model_.head_dim);
