@@ -14,6 +14,9 @@ KernelStatus ValidateSelection(const SelectionShape& shape, const SelectionBatch
   if (batch.total_rows > 0 && (batch.queries == nullptr || batch.block_ids == nullptr)) {
     return KernelStatus::kInvalidArgument;
   }
+  if (batch.block_scores != nullptr && batch.max_blocks < 1) {
+    return KernelStatus::kInvalidArgument;
+  }
   if (batch.num_spans > 0 && batch.spans == nullptr) {
     return KernelStatus::kInvalidArgument;
   }

@@ -69,6 +69,12 @@ struct SelectionBatch {
   const uint16_t* queries = nullptr;  // bf16 [total_rows][num_heads][head_dim]
   int32_t total_rows = 0;
   int32_t* block_ids = nullptr;  // int32 [num_heads][total_rows][topk]
+  // Optional: also the raw block scores, float [num_heads][total_rows]
+  // [max_blocks]: for each block a row sees, the max of q.k over its keys
+  // the row sees (NaN token scores as -1e30); -inf for the other blocks.
+  // max_blocks must cover the visible blocks of every row.
+  float* block_scores = nullptr;
+  int32_t max_blocks = 0;
 };
 
 // Checks the invariants every backend relies on. Pure host code.

@@ -1,6 +1,7 @@
 #include "kernels/cpu/cpu_selector.h"
 
 #include <algorithm>
+#include <limits>
 #include <thread>
 
 #include "kernels/cpu/top_blocks.h"
@@ -53,16 +54,22 @@ KernelStatus CpuSelector::Select(const SelectionShape& shape, const SelectionBat
     int32_t row = 0;
     for (; row < span.num_rows && span.first_position + row < 0; ++row) {
       for (int32_t head = 0; head < heads; ++head) {
-        int32_t* out =
-            batch.block_ids +
-            (static_cast<int64_t>(head) * batch.total_rows + span.first_row + row) * shape.topk;
-        std::fill(out, out + shape.topk, -1);
+        const int64_t out_row =
+            static_cast<int64_t>(head) * batch.total_rows + span.first_row + row;
+        std::fill_n(batch.block_ids + out_row * shape.topk, shape.topk, -1);
+        if (batch.block_scores != nullptr) {
+          std::fill_n(batch.block_scores + out_row * batch.max_blocks, batch.max_blocks,
+                      -std::numeric_limits<float>::infinity());
+        }
       }
     }
     for (; row < span.num_rows; row += kTileRows) {
       const int32_t rows = std::min(kTileRows, span.num_rows - row);
       const int64_t last_position = static_cast<int64_t>(span.first_position) + row + rows - 1;
       const int32_t blocks = VisibleBlocks(last_position);
+      if (batch.block_scores != nullptr && blocks > batch.max_blocks) {
+        return KernelStatus::kInvalidArgument;
+      }
       for (int32_t b = 0; b < blocks; ++b) {
         const int32_t page = span.block_table[b];
         if (page < 0 || page >= batch.num_pages) {
@@ -167,11 +174,18 @@ void CpuSelector::SelectRows(const SelectionShape& shape, const SelectionBatch& 
       const int32_t row_in_span = tile.first_row_in_span + r;
       const int64_t position = static_cast<int64_t>(tile.span->first_position) + row_in_span;
       const int64_t row = tile.span->first_row + row_in_span;
+      const int32_t valid = VisibleBlocks(position);
       for (int32_t head = 0; head < heads; ++head) {
-        SelectTopBlocks(
-            scores + (static_cast<int64_t>(r) * heads + head) * tile.num_blocks,
-            VisibleBlocks(position), shape.topk, shape.init_blocks, shape.local_blocks,
-            batch.block_ids + (static_cast<int64_t>(head) * batch.total_rows + row) * shape.topk);
+        const float* row_scores =
+            scores + (static_cast<int64_t>(r) * heads + head) * tile.num_blocks;
+        const int64_t out_row = static_cast<int64_t>(head) * batch.total_rows + row;
+        SelectTopBlocks(row_scores, valid, shape.topk, shape.init_blocks, shape.local_blocks,
+                        batch.block_ids + out_row * shape.topk);
+        if (batch.block_scores != nullptr) {
+          float* out = batch.block_scores + out_row * batch.max_blocks;
+          std::copy_n(row_scores, valid, out);
+          std::fill(out + valid, out + batch.max_blocks, -std::numeric_limits<float>::infinity());
+        }
       }
     }
   });

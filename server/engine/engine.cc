@@ -11,6 +11,9 @@
 
 namespace blocksel {
 
+// Largest block-score tensor a response may carry.
+constexpr int64_t kMaxBlockScoreBytes = int64_t{64} << 20;
+
 // Packed payloads are little-endian; the engine copies them as they are.
 static_assert(std::endian::native == std::endian::little, "blocksel assumes a little-endian host");
 
@@ -129,6 +132,23 @@ absl::Status Engine::Select(const v1::SelectRequest& request, v1::Selection* sel
     spans.push_back(span);
   }
 
+  std::string block_scores;
+  int32_t max_blocks = 0;
+  if (request.return_block_scores()) {
+    for (const PlannedSpan& planned : plan.spans) {
+      const int64_t last = int64_t{planned.first_position} + planned.num_rows - 1;
+      if (last >= 0)
+        max_blocks = std::max<int32_t>(max_blocks, static_cast<int32_t>(last / kBlockSize + 1));
+    }
+    max_blocks = std::max(max_blocks, 1);
+    const int64_t bytes = int64_t{model.num_heads} * plan.total_rows * max_blocks * 4;
+    if (bytes > kMaxBlockScoreBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block scores of this batch would take ", bytes, " bytes, more than ",
+                       kMaxBlockScoreBytes, "; ask for them on smaller batches"));
+    }
+    block_scores.resize(bytes);
+  }
   const int64_t ids_per_head = static_cast<int64_t>(plan.total_rows) * model.topk;
   std::string head_major(ids_per_head * model.num_heads * sizeof(int32_t), '\0');
   SelectionBatch batch;
@@ -137,12 +157,20 @@ absl::Status Engine::Select(const v1::SelectRequest& request, v1::Selection* sel
   batch.queries = reinterpret_cast<const uint16_t*>(request.queries().data());
   batch.total_rows = plan.total_rows;
   batch.block_ids = reinterpret_cast<int32_t*>(head_major.data());
+  if (request.return_block_scores()) {
+    batch.block_scores = reinterpret_cast<float*>(block_scores.data());
+    batch.max_blocks = max_blocks;
+  }
   BLOCKSEL_RETURN_IF_ERROR(backend_->Select(plan.layer_index, batch));
 
   selection->set_num_heads(model.num_heads);
   selection->set_total_q(plan.total_rows);
   selection->set_topk(model.topk);
   selection->set_layout(request.layout());
+  if (request.return_block_scores()) {
+    selection->set_max_blocks(max_blocks);
+    selection->set_block_scores(std::move(block_scores));
+  }
   if (request.layout() == v1::BLOCK_ID_LAYOUT_TOKEN_MAJOR) {
     std::string token_major(head_major.size(), '\0');
     const auto* from = reinterpret_cast<const int32_t*>(head_major.data());

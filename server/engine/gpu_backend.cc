@@ -56,6 +56,7 @@ GpuBackend::~GpuBackend() {
   gpu::DeviceFree(inputs_.data);
   gpu::DeviceFree(outputs_.data);
   gpu::DeviceFree(workspace_.data);
+  gpu::DeviceFree(scores_.data);
   graphs_.clear();
   gpu::DeviceFree(graph_inputs_.data);
   gpu::DeviceFree(graph_outputs_.data);
@@ -189,7 +190,8 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
 
 gpu::CapturedGraph* GpuBackend::FindGraph(const SelectionBatch& batch, int32_t* bucket,
                                           int32_t* tokens) {
-  if (graphs_.empty() || batch.num_spans < 1) return nullptr;
+  // Graphs return block ids only.
+  if (graphs_.empty() || batch.num_spans < 1 || batch.block_scores != nullptr) return nullptr;
   *tokens = batch.spans[0].num_rows;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     if (batch.spans[s].num_rows != *tokens) return nullptr;
@@ -324,11 +326,31 @@ absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch&
     status = gpu::LaunchPrefill(shape, device_batch, max_rows, stream_);
   }
   if (status != KernelStatus::kOk) return DeviceStatus(status, "selection kernel");
+  const int64_t score_bytes =
+      batch.block_scores == nullptr
+          ? 0
+          : static_cast<int64_t>(shape.num_heads) * batch.total_rows * batch.max_blocks * 4;
+  if (score_bytes > 0) {
+    for (absl::Status reserved : {Reserve(&scores_, score_bytes, false),
+                                  Reserve(&results_, output_bytes + score_bytes, true)}) {
+      if (!reserved.ok()) return reserved;
+    }
+    status = gpu::LaunchBlockScores(shape, device_batch, max_rows,
+                                    static_cast<float*>(scores_.data), batch.max_blocks, stream_);
+    if (status != KernelStatus::kOk) return DeviceStatus(status, "block score kernel");
+    status = gpu::CopyDeviceToHost(static_cast<unsigned char*>(results_.data) + output_bytes,
+                                   scores_.data, score_bytes, stream_);
+    if (status != KernelStatus::kOk) return DeviceStatus(status, "downloading block scores");
+  }
   status = gpu::CopyDeviceToHost(results_.data, outputs_.data, output_bytes, stream_);
   if (status != KernelStatus::kOk) return DeviceStatus(status, "downloading block ids");
   status = gpu::StreamSynchronize(stream_);
   if (status != KernelStatus::kOk) return DeviceStatus(status, "selection");
   std::memcpy(batch.block_ids, results_.data, output_bytes);
+  if (score_bytes > 0) {
+    std::memcpy(batch.block_scores, static_cast<unsigned char*>(results_.data) + output_bytes,
+                score_bytes);
+  }
   return absl::OkStatus();
 }
 

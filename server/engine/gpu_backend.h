@@ -91,6 +91,7 @@ class GpuBackend final : public Backend {
   Buffer inputs_;         // device: spans, block table, queries
   Buffer outputs_;        // device: block ids
   Buffer workspace_;      // device: decode partial top-k lists
+  Buffer scores_;         // device: block scores, when a batch asks for them
   // Captured decode graphs and their persistent buffers.
   const GpuGraphOptions graph_options_;
   GraphLayout graph_layout_;

@@ -1,10 +1,13 @@
 // The golden cases (checked against vLLM) through the CPU kernel and through
 // the engine: exact block ids, order included.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 
 #include "client/encoding.h"
+#include "client/reference_selection.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_selector.h"
 #include "server/engine/backend_factory.h"
@@ -77,6 +80,43 @@ TEST(Golden, CpuKernelReproducesEveryCase) {
   }
 }
 
+// The block scores a selection returned against the float64 reference:
+// within rounding where a row sees the block, exactly -inf elsewhere.
+void ExpectReferenceBlockScores(const GoldenCase& golden, const v1::Selection& selection) {
+  const int32_t heads = golden.shape.num_heads;
+  const int32_t dim = golden.shape.head_dim;
+  const int32_t rows = golden.total_rows();
+  const int32_t max_blocks = static_cast<int32_t>(selection.max_blocks());
+  ASSERT_EQ(selection.block_scores().size(), size_t{4} * heads * rows * max_blocks);
+  std::vector<float> scores(selection.block_scores().size() / 4);
+  std::memcpy(scores.data(), selection.block_scores().data(), selection.block_scores().size());
+  const v1::KeyDtype dtype =
+      golden.shape.key_dtype == KeyDtype::kBf16 ? v1::KEY_DTYPE_BF16 : v1::KEY_DTYPE_FP8_E4M3;
+  int32_t row = 0;
+  for (const auto& r : golden.requests) {
+    const std::vector<float> keys = DecodeKeys(r.keys, dtype);
+    const std::vector<float> queries = DecodeBf16(r.queries);
+    for (int32_t i = 0; i < r.q_len; ++i, ++row) {
+      const int64_t position = r.seq_len == 0 ? -1 : r.prefix_len + i;
+      for (int32_t head = 0; head < heads; ++head) {
+        const std::vector<double> expected =
+            position < 0 ? std::vector<double>()
+                         : ReferenceBlockScores(dim, keys.data(), position,
+                                                queries.data() + (int64_t{i} * heads + head) * dim);
+        const float* got = scores.data() + (int64_t{head} * rows + row) * max_blocks;
+        for (int32_t block = 0; block < max_blocks; ++block) {
+          if (block < static_cast<int32_t>(expected.size())) {
+            ASSERT_NEAR(got[block], expected[block], 1e-3 * (1 + std::fabs(expected[block])))
+                << "row " << row << " head " << head << " block " << block;
+          } else {
+            ASSERT_EQ(got[block], -INFINITY) << "row " << row << " block " << block;
+          }
+        }
+      }
+    }
+  }
+}
+
 // The same cases through the server-side path on every backend this
 // build and machine have: AppendKeys, then one SelectRequest per case,
 // decoded from the response bytes.
@@ -138,11 +178,13 @@ TEST_P(GoldenEngineTest, ReproducesEveryCase) {
       queries += r.queries;
     }
     select.set_queries(queries);
+    select.set_return_block_scores(true);
     v1::Selection selection;
     ASSERT_TRUE(engine.Select(select, &selection).ok());
     auto ids = DecodeBlockIds(selection);
     ASSERT_TRUE(ids.ok());
     EXPECT_EQ(*ids, golden.ExpectedBatch());
+    ExpectReferenceBlockScores(golden, selection);
   }
 }
 
