@@ -11,7 +11,9 @@ cmake --preset release -DBLOCKSEL_BUILD_TESTS=OFF -DBLOCKSEL_BUILD_BENCH=OFF
 cmake --build --preset release -j "$(nproc)" --target blocksel-server blocksel-demo
 
 address=${BLOCKSEL_ADDRESS:-127.0.0.1:50051}
-build/release/server/blocksel-server --listen="$address" --cache_mib=1024 &
+# No load balancer to tell: no drain propagation wait on exit.
+build/release/server/blocksel-server --listen="$address" --cache_mib=1024 \
+  --drain_propagation_seconds=0 &
 server_pid=$!
 trap 'kill -TERM $server_pid 2>/dev/null || true; wait $server_pid 2>/dev/null || true' EXIT
 

@@ -90,7 +90,18 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
                      " (address in use, or not an address gRPC accepts)"));
   }
   server->port_ = first_tcp_port < 0 ? 0 : first_tcp_port;
+  // Listening starts only once the backend, the cache and the decode graphs
+  // exist, so the server is ready as soon as it can be reached: liveness
+  // ("") and readiness (the service's name) both answer SERVING.
+  grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
+  health->SetServingStatus("", true);
+  health->SetServingStatus(kReadinessService, true);
   return server;
+}
+
+void BlockselServer::SetReady(bool ready) {
+  if (server_ != nullptr)
+    server_->GetHealthCheckService()->SetServingStatus(kReadinessService, ready);
 }
 
 BlockselServer::~BlockselServer() { Shutdown(absl::ZeroDuration()); }
@@ -100,10 +111,6 @@ void BlockselServer::Shutdown(absl::Duration grace) {
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   // Every call has finished, so no reactor can queue more work.
   executor_->Stop();
-}
-
-void BlockselServer::Wait() {
-  if (server_ != nullptr) server_->Wait();
 }
 
 }  // namespace blocksel

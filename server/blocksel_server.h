@@ -36,6 +36,10 @@ struct ServerConfig {
   int64_t NumPages() const { return cache_bytes / model.PageBytes(); }
 };
 
+// The health-check name whose status is readiness (grpc.health.v1; the
+// empty name is liveness).
+inline constexpr char kReadinessService[] = "blocksel.v1.BlockSelector";
+
 // Thread-safe after Start.
 class BlockselServer {
  public:
@@ -48,11 +52,13 @@ class BlockselServer {
   // Backend name and detail, e.g. "cpu (avx512, 2 threads)".
   const std::string& backend_description() const { return backend_description_; }
 
+  // Readiness for load balancers and Kubernetes probes. Liveness stays
+  // SERVING until Shutdown.
+  void SetReady(bool ready);
+
   // Stops accepting calls, cancels the ones still open after grace, waits
   // for them, then drains the executor.
   void Shutdown(absl::Duration grace);
-  // Blocks until Shutdown has completed.
-  void Wait();
 
  private:
   BlockselServer() = default;

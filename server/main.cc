@@ -11,6 +11,8 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "server/blocksel_server.h"
 #include "server/version.h"
 #include "spdlog/spdlog.h"
@@ -52,12 +54,23 @@ ABSL_FLAG(int, stream_max_inflight, 4,
           "server stops reading the stream");
 ABSL_FLAG(int64_t, queue_capacity, 1024,
           "Engine operations waiting at most; more get RESOURCE_EXHAUSTED");
-ABSL_FLAG(int64_t, shutdown_grace_seconds, 5,
-          "On SIGTERM/SIGINT, time given to open calls before they are cancelled");
+ABSL_FLAG(int64_t, drain_propagation_seconds, 5,
+          "On SIGTERM/SIGINT, readiness turns NOT_SERVING first; the server keeps "
+          "accepting calls this long so load balancers stop routing to it");
+ABSL_FLAG(int64_t, shutdown_grace_seconds, 30,
+          "After the propagation wait, calls already open get this long to finish "
+          "before they are cancelled. A second signal forces exit at once");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 
 namespace blocksel {
 namespace {
+
+// Exit status after a second SIGTERM/SIGINT cut the drain short.
+constexpr int kForcedExitCode = 3;
+
+// SIGTERM and SIGINT, blocked in every thread and taken by sigwait. Static:
+// the signal-watching thread outlives Run.
+sigset_t g_signals;
 
 absl::StatusOr<ServerConfig> ConfigFromFlags() {
   ServerConfig config;
@@ -94,11 +107,10 @@ int Run() {
   // Signals are taken by a dedicated thread with sigwait. They are blocked
   // before gRPC starts its threads, so no gRPC thread ever runs a handler
   // (Shutdown from a handler deadlocks on gRPC's own mutexes).
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  sigemptyset(&g_signals);
+  sigaddset(&g_signals, SIGINT);
+  sigaddset(&g_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &g_signals, nullptr);
 
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
   absl::StatusOr<ServerConfig> config = ConfigFromFlags();
@@ -118,16 +130,29 @@ int Run() {
   spdlog::info("backend {}", (*server)->backend_description());
   spdlog::info("serving on {} (port {})", absl::GetFlag(FLAGS_listen), (*server)->port());
 
+  const absl::Duration propagation = absl::Seconds(absl::GetFlag(FLAGS_drain_propagation_seconds));
   const absl::Duration grace = absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds));
-  std::thread signal_thread([&] {
+  BlockselServer* serving = server->get();
+  // Drain: readiness NOT_SERVING at the first signal, a wait so balancers
+  // notice, then stop accepting and give open calls the grace period. The
+  // signal thread stays on watch: a second signal ends the process at once.
+  absl::Notification drain_requested;
+  std::thread signal_thread([serving, &drain_requested] {
     int signal_number = 0;
-    sigwait(&signals, &signal_number);
-    spdlog::info("signal {}: shutting down (grace {}s)", signal_number,
-                 absl::ToInt64Seconds(grace));
-    (*server)->Shutdown(grace);
+    sigwait(&g_signals, &signal_number);
+    spdlog::info("signal {}: draining, readiness NOT_SERVING", signal_number);
+    serving->SetReady(false);
+    drain_requested.Notify();
+    sigwait(&g_signals, &signal_number);
+    spdlog::warn("signal {} during drain: forced exit", signal_number);
+    std::_Exit(kForcedExitCode);
   });
-  (*server)->Wait();
-  signal_thread.join();
+  signal_thread.detach();  // blocked in sigwait until the process ends
+  drain_requested.WaitForNotification();
+  absl::SleepFor(propagation);
+  spdlog::info("propagation wait over: no new calls; open calls get {}s",
+               absl::ToInt64Seconds(grace));
+  serving->Shutdown(grace);
   spdlog::info("stopped");
   return 0;
 }
