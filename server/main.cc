@@ -14,6 +14,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/blocksel_server.h"
+#include "server/config/config_file.h"
 #include "server/version.h"
 #include "spdlog/spdlog.h"
 
@@ -61,6 +62,10 @@ ABSL_FLAG(int64_t, shutdown_grace_seconds, 30,
           "After the propagation wait, calls already open get this long to finish "
           "before they are cancelled. A second signal forces exit at once");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+ABSL_FLAG(std::string, config, "",
+          "Optional JSON file: an object of option names (as above, without --) to "
+          "values, e.g. {\"topk\": 16, \"key_dtype\": \"fp8_e4m3\"}. Options given on the "
+          "command line win over the file");
 
 namespace blocksel {
 namespace {
@@ -103,7 +108,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   return config;
 }
 
-int Run() {
+int Run(const absl::flat_hash_set<std::string>& on_command_line) {
   // Signals are taken by a dedicated thread with sigwait. They are blocked
   // before gRPC starts its threads, so no gRPC thread ever runs a handler
   // (Shutdown from a handler deadlocks on gRPC's own mutexes).
@@ -112,6 +117,13 @@ int Run() {
   sigaddset(&g_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &g_signals, nullptr);
 
+  if (!absl::GetFlag(FLAGS_config).empty()) {
+    absl::Status applied = ApplyConfigFile(absl::GetFlag(FLAGS_config), on_command_line);
+    if (!applied.ok()) {
+      spdlog::error("invalid configuration: {}", std::string(applied.message()));
+      return 2;
+    }
+  }
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
   absl::StatusOr<ServerConfig> config = ConfigFromFlags();
   if (!config.ok()) {
@@ -119,6 +131,7 @@ int Run() {
     return 2;
   }
   spdlog::info("blocksel-server {}: model {}", kBlockselVersion, config->model.ToString());
+  spdlog::info("effective configuration: {}", EffectiveFlags("server/main.cc"));
   spdlog::info("cache: {} pages of {} bytes ({} MiB), max {} sequences, lease {}s",
                config->NumPages(), config->model.PageBytes(), absl::GetFlag(FLAGS_cache_mib),
                config->max_sequences, absl::ToInt64Seconds(config->default_lease));
@@ -164,6 +177,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Serves blocksel.v1.BlockSelector: paged index-key cache and top-k block "
       "selection for sparse attention.\nUsage: blocksel-server [--flag=value]...");
+  const absl::flat_hash_set<std::string> on_command_line = blocksel::FlagsOnCommandLine(argc, argv);
   absl::ParseCommandLine(argc, argv);
-  return blocksel::Run();
+  return blocksel::Run(on_command_line);
 }
