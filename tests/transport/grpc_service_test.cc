@@ -204,6 +204,39 @@ TEST_F(GrpcServiceTest, SequenceLifecycle) {
   EXPECT_EQ(client_->RenewLease(absl::MakeConstSpan(both, 2)).code(), absl::StatusCode::kNotFound);
 }
 
+// A sequence left untouched for its lease is released by the server's
+// periodic reaper and its pages are reused; a sequence in use is kept.
+TEST_F(GrpcServiceTest, ExpiredLeasesAreReleasedAndTheirPagesReused) {
+  absl::StatusOr<uint64_t> idle = client_->OpenSequence(0, /*lease_seconds=*/1);
+  absl::StatusOr<uint64_t> busy = client_->OpenSequence(0, /*lease_seconds=*/1);
+  ASSERT_TRUE(idle.ok() && busy.ok());
+  Encoded keys;
+  v1::AppendKeysRequest request;
+  *request.add_appends() = MakeAppend(*idle, 1, 0, 300, &keys);
+  *request.add_appends() = MakeAppend(*busy, 1, 0, 10, &keys);
+  ASSERT_TRUE(client_->AppendKeys(request).ok());
+  EXPECT_EQ(FreePages(), kPages - 4);
+  // Renew `busy` every 250 ms; `idle` expires after 1 s untouched and the
+  // reaper (every second) frees its 3 pages.
+  const absl::Time give_up = absl::Now() + kWaitLimit;
+  while (FreePages() != kPages - 1 && absl::Now() < give_up) {
+    const uint64_t renew[] = {*busy};
+    ASSERT_TRUE(client_->RenewLease(renew).ok());
+    absl::SleepFor(absl::Milliseconds(250));
+  }
+  EXPECT_EQ(FreePages(), kPages - 1);
+  const uint64_t idle_only[] = {*idle};
+  EXPECT_EQ(client_->RenewLease(idle_only).code(), absl::StatusCode::kNotFound);
+  const uint64_t busy_only[] = {*busy};
+  EXPECT_TRUE(client_->RenewLease(busy_only).ok());
+  // The freed pages serve a new sequence.
+  const uint64_t fresh = Open();
+  v1::AppendKeysRequest reuse;
+  *reuse.add_appends() = MakeAppend(fresh, 1, 0, 300, &keys);
+  EXPECT_TRUE(client_->AppendKeys(reuse).ok());
+  EXPECT_EQ(FreePages(), kPages - 4);
+}
+
 TEST_F(GrpcServiceTest, AppendKeysAndItsErrors) {
   const uint64_t id = Open();
   Encoded keys;
