@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/resource_quota.h"
 #include "grpcpp/server_builder.h"
 #include "server/version.h"
 
@@ -35,6 +36,9 @@ absl::Status ServerConfig::Validate() const {
     problems.push_back("max inflight per stream must be >= 1");
   }
   if (queue_capacity < 1) problems.push_back("queue capacity must be >= 1");
+  if (grpc_memory_bytes < 4 * max_message_bytes) {
+    problems.push_back("gRPC memory must hold at least 4 messages of the maximum size");
+  }
   if (problems.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
 }
@@ -80,6 +84,12 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
       builder.AddListeningPort(address, grpc::InsecureServerCredentials());
     }
   }
+  // Bounds gRPC's buffer memory over all calls together: with one write in
+  // flight and a capped read-ahead per stream, a flood of streams or slow
+  // readers slows down instead of growing the process.
+  grpc::ResourceQuota quota("blocksel-server");
+  quota.Resize(static_cast<size_t>(config.grpc_memory_bytes));
+  builder.SetResourceQuota(quota);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   builder.RegisterService(server->service_.get());

@@ -29,6 +29,8 @@ struct ServerConfig {
   int64_t max_message_bytes = 64 << 20;
   int max_inflight_per_stream = 4;
   int64_t queue_capacity = 1024;
+  // Memory gRPC may use for buffers over all calls; past it, reading slows.
+  int64_t grpc_memory_bytes = int64_t{4} << 30;
 
   // OK, or INVALID_ARGUMENT naming every bad value.
   absl::Status Validate() const;

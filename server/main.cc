@@ -53,6 +53,9 @@ ABSL_FLAG(int64_t, max_message_mib, 64, "Largest gRPC message, in MiB");
 ABSL_FLAG(int, stream_max_inflight, 4,
           "Requests of one stream read ahead of their responses; past this the "
           "server stops reading the stream");
+ABSL_FLAG(int64_t, grpc_memory_mib, 4096,
+          "Memory gRPC may use for message buffers over all calls (a ResourceQuota); past "
+          "it the server reads more slowly instead of growing");
 ABSL_FLAG(int64_t, queue_capacity, 1024,
           "Engine operations waiting at most; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, drain_propagation_seconds, 5,
@@ -103,6 +106,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_mib) << 20;
   config.max_inflight_per_stream = absl::GetFlag(FLAGS_stream_max_inflight);
   config.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
+  config.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_mib) << 20;
   absl::Status valid = config.Validate();
   if (!valid.ok()) return valid;
   return config;
