@@ -119,6 +119,14 @@ absl::StatusOr<SelectResult> BlockselClient::Select(const v1::SelectRequest& req
   return ToSelectResult(response);
 }
 
+absl::StatusOr<v1::WriteSnapshotResponse> BlockselClient::WriteSnapshot() {
+  v1::WriteSnapshotResponse response;
+  grpc::Status status =
+      stub_->WriteSnapshot(NewContext().get(), v1::WriteSnapshotRequest(), &response);
+  if (!status.ok()) return ToAbsl(status);
+  return response;
+}
+
 absl::StatusOr<std::unique_ptr<SelectSession>> BlockselClient::StartSelectSession() {
   std::unique_ptr<SelectSession> session(new SelectSession());
   // A session is long-lived: no deadline on the call itself.

@@ -78,6 +78,8 @@ class BlockselClient {
   // Streams the requests in order; stops at the first failure.
   absl::StatusOr<uint64_t> StreamAppendKeys(absl::Span<const v1::AppendKeysRequest> requests);
   absl::StatusOr<SelectResult> Select(const v1::SelectRequest& request);
+  // Asks the server to write its cache snapshot now.
+  absl::StatusOr<v1::WriteSnapshotResponse> WriteSnapshot();
   // Opens a StreamSelect session; it lives until Close or destruction.
   absl::StatusOr<std::unique_ptr<SelectSession>> StartSelectSession();
 

@@ -2,6 +2,7 @@
 # protobuf 3.21 ships no CMake config on Debian: module mode. gRPC's config
 # calls find_package(Protobuf) itself.
 find_package(Threads REQUIRED)
+find_package(ZLIB REQUIRED)
 find_package(Protobuf REQUIRED)
 find_package(gRPC CONFIG REQUIRED)
 find_package(absl CONFIG REQUIRED)

@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   cmake g++ make pkg-config ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev grpc-proto
+  libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev grpc-proto zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

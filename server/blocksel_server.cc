@@ -59,6 +59,11 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   engine_options.default_lease = config.default_lease;
   engine_options.max_lease = config.max_lease;
   server->engine_ = std::make_unique<Engine>(engine_options, std::move(*backend));
+  server->snapshot_path_ = config.snapshot_path;
+  if (!config.snapshot_path.empty()) {
+    // Before any call is served: the engine is still single-threaded here.
+    server->loaded_snapshot_ = server->engine_->LoadSnapshot(config.snapshot_path);
+  }
 
   Executor::Options executor_options;
   executor_options.queue_capacity = config.queue_capacity;
@@ -70,6 +75,7 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   service_options.max_inflight_per_stream = config.max_inflight_per_stream;
   service_options.max_message_bytes = config.max_message_bytes;
   service_options.server_version = kBlockselVersion;
+  service_options.snapshot_path = config.snapshot_path;
   server->service_ =
       std::make_unique<BlockSelectorService>(engine, server->executor_.get(), service_options);
 
@@ -114,13 +120,21 @@ void BlockselServer::SetReady(bool ready) {
     server_->GetHealthCheckService()->SetServingStatus(kReadinessService, ready);
 }
 
-BlockselServer::~BlockselServer() { Shutdown(absl::ZeroDuration()); }
+BlockselServer::~BlockselServer() {
+  if (!shut_down_) Shutdown(absl::ZeroDuration()).IgnoreError();
+}
 
-void BlockselServer::Shutdown(absl::Duration grace) {
-  if (server_ == nullptr) return;
+absl::StatusOr<SnapshotSummary> BlockselServer::Shutdown(absl::Duration grace) {
+  if (server_ == nullptr || shut_down_) {
+    return absl::FailedPreconditionError("the server is already shut down");
+  }
+  shut_down_ = true;
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
-  // Every call has finished, so no reactor can queue more work.
+  // Every call has finished, so no reactor can queue more work, and once
+  // the executor has stopped the engine is single-threaded again.
   executor_->Stop();
+  if (snapshot_path_.empty()) return absl::NotFoundError("no --snapshot_path");
+  return engine_->WriteSnapshot(snapshot_path_);
 }
 
 }  // namespace blocksel

@@ -29,6 +29,9 @@ struct ServerConfig {
   int64_t max_message_bytes = 64 << 20;
   int max_inflight_per_stream = 4;
   int64_t queue_capacity = 1024;
+  // Where the cache is loaded from at start and written to on Shutdown and
+  // on request; empty: no snapshots.
+  std::string snapshot_path;
   // Memory gRPC may use for buffers over all calls; past it, reading slows.
   int64_t grpc_memory_bytes = int64_t{4} << 30;
 
@@ -59,8 +62,13 @@ class BlockselServer {
   void SetReady(bool ready);
 
   // Stops accepting calls, cancels the ones still open after grace, waits
-  // for them, then drains the executor.
-  void Shutdown(absl::Duration grace);
+  // for them, drains the executor, then writes the snapshot (NOT_FOUND
+  // without a snapshot path). Once only.
+  absl::StatusOr<SnapshotSummary> Shutdown(absl::Duration grace);
+
+  // What loading the snapshot at start gave (NOT_FOUND: no path or no
+  // file; other errors: the snapshot was refused and the cache is empty).
+  const absl::StatusOr<SnapshotSummary>& loaded_snapshot() const { return loaded_snapshot_; }
 
  private:
   BlockselServer() = default;
@@ -71,6 +79,9 @@ class BlockselServer {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::string backend_description_;
+  std::string snapshot_path_;
+  absl::StatusOr<SnapshotSummary> loaded_snapshot_ = absl::NotFoundError("no --snapshot_path");
+  bool shut_down_ = false;
 };
 
 }  // namespace blocksel

@@ -65,6 +65,9 @@ ABSL_FLAG(int64_t, shutdown_grace_seconds, 30,
           "After the propagation wait, calls already open get this long to finish "
           "before they are cancelled. A second signal forces exit at once");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+ABSL_FLAG(std::string, snapshot_path, "",
+          "Cache snapshot file: loaded at start (a damaged or mismatched one is refused and "
+          "the server starts empty), written when draining and by the WriteSnapshot RPC");
 ABSL_FLAG(std::string, config, "",
           "Optional JSON file: an object of option names (as above, without --) to "
           "values, e.g. {\"topk\": 16, \"key_dtype\": \"fp8_e4m3\"}. Options given on the "
@@ -107,6 +110,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   config.max_inflight_per_stream = absl::GetFlag(FLAGS_stream_max_inflight);
   config.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
   config.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_mib) << 20;
+  config.snapshot_path = absl::GetFlag(FLAGS_snapshot_path);
   absl::Status valid = config.Validate();
   if (!valid.ok()) return valid;
   return config;
@@ -145,6 +149,12 @@ int Run(const absl::flat_hash_set<std::string>& on_command_line) {
     return 1;
   }
   spdlog::info("backend {}", (*server)->backend_description());
+  const absl::StatusOr<SnapshotSummary>& loaded = (*server)->loaded_snapshot();
+  if (loaded.ok()) {
+    spdlog::info("snapshot restored: {} sequences ({} bytes)", loaded->sequences, loaded->bytes);
+  } else if (!absl::IsNotFound(loaded.status())) {
+    spdlog::warn("snapshot refused, starting empty: {}", std::string(loaded.status().message()));
+  }
   spdlog::info("serving on {} (port {})", absl::GetFlag(FLAGS_listen), (*server)->port());
 
   const absl::Duration propagation = absl::Seconds(absl::GetFlag(FLAGS_drain_propagation_seconds));
@@ -169,7 +179,12 @@ int Run(const absl::flat_hash_set<std::string>& on_command_line) {
   absl::SleepFor(propagation);
   spdlog::info("propagation wait over: no new calls; open calls get {}s",
                absl::ToInt64Seconds(grace));
-  serving->Shutdown(grace);
+  const absl::StatusOr<SnapshotSummary> written = serving->Shutdown(grace);
+  if (written.ok()) {
+    spdlog::info("snapshot written: {} sequences ({} bytes)", written->sequences, written->bytes);
+  } else if (!absl::IsNotFound(written.status())) {
+    spdlog::error("snapshot not written: {}", std::string(written.status().message()));
+  }
   spdlog::info("stopped");
   return 0;
 }

@@ -23,6 +23,16 @@ struct KeyWrite {
   const uint8_t* keys = nullptr;  // num_tokens * token bytes, packed
 };
 
+// Where to copy keys of num_tokens consecutive tokens of one sparse layer,
+// all inside one page, out of the store.
+struct KeyRead {
+  int32_t layer_index = 0;
+  int32_t page = 0;
+  int32_t first_slot = 0;
+  int32_t num_tokens = 0;
+  uint8_t* keys = nullptr;  // num_tokens * token bytes
+};
+
 // Storage for keys. Separate from Backend so the cache can be tested with a
 // plain in-memory store.
 class KeyStore {
@@ -31,6 +41,8 @@ class KeyStore {
   // Copies every write into the store before returning (the caller's bytes
   // may be freed afterwards). Writes are already validated by the caller.
   virtual absl::Status WriteKeys(absl::Span<const KeyWrite> writes) = 0;
+  // Copies stored keys out (snapshots). Reads are validated by the caller.
+  virtual absl::Status ReadKeys(absl::Span<const KeyRead> reads) = 0;
 };
 
 // A selection backend. Created for one model config and page count.

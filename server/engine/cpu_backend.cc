@@ -45,6 +45,17 @@ absl::Status CpuBackend::WriteKeys(absl::Span<const KeyWrite> writes) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
+  const int64_t token_bytes = config_.TokenBytes();
+  const int64_t page_bytes = config_.LayerPageBytes();
+  for (const KeyRead& read : reads) {
+    const uint8_t* source =
+        layers_[read.layer_index].get() + read.page * page_bytes + read.first_slot * token_bytes;
+    std::memcpy(read.keys, source, read.num_tokens * token_bytes);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::Select(int32_t layer_index, const SelectionBatch& batch) {
   SelectionBatch local = batch;
   local.key_pool = layers_[layer_index].get();

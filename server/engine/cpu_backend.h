@@ -24,6 +24,7 @@ class CpuBackend final : public Backend {
   absl::string_view name() const override { return "cpu"; }
   std::string detail() const override;
   absl::Status WriteKeys(absl::Span<const KeyWrite> writes) override;
+  absl::Status ReadKeys(absl::Span<const KeyRead> reads) override;
   absl::Status Select(int32_t layer_index, const SelectionBatch& batch) override;
 
  private:

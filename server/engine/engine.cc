@@ -205,4 +205,12 @@ void Engine::FillInfo(v1::GetInfoResponse* info) const {
 
 int64_t Engine::ReleaseExpired() { return cache_.ReleaseExpired(options_.clock()); }
 
+absl::StatusOr<SnapshotSummary> Engine::WriteSnapshot(const std::string& path) {
+  return blocksel::WriteSnapshot(path, options_.model, cache_, backend_.get());
+}
+
+absl::StatusOr<SnapshotSummary> Engine::LoadSnapshot(const std::string& path) {
+  return blocksel::LoadSnapshot(path, options_.model, &cache_, options_.clock());
+}
+
 }  // namespace blocksel

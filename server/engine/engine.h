@@ -13,6 +13,7 @@
 #include "server/engine/backend.h"
 #include "server/engine/key_cache.h"
 #include "server/engine/model_config.h"
+#include "server/engine/snapshot.h"
 
 namespace blocksel {
 
@@ -52,6 +53,10 @@ class Engine {
 
   // Releases sequences whose lease ran out; returns how many.
   int64_t ReleaseExpired();
+
+  // See snapshot.h. Loading expects an empty cache (server start).
+  absl::StatusOr<SnapshotSummary> WriteSnapshot(const std::string& path);
+  absl::StatusOr<SnapshotSummary> LoadSnapshot(const std::string& path);
 
   CacheStats cache_stats() const { return cache_.stats(); }
 

@@ -132,6 +132,34 @@ absl::Status GpuBackend::WriteKeys(absl::Span<const KeyWrite> writes) {
   return DeviceStatus(gpu::StreamSynchronize(stream_), "copying keys to the GPU");
 }
 
+absl::Status GpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
+  const int64_t token_bytes = config_.TokenBytes();
+  int64_t total = 0;
+  for (const KeyRead& read : reads) total += read.num_tokens * token_bytes;
+  absl::Status reserved = Reserve(&staging_, total, /*pinned=*/true);
+  if (!reserved.ok()) return reserved;
+  auto* staging = static_cast<unsigned char*>(staging_.data);
+  int64_t offset = 0;
+  for (const KeyRead& read : reads) {
+    const int64_t bytes = read.num_tokens * token_bytes;
+    const KernelStatus copied = gpu::CopyDeviceToHost(
+        staging + offset,
+        static_cast<const unsigned char*>(LayerPool(read.layer_index)) +
+            read.page * config_.LayerPageBytes() + read.first_slot * token_bytes,
+        bytes, stream_);
+    if (copied != KernelStatus::kOk) return DeviceStatus(copied, "copying keys from the GPU");
+    offset += bytes;
+  }
+  const KernelStatus synced = gpu::StreamSynchronize(stream_);
+  if (synced != KernelStatus::kOk) return DeviceStatus(synced, "copying keys from the GPU");
+  offset = 0;
+  for (const KeyRead& read : reads) {
+    std::memcpy(read.keys, staging + offset, read.num_tokens * token_bytes);
+    offset += read.num_tokens * token_bytes;
+  }
+  return absl::OkStatus();
+}
+
 const void* GpuBackend::LayerPool(int32_t layer_index) const {
   return static_cast<unsigned char*>(pool_) + layer_index * num_pages_ * config_.LayerPageBytes();
 }

@@ -51,6 +51,7 @@ class GpuBackend final : public Backend {
   absl::string_view name() const override;
   std::string detail() const override;
   absl::Status WriteKeys(absl::Span<const KeyWrite> writes) override;
+  absl::Status ReadKeys(absl::Span<const KeyRead> reads) override;
   absl::Status Select(int32_t layer_index, const SelectionBatch& batch) override;
 
  private:

@@ -180,6 +180,15 @@ int64_t KeyCache::ReleaseExpired(absl::Time now) {
   return static_cast<int64_t>(expired.size());
 }
 
+std::vector<const Sequence*> KeyCache::Sequences() const {
+  std::vector<const Sequence*> open;
+  open.reserve(sequences_.size());
+  for (const auto& [id, sequence] : sequences_) open.push_back(&sequence);
+  std::sort(open.begin(), open.end(),
+            [](const Sequence* a, const Sequence* b) { return a->id < b->id; });
+  return open;
+}
+
 CacheStats KeyCache::stats() const {
   CacheStats stats;
   stats.total_pages = pool_.total_pages();

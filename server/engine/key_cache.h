@@ -79,6 +79,10 @@ class KeyCache {
 
   CacheStats stats() const;
 
+  // Every open sequence, by ascending id. Valid until the next non-const
+  // call.
+  std::vector<const Sequence*> Sequences() const;
+
  private:
   absl::Status ValidateRanges(absl::Span<const KeyRange> ranges, int64_t* pages_needed) const;
 

@@ -101,4 +101,21 @@ grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>* BlockSelectorSer
   return new SelectStreamReactor(engine_, executor_, options_.max_inflight_per_stream);
 }
 
+grpc::ServerUnaryReactor* BlockSelectorService::WriteSnapshot(
+    grpc::CallbackServerContext* context, const v1::WriteSnapshotRequest* /*request*/,
+    v1::WriteSnapshotResponse* response) {
+  return RunUnary(context, [this, response] {
+    if (options_.snapshot_path.empty()) {
+      return absl::FailedPreconditionError(
+          "this server has no --snapshot_path; start it with one to write snapshots");
+    }
+    absl::StatusOr<SnapshotSummary> written = engine_->WriteSnapshot(options_.snapshot_path);
+    if (!written.ok()) return written.status();
+    response->set_path(options_.snapshot_path);
+    response->set_sequences(written->sequences);
+    response->set_bytes(written->bytes);
+    return absl::OkStatus();
+  });
+}
+
 }  // namespace blocksel

@@ -15,6 +15,7 @@ struct ServiceOptions {
   int max_inflight_per_stream = 4;
   int64_t max_message_bytes = 64 << 20;  // reported by GetInfo
   std::string server_version;
+  std::string snapshot_path;  // empty: WriteSnapshot is FAILED_PRECONDITION
 };
 
 // Every engine operation runs on the executor; the reactors only decode,
@@ -45,6 +46,9 @@ class BlockSelectorService final : public v1::BlockSelector::CallbackService {
                                    v1::SelectResponse* response) override;
   grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>* StreamSelect(
       grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* WriteSnapshot(grpc::CallbackServerContext* context,
+                                          const v1::WriteSnapshotRequest* request,
+                                          v1::WriteSnapshotResponse* response) override;
 
  private:
   // Runs operation() on the executor and finishes the call with its status,

@@ -38,6 +38,16 @@ class InMemoryKeyStore : public KeyStore {
     return absl::OkStatus();
   }
 
+  absl::Status ReadKeys(absl::Span<const KeyRead> reads) override {
+    const int64_t token_bytes = config_.TokenBytes();
+    for (const KeyRead& read : reads) {
+      std::vector<uint8_t>& page = PageBuffer(read.layer_index, read.page);
+      std::memcpy(read.keys, page.data() + read.first_slot * token_bytes,
+                  read.num_tokens * token_bytes);
+    }
+    return absl::OkStatus();
+  }
+
   // The bytes of one slot, or empty if that page was never written.
   std::vector<uint8_t> Slot(int32_t layer_index, int32_t page, int64_t slot) const {
     auto it = pages_.find({layer_index, page});

@@ -1,0 +1,155 @@
+// Cache snapshots across a real restart of blocksel-server: written when
+// draining and on request, loaded at start, refused when damaged or written
+// for another model (the server then starts empty).
+#include <signal.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "client/blocksel_client.h"
+#include "client/encoding.h"
+#include "gtest/gtest.h"
+#include "tests/support/server_process.h"
+
+namespace blocksel {
+namespace {
+
+using testing::ServerProcess;
+
+constexpr auto kServing = grpc::health::v1::HealthCheckResponse::SERVING;
+constexpr uint64_t kSequence = 42;
+constexpr int64_t kTokens = 700;
+
+class SnapshotTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    folder_ = std::filesystem::temp_directory_path() /
+              ("blocksel_snapshot_" + std::to_string(::getpid()) + "_" +
+               ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(folder_);
+    path_ = (folder_ / "cache.snapshot").string();
+  }
+  void TearDown() override { std::filesystem::remove_all(folder_); }
+
+  std::unique_ptr<ServerProcess> Start(std::vector<std::string> extra = {}) {
+    extra.push_back("--snapshot_path=" + path_);
+    extra.push_back("--drain_propagation_seconds=0");
+    auto server = std::make_unique<ServerProcess>(BLOCKSEL_SERVER_BINARY, extra);
+    EXPECT_TRUE(server->AwaitHealth("", kServing, absl::Seconds(30))) << server->Log();
+    return server;
+  }
+
+  // Opens kSequence with keys for every sparse layer (1..3) and returns the
+  // block ids of one decode step on layer 2.
+  static void Fill(BlockselClient& client) {
+    ASSERT_EQ(client.OpenSequence(kSequence, 600).value_or(0), kSequence);
+    std::vector<float> values(3 * kTokens * 32);
+    for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>((i * 37) % 11) - 5;
+    v1::AppendKeysRequest request;
+    v1::KeyAppend* append = request.add_appends();
+    append->set_sequence_id(kSequence);
+    append->set_first_layer(1);
+    append->set_num_layers(3);
+    append->set_num_tokens(kTokens);
+    append->set_keys(EncodeBf16(values));
+    ASSERT_TRUE(client.AppendKeys(request).ok());
+  }
+
+  static absl::StatusOr<SelectResult> Decode(BlockselClient& client) {
+    v1::SelectRequest request;
+    request.set_layer(2);
+    v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+    decode->set_sequence_id(kSequence);
+    decode->set_seq_len(kTokens);
+    std::vector<float> queries(2 * 32);
+    for (size_t i = 0; i < queries.size(); ++i) queries[i] = static_cast<float>(i % 7) - 3;
+    request.set_queries(EncodeBf16(queries));
+    return client.Select(request);
+  }
+
+  std::filesystem::path folder_;
+  std::string path_;
+};
+
+TEST_F(SnapshotTest, DrainWritesItAndARestartRestoresEverySequence) {
+  std::vector<int32_t> before;
+  {
+    std::unique_ptr<ServerProcess> server = Start();
+    BlockselClient client(server->target());
+    Fill(client);
+    absl::StatusOr<SelectResult> selected = Decode(client);
+    ASSERT_TRUE(selected.ok()) << selected.status();
+    before = selected->block_ids;
+    server->Signal(SIGTERM);
+    ASSERT_EQ(server->WaitExit(absl::Seconds(30)), 0) << server->Log();
+    EXPECT_NE(server->Log().find("snapshot written: 1 sequences"), std::string::npos)
+        << server->Log();
+  }
+  ASSERT_TRUE(std::filesystem::exists(path_));
+  std::unique_ptr<ServerProcess> restarted = Start();
+  EXPECT_NE(restarted->Log().find("snapshot restored: 1 sequences"), std::string::npos)
+      << restarted->Log();
+  BlockselClient client(restarted->target());
+  absl::StatusOr<v1::GetInfoResponse> info = client.GetInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->cache().open_sequences(), 1u);
+  absl::StatusOr<SelectResult> after = Decode(client);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->block_ids, before);
+}
+
+TEST_F(SnapshotTest, WrittenOnRequest) {
+  std::unique_ptr<ServerProcess> server = Start();
+  BlockselClient client(server->target());
+  Fill(client);
+  absl::StatusOr<v1::WriteSnapshotResponse> written = client.WriteSnapshot();
+  ASSERT_TRUE(written.ok()) << written.status();
+  EXPECT_EQ(written->sequences(), 1u);
+  EXPECT_EQ(written->path(), path_);
+  EXPECT_EQ(static_cast<uint64_t>(std::filesystem::file_size(path_)), written->bytes());
+}
+
+TEST_F(SnapshotTest, DamagedSnapshotIsRefusedAndTheServerStartsEmpty) {
+  {
+    std::unique_ptr<ServerProcess> server = Start();
+    BlockselClient client(server->target());
+    Fill(client);
+    ASSERT_TRUE(client.WriteSnapshot().ok());
+  }
+  {
+    std::fstream file(path_, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(100);
+    file.put('\x5a');  // one byte of keys
+  }
+  std::unique_ptr<ServerProcess> server = Start();
+  EXPECT_NE(server->Log().find("snapshot refused"), std::string::npos) << server->Log();
+  EXPECT_NE(server->Log().find("checksum"), std::string::npos) << server->Log();
+  BlockselClient client(server->target());
+  EXPECT_EQ(client.GetInfo()->cache().open_sequences(), 0u);
+}
+
+TEST_F(SnapshotTest, SnapshotOfAnotherModelIsRefused) {
+  {
+    std::unique_ptr<ServerProcess> server = Start();
+    BlockselClient client(server->target());
+    Fill(client);
+    ASSERT_TRUE(client.WriteSnapshot().ok());
+  }
+  std::unique_ptr<ServerProcess> server = Start({"--head_dim=64"});
+  EXPECT_NE(server->Log().find("snapshot refused"), std::string::npos) << server->Log();
+  EXPECT_NE(server->Log().find("head_dim=32"), std::string::npos) << server->Log();
+  BlockselClient client(server->target());
+  EXPECT_EQ(client.GetInfo()->cache().open_sequences(), 0u);
+}
+
+TEST_F(SnapshotTest, WithoutAPathTheRequestIsFailedPrecondition) {
+  ServerProcess server(BLOCKSEL_SERVER_BINARY, {});
+  ASSERT_TRUE(server.AwaitHealth("", kServing, absl::Seconds(30)));
+  BlockselClient client(server.target());
+  EXPECT_EQ(client.WriteSnapshot().status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace blocksel
