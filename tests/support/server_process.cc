@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -20,6 +21,13 @@ namespace {
 
 std::atomic<int> next_folder{0};
 
+// BLOCKSEL_TEST_BACKEND runs these tests on another backend (the GPU
+// machine sets it to cuda); cpu by default.
+std::string TestBackend() {
+  const char* backend = std::getenv("BLOCKSEL_TEST_BACKEND");
+  return backend != nullptr ? backend : "cpu";
+}
+
 }  // namespace
 
 ServerProcess::ServerProcess(const std::string& binary,
@@ -29,10 +37,18 @@ ServerProcess::ServerProcess(const std::string& binary,
                                                 "_" + std::to_string(next_folder.fetch_add(1)));
   std::filesystem::create_directories(folder_);
   target_ = "unix:" + (folder_ / "server.sock").string();
-  std::vector<std::string> args = {
-      binary,          "--listen=" + target_, "--num_layers=4", "--first_sparse_layer=1",
-      "--num_heads=2", "--head_dim=32",       "--topk=4",       "--cache_mib=16",
-      "--backend=cpu"};
+  // BLOCKSEL_SERVER_BINARY in the environment wins: tests copied to another
+  // machine (the GPU machine) find the server there.
+  const char* binary_override = std::getenv("BLOCKSEL_SERVER_BINARY");
+  std::vector<std::string> args = {binary_override != nullptr ? binary_override : binary,
+                                   "--listen=" + target_,
+                                   "--num_layers=4",
+                                   "--first_sparse_layer=1",
+                                   "--num_heads=2",
+                                   "--head_dim=32",
+                                   "--topk=4",
+                                   "--cache_mib=16",
+                                   "--backend=" + TestBackend()};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   std::vector<char*> argv;
   for (std::string& arg : args) argv.push_back(arg.data());

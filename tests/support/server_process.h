@@ -18,7 +18,8 @@ namespace blocksel::testing {
 using HealthStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
 
 // Starts the server binary on a unix socket in a fresh folder, with a small
-// model (4 layers, H=2, D=32, topk 4) on the CPU backend, then
+// model (4 layers, H=2, D=32, topk 4) on the CPU backend (or the one
+// BLOCKSEL_TEST_BACKEND names), then
 // extra_args (later arguments win). Its stdout and stderr go to a log file.
 // The destructor kills a server still running and removes the folder.
 class ServerProcess {
