@@ -102,33 +102,29 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
     }
     ScoreStagedTiles<kKSteps>(a, keys, dim, 0, kBlockSize / 8, block_start, position_top,
                               position_bottom, &best_top, &best_bottom);
-    if constexpr (kWriteScores) {
-      if (lane % 4 == 0 && block < params.max_blocks) {
-        const float neg_inf = -__int_as_float(0x7f800000);
-        if (has_top) {
-          params.scores[ScoreIndex(params, query_top, span, heads) + block] =
-              block_start <= position_top ? best_top : neg_inf;
+    // This lane owns its two queries (rows lane/4 and lane/4 + 8 of its
+    // group's 16): their score rows, or their top-k lists.
+    const int32_t queries[2] = {query_top, query_bottom};
+    const int32_t positions[2] = {position_top, position_bottom};
+    const bool present[2] = {has_top, has_bottom};
+    const float best[2] = {best_top, best_bottom};
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (!present[i]) continue;
+        const bool visible = block_start <= positions[i];
+        if constexpr (kWriteScores) {
+          if (block < params.max_blocks) {
+            params.scores[ScoreIndex(params, queries[i], span, heads) + block] =
+                visible ? best[i] : -__int_as_float(0x7f800000);
+          }
+        } else if (visible) {
+          const int32_t local = queries[i] - tile_first;
+          InsertCandidate(list_scores + local * topk, list_ids + local * topk, topk,
+                          BlockPriority(best[i], block, positions[i] / kBlockSize + 1,
+                                        shape.init_blocks, shape.local_blocks),
+                          block);
         }
-        if (has_bottom) {
-          params.scores[ScoreIndex(params, query_bottom, span, heads) + block] =
-              block_start <= position_bottom ? best_bottom : neg_inf;
-        }
-      }
-    } else if (lane % 4 == 0) {
-      // This lane owns the lists of query_top and query_bottom.
-      if (has_top && block_start <= position_top) {
-        const int32_t local = query_top - tile_first;
-        InsertCandidate(list_scores + local * topk, list_ids + local * topk, topk,
-                        BlockPriority(best_top, block, position_top / kBlockSize + 1,
-                                      shape.init_blocks, shape.local_blocks),
-                        block);
-      }
-      if (has_bottom && block_start <= position_bottom) {
-        const int32_t local = query_bottom - tile_first;
-        InsertCandidate(list_scores + local * topk, list_ids + local * topk, topk,
-                        BlockPriority(best_bottom, block, position_bottom / kBlockSize + 1,
-                                      shape.init_blocks, shape.local_blocks),
-                        block);
       }
     }
     __syncthreads();  // the next iteration stages into this page's buffer
