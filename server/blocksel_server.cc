@@ -36,6 +36,10 @@ absl::Status ServerConfig::Validate() const {
     problems.push_back("max inflight per stream must be >= 1");
   }
   if (queue_capacity < 1) problems.push_back("queue capacity must be >= 1");
+  if (batch_window < absl::ZeroDuration() || batch_window > absl::Milliseconds(100)) {
+    problems.push_back("batch window must be in [0, 100000] microseconds");
+  }
+  if (batch_max_rows < 1) problems.push_back("batch max rows must be >= 1");
   if (grpc_memory_bytes < 4 * max_message_bytes) {
     problems.push_back("gRPC memory must hold at least 4 messages of the maximum size");
   }
@@ -76,8 +80,13 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   service_options.max_message_bytes = config.max_message_bytes;
   service_options.server_version = kBlockselVersion;
   service_options.snapshot_path = config.snapshot_path;
-  server->service_ =
-      std::make_unique<BlockSelectorService>(engine, server->executor_.get(), service_options);
+  SelectBatcher::Options batcher_options;
+  batcher_options.window = config.batch_window;
+  batcher_options.max_group_rows = config.batch_max_rows;
+  server->batcher_ =
+      std::make_unique<SelectBatcher>(engine, server->executor_.get(), batcher_options);
+  server->service_ = std::make_unique<BlockSelectorService>(
+      engine, server->executor_.get(), server->batcher_.get(), service_options);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -13,6 +13,7 @@
 #include "server/engine/backend_factory.h"
 #include "server/engine/engine.h"
 #include "server/engine/executor.h"
+#include "server/engine/select_batcher.h"
 #include "server/transport/block_selector_service.h"
 
 namespace blocksel {
@@ -29,6 +30,10 @@ struct ServerConfig {
   int64_t max_message_bytes = 64 << 20;
   int max_inflight_per_stream = 4;
   int64_t queue_capacity = 1024;
+  // Cross-stream batching of decode selections (see SelectBatcher); a zero
+  // window turns it off.
+  absl::Duration batch_window = absl::ZeroDuration();
+  int64_t batch_max_rows = 4096;
   // Where the cache is loaded from at start and written to on Shutdown and
   // on request; empty: no snapshots.
   std::string snapshot_path;
@@ -70,11 +75,16 @@ class BlockselServer {
   // file; other errors: the snapshot was refused and the cache is empty).
   const absl::StatusOr<SnapshotSummary>& loaded_snapshot() const { return loaded_snapshot_; }
 
+  // Backend launches of selections so far, and how batching grouped them.
+  int64_t select_launches() const { return engine_->select_launches(); }
+  SelectBatcher::Stats batching_stats() const { return batcher_->stats(); }
+
  private:
   BlockselServer() = default;
 
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<Executor> executor_;
+  std::unique_ptr<SelectBatcher> batcher_;
   std::unique_ptr<BlockSelectorService> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -58,6 +58,11 @@ ABSL_FLAG(int64_t, grpc_memory_mib, 4096,
           "it the server reads more slowly instead of growing");
 ABSL_FLAG(int64_t, queue_capacity, 1024,
           "Engine operations waiting at most; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, batch_window_us, 0,
+          "Cross-stream batching: decode batches of one layer arriving within this many "
+          "microseconds of the first are merged into one backend launch (0: off). Adds up "
+          "to this much latency; pays off when several workers share the server");
+ABSL_FLAG(int64_t, batch_max_rows, 4096, "Most query rows one merged decode launch holds");
 ABSL_FLAG(int64_t, drain_propagation_seconds, 5,
           "On SIGTERM/SIGINT, readiness turns NOT_SERVING first; the server keeps "
           "accepting calls this long so load balancers stop routing to it");
@@ -110,6 +115,8 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   config.max_inflight_per_stream = absl::GetFlag(FLAGS_stream_max_inflight);
   config.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
   config.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_mib) << 20;
+  config.batch_window = absl::Microseconds(absl::GetFlag(FLAGS_batch_window_us));
+  config.batch_max_rows = absl::GetFlag(FLAGS_batch_max_rows);
   config.snapshot_path = absl::GetFlag(FLAGS_snapshot_path);
   absl::Status valid = config.Validate();
   if (!valid.ok()) return valid;

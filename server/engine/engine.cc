@@ -5,9 +5,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/status_macros.h"
-#include "server/engine/select_plan.h"
 
 namespace blocksel {
 
@@ -110,83 +110,164 @@ absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(const v1::AppendKeysRe
   return response;
 }
 
-absl::Status Engine::Select(const v1::SelectRequest& request, v1::Selection* selection) {
+namespace {
+
+// Blocks of the longest row of a plan: the width of its block-score rows.
+int32_t MaxVisibleBlocks(const SelectPlan& plan) {
+  int32_t max_blocks = 1;
+  for (const PlannedSpan& planned : plan.spans) {
+    const int64_t last = int64_t{planned.first_position} + planned.num_rows - 1;
+    if (last >= 0) {
+      max_blocks = std::max<int32_t>(max_blocks, static_cast<int32_t>(last / kBlockSize + 1));
+    }
+  }
+  return max_blocks;
+}
+
+// Copies the rows [first_row, first_row + rows) of a head-major
+// [H, total_rows, topk] id tensor into selection, in the request's layout.
+void FillBlockIds(const ModelConfig& model, const int32_t* head_major, int32_t total_rows,
+                  int32_t first_row, int32_t rows, v1::BlockIdLayout layout,
+                  v1::Selection* selection) {
+  std::string ids(static_cast<size_t>(rows) * model.num_heads * model.topk * sizeof(int32_t), '\0');
+  auto* to = reinterpret_cast<int32_t*>(ids.data());
+  const bool token_major = layout == v1::BLOCK_ID_LAYOUT_TOKEN_MAJOR;
+  for (int32_t head = 0; head < model.num_heads; ++head) {
+    for (int32_t row = 0; row < rows; ++row) {
+      const int64_t to_row =
+          token_major ? int64_t{row} * model.num_heads + head : int64_t{head} * rows + row;
+      std::copy_n(head_major + (int64_t{head} * total_rows + first_row + row) * model.topk,
+                  model.topk, to + to_row * model.topk);
+    }
+  }
+  selection->set_num_heads(model.num_heads);
+  selection->set_total_q(rows);
+  selection->set_topk(model.topk);
+  selection->set_layout(layout);
+  selection->set_block_ids(std::move(ids));
+}
+
+}  // namespace
+
+absl::StatusOr<SelectPlan> Engine::PlanChecked(const v1::SelectRequest& request) const {
   const ModelConfig& model = options_.model;
   BLOCKSEL_ASSIGN_OR_RETURN(SelectPlan plan, PlanSelect(request, model, cache_));
-  const absl::Time now = options_.clock();
-  if (!plan.appends.empty()) {
-    BLOCKSEL_RETURN_IF_ERROR(cache_.Append(plan.appends, now));
-  }
-  // Block tables are resolved after the appends, which may have grown them.
-  std::vector<RowSpan> spans;
-  spans.reserve(plan.spans.size());
-  for (const PlannedSpan& planned : plan.spans) {
-    RowSpan span;
-    if (planned.sequence_id != 0) {  // 0: a padding request
-      span.block_table = cache_.Find(planned.sequence_id)->block_table.data();
-      cache_.Touch(planned.sequence_id, now);
-    }
-    span.first_position = planned.first_position;
-    span.num_rows = planned.num_rows;
-    span.first_row = planned.first_row;
-    spans.push_back(span);
-  }
-
-  std::string block_scores;
-  int32_t max_blocks = 0;
   if (request.return_block_scores()) {
-    for (const PlannedSpan& planned : plan.spans) {
-      const int64_t last = int64_t{planned.first_position} + planned.num_rows - 1;
-      if (last >= 0)
-        max_blocks = std::max<int32_t>(max_blocks, static_cast<int32_t>(last / kBlockSize + 1));
-    }
-    max_blocks = std::max(max_blocks, 1);
-    const int64_t bytes = int64_t{model.num_heads} * plan.total_rows * max_blocks * 4;
+    const int64_t bytes =
+        int64_t{model.num_heads} * plan.total_rows * MaxVisibleBlocks(plan) * int64_t{4};
     if (bytes > kMaxBlockScoreBytes) {
       return absl::InvalidArgumentError(
           absl::StrCat("block scores of this batch would take ", bytes, " bytes, more than ",
                        kMaxBlockScoreBytes, "; ask for them on smaller batches"));
     }
-    block_scores.resize(bytes);
   }
-  const int64_t ids_per_head = static_cast<int64_t>(plan.total_rows) * model.topk;
-  std::string head_major(ids_per_head * model.num_heads * sizeof(int32_t), '\0');
+  return plan;
+}
+
+absl::Status Engine::Select(const v1::SelectRequest& request, v1::Selection* selection) {
+  SelectCall call{&request, selection, absl::OkStatus()};
+  SelectMany(absl::MakeSpan(&call, 1));
+  return call.status;
+}
+
+void Engine::SelectMany(absl::Span<SelectCall> calls) {
+  std::vector<PreparedCall> launch;
+  absl::flat_hash_set<uint64_t> launch_sequences;
+  bool launch_has_scores = false;
+  auto flush = [&] {
+    if (!launch.empty()) Launch(absl::MakeSpan(launch));
+    launch.clear();
+    launch_sequences.clear();
+    launch_has_scores = false;
+  };
+  for (SelectCall& call : calls) {
+    absl::StatusOr<SelectPlan> plan = PlanChecked(*call.request);
+    if (!plan.ok()) {
+      call.status = plan.status();
+      continue;
+    }
+    bool conflicts = launch_has_scores || call.request->return_block_scores();
+    for (const PlannedSpan& span : plan->spans) {
+      conflicts = conflicts || launch_sequences.contains(span.sequence_id);
+    }
+    // The earlier calls must read their keys before this call's appends.
+    if (conflicts) flush();
+    if (!plan->appends.empty()) {
+      call.status = cache_.Append(plan->appends, options_.clock());
+      if (!call.status.ok()) continue;
+    }
+    for (const PlannedSpan& span : plan->spans) {
+      if (span.sequence_id != 0) launch_sequences.insert(span.sequence_id);
+    }
+    launch_has_scores = call.request->return_block_scores();
+    launch.push_back({&call, std::move(*plan)});
+  }
+  flush();
+}
+
+void Engine::Launch(absl::Span<PreparedCall> launch) {
+  const ModelConfig& model = options_.model;
+  const absl::Time now = options_.clock();
+  // Block tables are resolved after every append of the launch, which may
+  // have grown them.
+  std::vector<RowSpan> spans;
+  int32_t total_rows = 0;
+  for (const PreparedCall& prepared : launch) {
+    for (const PlannedSpan& planned : prepared.plan.spans) {
+      RowSpan span;
+      if (planned.sequence_id != 0) {  // 0: a padding request
+        span.block_table = cache_.Find(planned.sequence_id)->block_table.data();
+        cache_.Touch(planned.sequence_id, now);
+      }
+      span.first_position = planned.first_position;
+      span.num_rows = planned.num_rows;
+      span.first_row = total_rows + planned.first_row;
+      spans.push_back(span);
+    }
+    total_rows += prepared.plan.total_rows;
+  }
+
+  // One request's queries are used in place; a merged launch packs them.
+  std::string packed_queries;
+  const std::string* queries = &launch.front().call->request->queries();
+  if (launch.size() > 1) {
+    for (const PreparedCall& prepared : launch) packed_queries += prepared.call->request->queries();
+    queries = &packed_queries;
+  }
+
+  // Block scores only come from a launch of one call (see SelectMany).
+  const bool with_scores = launch.front().call->request->return_block_scores();
+  const int32_t max_blocks = with_scores ? MaxVisibleBlocks(launch.front().plan) : 0;
+  std::string block_scores(
+      with_scores ? size_t{4} * model.num_heads * total_rows * max_blocks : size_t{0}, '\0');
+  std::vector<int32_t> head_major(static_cast<size_t>(total_rows) * model.num_heads * model.topk);
   SelectionBatch batch;
   batch.spans = spans.data();
   batch.num_spans = static_cast<int32_t>(spans.size());
-  batch.queries = reinterpret_cast<const uint16_t*>(request.queries().data());
-  batch.total_rows = plan.total_rows;
-  batch.block_ids = reinterpret_cast<int32_t*>(head_major.data());
-  if (request.return_block_scores()) {
+  batch.queries = reinterpret_cast<const uint16_t*>(queries->data());
+  batch.total_rows = total_rows;
+  batch.block_ids = head_major.data();
+  if (with_scores) {
     batch.block_scores = reinterpret_cast<float*>(block_scores.data());
     batch.max_blocks = max_blocks;
   }
-  BLOCKSEL_RETURN_IF_ERROR(backend_->Select(plan.layer_index, batch));
+  const absl::Status status = backend_->Select(launch.front().plan.layer_index, batch);
+  select_launches_.fetch_add(1, std::memory_order_relaxed);
 
-  selection->set_num_heads(model.num_heads);
-  selection->set_total_q(plan.total_rows);
-  selection->set_topk(model.topk);
-  selection->set_layout(request.layout());
-  if (request.return_block_scores()) {
-    selection->set_max_blocks(max_blocks);
-    selection->set_block_scores(std::move(block_scores));
-  }
-  if (request.layout() == v1::BLOCK_ID_LAYOUT_TOKEN_MAJOR) {
-    std::string token_major(head_major.size(), '\0');
-    const auto* from = reinterpret_cast<const int32_t*>(head_major.data());
-    auto* to = reinterpret_cast<int32_t*>(token_major.data());
-    for (int32_t head = 0; head < model.num_heads; ++head) {
-      for (int32_t row = 0; row < plan.total_rows; ++row) {
-        std::copy_n(from + (static_cast<int64_t>(head) * plan.total_rows + row) * model.topk,
-                    model.topk,
-                    to + (static_cast<int64_t>(row) * model.num_heads + head) * model.topk);
+  int32_t first_row = 0;
+  for (PreparedCall& prepared : launch) {
+    SelectCall& call = *prepared.call;
+    call.status = status;
+    if (status.ok()) {
+      FillBlockIds(model, head_major.data(), total_rows, first_row, prepared.plan.total_rows,
+                   call.request->layout(), call.selection);
+      if (with_scores) {
+        call.selection->set_max_blocks(max_blocks);
+        call.selection->set_block_scores(std::move(block_scores));
       }
     }
-    selection->set_block_ids(std::move(token_major));
-  } else {
-    selection->set_block_ids(std::move(head_major));
+    first_row += prepared.plan.total_rows;
   }
-  return absl::OkStatus();
 }
 
 void Engine::FillInfo(v1::GetInfoResponse* info) const {

@@ -2,6 +2,7 @@
 #ifndef BLOCKSEL_SERVER_ENGINE_ENGINE_H_
 #define BLOCKSEL_SERVER_ENGINE_ENGINE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -9,10 +10,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "blocksel/v1/block_selector.pb.h"
 #include "server/engine/backend.h"
 #include "server/engine/key_cache.h"
 #include "server/engine/model_config.h"
+#include "server/engine/select_plan.h"
 #include "server/engine/snapshot.h"
 
 namespace blocksel {
@@ -25,6 +28,13 @@ struct EngineOptions {
   absl::Duration max_lease = absl::Hours(24);
   // Time source for leases; tests substitute a fake clock.
   std::function<absl::Time()> clock = [] { return absl::Now(); };
+};
+
+// One request of SelectMany and its outcome.
+struct SelectCall {
+  const v1::SelectRequest* request = nullptr;
+  v1::Selection* selection = nullptr;  // complete on OK, untouched otherwise
+  absl::Status status;
 };
 
 // Every operation validates its request completely before it changes any
@@ -48,6 +58,16 @@ class Engine {
   // complete on OK and untouched otherwise.
   absl::Status Select(const v1::SelectRequest& request, v1::Selection* selection);
 
+  // Runs every call as Select would, in order, with as few backend launches
+  // as keep that equivalence: consecutive calls share a launch unless a call
+  // reads a sequence already in the launch (its appends could change what
+  // the earlier call sees) or asks for block scores (which come back per
+  // launch). Each call is validated on its own, so a bad one fails alone.
+  void SelectMany(absl::Span<SelectCall> calls);
+
+  // Backend selections run so far (a merged launch counts once).
+  int64_t select_launches() const { return select_launches_.load(std::memory_order_relaxed); }
+
   // Model, cache and backend fields of GetInfo.
   void FillInfo(v1::GetInfoResponse* info) const;
 
@@ -61,9 +81,21 @@ class Engine {
   CacheStats cache_stats() const { return cache_.stats(); }
 
  private:
+  struct PreparedCall {
+    SelectCall* call;
+    SelectPlan plan;
+  };
+  // Validates a request; nothing changes.
+  absl::StatusOr<SelectPlan> PlanChecked(const v1::SelectRequest& request) const;
+  // One backend selection over the prepared calls, whose keys are applied;
+  // sets every call's status and, on OK, its selection.
+  void Launch(absl::Span<PreparedCall> launch);
+
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
   KeyCache cache_;
+  // Written on the engine's thread, read by monitoring on any thread.
+  std::atomic<int64_t> select_launches_{0};
 };
 
 // The model config as the API describes it.

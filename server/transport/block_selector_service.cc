@@ -10,26 +10,32 @@
 namespace blocksel {
 
 BlockSelectorService::BlockSelectorService(Engine* engine, Executor* executor,
-                                           ServiceOptions options)
-    : engine_(engine), executor_(executor), options_(std::move(options)) {}
+                                           SelectBatcher* batcher, ServiceOptions options)
+    : engine_(engine), executor_(executor), batcher_(batcher), options_(std::move(options)) {}
+
+namespace {
+
+// Whether a queued unary call is still wanted when its turn comes: work for
+// a caller that gave up is skipped, not done.
+absl::Status StillWanted(grpc::CallbackServerContext* context) {
+  if (context->IsCancelled()) return absl::CancelledError("call cancelled before it ran");
+  if (context->deadline() < std::chrono::system_clock::now()) {
+    return absl::DeadlineExceededError("deadline passed while the call was queued");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 template <typename Operation>
 grpc::ServerUnaryReactor* BlockSelectorService::RunUnary(grpc::CallbackServerContext* context,
                                                          Operation operation) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status queued = executor_->Submit([context, reactor,
-                                           operation = std::move(operation)]() mutable {
-    if (context->IsCancelled()) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled before it ran"));
-      return;
-    }
-    if (context->deadline() < std::chrono::system_clock::now()) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                   "deadline passed while the call was queued"));
-      return;
-    }
-    reactor->Finish(ToGrpcStatus(operation()));
-  });
+  absl::Status queued =
+      executor_->Submit([context, reactor, operation = std::move(operation)]() mutable {
+        absl::Status wanted = StillWanted(context);
+        reactor->Finish(ToGrpcStatus(wanted.ok() ? operation() : wanted));
+      });
   if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
   return reactor;
 }
@@ -90,15 +96,21 @@ grpc::ServerReadReactor<v1::AppendKeysRequest>* BlockSelectorService::StreamAppe
 grpc::ServerUnaryReactor* BlockSelectorService::Select(grpc::CallbackServerContext* context,
                                                        const v1::SelectRequest* request,
                                                        v1::SelectResponse* response) {
-  return RunUnary(context, [this, request, response] {
-    response->set_request_id(request->request_id());
-    return engine_->Select(*request, response->mutable_selection());
-  });
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  response->set_request_id(request->request_id());
+  SelectTask task;
+  task.request = request;
+  task.selection = response->mutable_selection();
+  task.admit = [context] { return StillWanted(context); };
+  task.done = [reactor](absl::Status status) { reactor->Finish(ToGrpcStatus(status)); };
+  absl::Status queued = batcher_->Submit(std::move(task), /*order=*/nullptr);
+  if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
+  return reactor;
 }
 
 grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>* BlockSelectorService::StreamSelect(
     grpc::CallbackServerContext* /*context*/) {
-  return new SelectStreamReactor(engine_, executor_, options_.max_inflight_per_stream);
+  return new SelectStreamReactor(batcher_, options_.max_inflight_per_stream);
 }
 
 grpc::ServerUnaryReactor* BlockSelectorService::WriteSnapshot(

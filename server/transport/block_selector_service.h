@@ -8,6 +8,7 @@
 #include "blocksel/v1/block_selector.grpc.pb.h"
 #include "server/engine/engine.h"
 #include "server/engine/executor.h"
+#include "server/engine/select_batcher.h"
 
 namespace blocksel {
 
@@ -18,11 +19,13 @@ struct ServiceOptions {
   std::string snapshot_path;  // empty: WriteSnapshot is FAILED_PRECONDITION
 };
 
-// Every engine operation runs on the executor; the reactors only decode,
-// queue and answer. Status codes pass through unchanged.
+// Every engine operation runs on the executor, selections through the
+// batcher; the reactors only decode, queue and answer. Status codes pass
+// through unchanged.
 class BlockSelectorService final : public v1::BlockSelector::CallbackService {
  public:
-  BlockSelectorService(Engine* engine, Executor* executor, ServiceOptions options);
+  BlockSelectorService(Engine* engine, Executor* executor, SelectBatcher* batcher,
+                       ServiceOptions options);
 
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* context,
                                     const v1::GetInfoRequest* request,
@@ -58,6 +61,7 @@ class BlockSelectorService final : public v1::BlockSelector::CallbackService {
 
   Engine* const engine_;
   Executor* const executor_;
+  SelectBatcher* const batcher_;
   const ServiceOptions options_;
 };
 

@@ -14,8 +14,8 @@ void SetError(const absl::Status& status, v1::SelectResponse* response) {
 
 }  // namespace
 
-SelectStreamReactor::SelectStreamReactor(Engine* engine, Executor* executor, int max_inflight)
-    : engine_(engine), executor_(executor), max_inflight_(max_inflight) {
+SelectStreamReactor::SelectStreamReactor(SelectBatcher* batcher, int max_inflight)
+    : batcher_(batcher), max_inflight_(max_inflight) {
   {
     absl::MutexLock lock(&mutex_);
     reading_ = true;
@@ -31,21 +31,23 @@ void SelectStreamReactor::OnReadDone(bool ok) {
     if (!ok) {
       reads_done_ = true;
     } else {
+      // The request and its response live in the task until done.
       auto request = std::make_shared<v1::SelectRequest>(std::move(incoming_));
+      auto response = std::make_shared<v1::SelectResponse>();
       incoming_.Clear();
+      response->set_request_id(request->request_id());
       ++inflight_;
-      absl::Status queued = executor_->Submit([this, request] {
-        v1::SelectResponse response;
-        response.set_request_id(request->request_id());
-        absl::Status status = engine_->Select(*request, response.mutable_selection());
-        if (!status.ok()) SetError(status, &response);
-        Complete(std::move(response));
-      });
+      SelectTask task;
+      task.request = request.get();
+      task.selection = response->mutable_selection();
+      task.done = [this, request, response](absl::Status status) {
+        if (!status.ok()) SetError(status, response.get());
+        Complete(std::move(*response));
+      };
+      absl::Status queued = batcher_->Submit(std::move(task), &order_);
       if (!queued.ok()) {
-        v1::SelectResponse response;
-        response.set_request_id(request->request_id());
-        SetError(queued, &response);
-        outgoing_.push_back(std::move(response));
+        SetError(queued, response.get());
+        outgoing_.push_back(std::move(*response));
       }
     }
     PlanLocked(&actions);

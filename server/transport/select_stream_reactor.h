@@ -7,13 +7,13 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "blocksel/v1/block_selector.grpc.pb.h"
-#include "server/engine/engine.h"
-#include "server/engine/executor.h"
+#include "server/engine/select_batcher.h"
 
 namespace blocksel {
 
-// Reads SelectRequests, runs each on the executor and writes one
-// SelectResponse per request, in request order (the executor is FIFO).
+// Reads SelectRequests, runs each through the batcher and writes one
+// SelectResponse per request, in request order (the batcher keeps a
+// stream's order and the executor is FIFO).
 //
 // Flow control: at most max_inflight requests are read and not yet written
 // back; past that the reactor stops reading, so HTTP/2 flow control pushes
@@ -23,12 +23,12 @@ namespace blocksel {
 // only called once no executor task refers to it (inflight_ == 0).
 //
 // Concurrency: reactions arrive on gRPC threads and completions on the
-// executor thread; mutex_ guards the state. gRPC calls (StartRead,
+// engine's thread; mutex_ guards the state. gRPC calls (StartRead,
 // StartWrite, Finish) are made after releasing mutex_.
 class SelectStreamReactor final
     : public grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse> {
  public:
-  SelectStreamReactor(Engine* engine, Executor* executor, int max_inflight);
+  SelectStreamReactor(SelectBatcher* batcher, int max_inflight);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
@@ -48,9 +48,9 @@ class SelectStreamReactor final
   void PlanLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void Perform(const Actions& actions);
 
-  Engine* const engine_;
-  Executor* const executor_;
+  SelectBatcher* const batcher_;
   const int max_inflight_;
+  SelectBatcher::OrderToken order_ ABSL_GUARDED_BY(mutex_);
   v1::SelectRequest incoming_;  // target of the pending read
 
   absl::Mutex mutex_;

@@ -455,6 +455,105 @@ TEST_F(EngineTest, TokenMajorIsTheTransposedHeadMajorResult) {
             Reference({{KeysOf(a, layer), 980, 20}, {KeysOf(b, layer), 590, 10}}, queries.values));
 }
 
+// A decode batch of one request (Q = 1) at seq_len, carrying the new
+// token's key when new_key is given.
+v1::SelectRequest OneDecode(int32_t layer, uint64_t sequence, int64_t seq_len,
+                            const std::string& queries, const std::string* new_key) {
+  v1::SelectRequest request;
+  request.set_layer(layer);
+  v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+  decode->set_sequence_id(sequence);
+  decode->set_seq_len(seq_len);
+  if (new_key != nullptr) decode->set_keys(*new_key);
+  request.set_queries(queries);
+  return request;
+}
+
+TEST_F(EngineTest, SelectManyMergesIndependentCallsIntoOneLaunch) {
+  const int32_t layer = kLastLayer;
+  const uint64_t a = Open();
+  const uint64_t b = Open();
+  ASSERT_TRUE(AppendRandom(a, layer, 0, 700).ok());
+  ASSERT_TRUE(AppendRandom(b, layer, 0, 1300).ok());
+  Encoded queries_a = RandomQueries(1);
+  Encoded queries_b = RandomQueries(1);
+  Encoded bad_queries = RandomQueries(2);  // one row too many
+  Encoded key_b = RandomKeys(1);
+  std::vector<v1::SelectRequest> requests = {
+      OneDecode(layer, a, 700, queries_a.bytes, nullptr),
+      OneDecode(layer, a, 700, bad_queries.bytes, nullptr),
+      OneDecode(layer, b, 1301, queries_b.bytes, &key_b.bytes),
+  };
+  requests[2].set_layout(v1::BLOCK_ID_LAYOUT_TOKEN_MAJOR);
+  std::vector<v1::Selection> selections(requests.size());
+  std::vector<SelectCall> calls;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    calls.push_back({&requests[i], &selections[i], absl::OkStatus()});
+  }
+  const int64_t launches = engine_->select_launches();
+  engine_->SelectMany(absl::MakeSpan(calls));
+  EXPECT_EQ(engine_->select_launches(), launches + 1);
+
+  ASSERT_TRUE(calls[0].status.ok()) << calls[0].status;
+  EXPECT_EQ(calls[1].status.code(), absl::StatusCode::kInvalidArgument) << calls[1].status;
+  EXPECT_TRUE(selections[1].block_ids().empty());
+  ASSERT_TRUE(calls[2].status.ok()) << calls[2].status;
+  Remember(b, layer, 1300, key_b.values);
+  EXPECT_EQ(Ids(selections[0]), Reference({{KeysOf(a, layer), 699, 1}}, queries_a.values));
+  EXPECT_EQ(selections[2].layout(), v1::BLOCK_ID_LAYOUT_TOKEN_MAJOR);
+  EXPECT_EQ(selections[2].total_q(), 1u);
+  // With one row, token-major and head-major ids are the same sequence.
+  EXPECT_EQ(Ids(selections[2]), Reference({{KeysOf(b, layer), 1300, 1}}, queries_b.values));
+}
+
+TEST_F(EngineTest, SelectManyRunsCallsOfOneSequenceInOrder) {
+  const int32_t layer = kFirstSparseLayer;
+  const uint64_t a = Open();
+  ASSERT_TRUE(AppendRandom(a, layer, 0, 1000).ok());
+  Encoded first_key = RandomKeys(1);
+  Encoded queries_1 = RandomQueries(1);
+  // The second call rewrites tokens 801..1000 (a rejected draft) with keys
+  // along the first call's query, so block 6 would win the first call's
+  // selection if its append ran first.
+  constexpr int32_t kRewritten = 200;
+  std::string rewrite;
+  for (int32_t token = 0; token < kRewritten; ++token) {
+    rewrite += queries_1.bytes.substr(0, model_.head_dim * sizeof(uint16_t));
+  }
+  Encoded queries_2 = RandomQueries(kRewritten);
+  std::vector<v1::SelectRequest> requests = {
+      OneDecode(layer, a, 1001, queries_1.bytes, &first_key.bytes),
+      OneDecode(layer, a, 1001, queries_2.bytes, &rewrite),
+  };
+  requests[1].mutable_decode()->set_tokens_per_request(kRewritten);
+  std::vector<v1::Selection> selections(2);
+  std::vector<SelectCall> calls = {{&requests[0], &selections[0], absl::OkStatus()},
+                                   {&requests[1], &selections[1], absl::OkStatus()}};
+  const int64_t launches = engine_->select_launches();
+  engine_->SelectMany(absl::MakeSpan(calls));
+  EXPECT_EQ(engine_->select_launches(), launches + 2);
+  ASSERT_TRUE(calls[0].status.ok()) << calls[0].status;
+  ASSERT_TRUE(calls[1].status.ok()) << calls[1].status;
+
+  Remember(a, layer, 1000, first_key.values);
+  const std::vector<int32_t> first = Ids(selections[0]);
+  EXPECT_EQ(first, Reference({{KeysOf(a, layer), 1000, 1}}, queries_1.values));
+  std::vector<float> rewritten_values;
+  for (int32_t token = 0; token < kRewritten; ++token) {
+    rewritten_values.insert(rewritten_values.end(), queries_1.values.begin(),
+                            queries_1.values.begin() + model_.head_dim);
+  }
+  Remember(a, layer, 1001 - kRewritten, rewritten_values);
+  EXPECT_EQ(Ids(selections[1]),
+            Reference({{KeysOf(a, layer), 1001 - kRewritten, kRewritten}}, queries_2.values));
+  // Head 0 of the first call, had it seen the rewrite: block 6 right after
+  // the forced init (0) and local (7) blocks.
+  const std::vector<int32_t> after_rewrite =
+      Reference({{KeysOf(a, layer), 1000, 1}}, queries_1.values);
+  ASSERT_EQ(after_rewrite[2], 6);
+  EXPECT_NE(first, after_rewrite);
+}
+
 // Validation: every rejected request leaves the cache and the output as
 // they were.
 class EngineSelectValidationTest : public EngineTest {
