@@ -7,8 +7,10 @@
 // each such segment it scores every page once against all H x Q queries of
 // the sequence and keeps a partial top-k per query, written to the
 // workspace at slot (cta + sequence), a slot no other segment uses.
-// Launch 2 (DecodeMergeKernel): one CTA per sequence merges the partial
-// lists of the CTAs that covered it and writes the block ids.
+// Launch 2 (DecodeMergeKernel): one CTA per (sequence, query) merges the
+// partial lists of the CTAs that covered it and writes the block ids. On
+// sm_90 it is a programmatic dependent launch, so it is scheduled while the
+// score kernel runs and waits for it on the device.
 #include <cstdint>
 
 #include "kernels/gpu/gpu_compat.h"
@@ -115,6 +117,10 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
   float* list_scores = group_max + kLaneGroups * 16;                // max_queries * topk
   int32_t* list_ids = reinterpret_cast<int32_t*>(list_scores + params.max_queries * topk);
 
+  // The merge kernel may be scheduled now: it waits for this grid to
+  // finish before reading the workspace, and its launch latency overlaps
+  // the scoring.
+  AllowDependentLaunch();
   BlockPrefix(batch.spans, num_spans, prefix, partial);
   const Workspace workspace =
       CarveWorkspace(batch.workspace, params.splits, num_spans, params.max_queries, topk);
@@ -252,6 +258,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
   const int32_t head = q % shape.num_heads;
   int32_t* out = batch.block_ids +
                  (static_cast<int64_t>(head) * batch.total_rows + span.first_row + row) * topk;
+  WaitForPriorGrid();  // the score kernel's lists and prefix
   const Workspace workspace =
       CarveWorkspace(batch.workspace, params.splits, batch.num_spans, params.max_queries, topk);
   const int64_t total = workspace.prefix[batch.num_spans];
@@ -397,9 +404,10 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
       gpuFuncSetMaxDynamicSharedMemory(DecodeMergeKernel, merge_shared) != gpuSuccess) {
     return KernelStatus::kUnsupported;
   }
-  DecodeMergeKernel<<<dim3(batch.num_spans, max_queries), kMergeThreads, merge_shared,
-                      cuda_stream>>>(params);
-  return gpuGetLastError() == gpuSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
+  return LaunchDependent(DecodeMergeKernel, dim3(batch.num_spans, max_queries), dim3(kMergeThreads),
+                         merge_shared, cuda_stream, params) == gpuSuccess
+             ? KernelStatus::kOk
+             : KernelStatus::kDeviceError;
 }
 
 }  // namespace blocksel::gpu

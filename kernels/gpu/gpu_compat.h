@@ -136,6 +136,46 @@ __device__ __forceinline__ void SyncWarp() {
 #endif
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with
+// LaunchDependent may start while the kernel before it in the stream is
+// still running, hiding its launch latency. It must call WaitForPriorGrid()
+// before reading anything that kernel writes; the earlier kernel calls
+// AllowDependentLaunch() once its CTAs no longer need the SMs to themselves.
+// Both calls are no-ops elsewhere (older NVIDIA parts, HIP), where the
+// launch is an ordinary one. Graph capture keeps the dependency.
+__device__ __forceinline__ void AllowDependentLaunch() {
+#if !defined(BLOCKSEL_GPU_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
+__device__ __forceinline__ void WaitForPriorGrid() {
+#if !defined(BLOCKSEL_GPU_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+#endif
+}
+
+template <typename... Params, typename... Args>
+gpuError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                           gpuStream_t stream, Args... args) {
+#if defined(BLOCKSEL_GPU_HIP)
+  kernel<<<grid, block, shared_bytes, stream>>>(args...);
+  return hipGetLastError();
+#else
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+#endif
+}
+
 }  // namespace blocksel::gpu
 
 #endif  // BLOCKSEL_KERNELS_GPU_GPU_COMPAT_H_

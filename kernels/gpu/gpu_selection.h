@@ -84,7 +84,7 @@ struct DeviceBatch {
   const uint16_t* queries = nullptr;  // bf16 [total_rows][H][D]
   int32_t total_rows = 0;
   int32_t* block_ids = nullptr;  // int32 [H][total_rows][topk]
-  void* workspace = nullptr;     // DecodeWorkspaceBytes(...) bytes
+  void* workspace = nullptr;     // Decode/PrefillWorkspaceBytes(...) bytes
 };
 
 // Head dims the GPU kernels support (powers of two from 16 to 512).
@@ -106,11 +106,19 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
 
 // Prefill: any spans, none longer than max_rows_per_span rows. Tiles of
 // query rows x all H heads share each key page read; matrix units score the
-// tile on sm_80+ (a plain loop elsewhere); a running top-k per (row, head)
-// stays on chip, so no score tensor is ever written. One launch, no
-// workspace.
+// tile; a running top-k per (row, head) stays on chip, so no score tensor is
+// ever written. With key_splits = 1: one launch, no workspace. With more,
+// each tile's visible key blocks are divided over key_splits CTAs (chunks
+// with few tiles and long prefixes), whose partial lists, in
+// PrefillWorkspaceBytes of workspace, a second kernel merges exactly.
+inline constexpr int32_t kMaxPrefillKeySplits = 16;
+// A key split that fills the device: 1 when the tiles already do.
+// max_visible_blocks: blocks the longest row sees.
+int32_t PrefillKeySplits(const DeviceInfo& device, const SelectionShape& shape, int32_t num_spans,
+                         int32_t max_rows_per_span, int32_t max_visible_blocks);
+int64_t PrefillWorkspaceBytes(const SelectionShape& shape, int32_t total_rows, int32_t key_splits);
 KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
-                           int32_t max_rows_per_span, void* stream);
+                           int32_t max_rows_per_span, int32_t key_splits, void* stream);
 
 // ------------------------------------------------ vLLM's indexer entry points
 // For callers that link the kernels in process and want vLLM's three calls:

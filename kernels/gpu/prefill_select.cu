@@ -8,7 +8,14 @@
 // per query, and folds it into a top-k list per query kept in shared memory.
 // Pages are staged in shared memory with asynchronous copies, the next one
 // in flight while the current one is scored. No score tensor is written.
-// Grid: (tiles of the longest span, spans).
+// Grid: (tiles of the longest span, spans, key splits).
+//
+// Key split: a chunk with few tiles and a long prefix would leave most SMs
+// idle, so the tile's visible blocks are divided over key_splits CTAs
+// (blockIdx.z). Each writes its sorted partial lists to the workspace and
+// PrefillMergeKernel merges them per (row, head). Every block lands in
+// exactly one partial list with the priority the unsplit kernel gives it,
+// so the merge is exact.
 #include <cstdint>
 
 #include "kernels/gpu/gpu_compat.h"
@@ -28,7 +35,23 @@ struct PrefillParams {
   DeviceBatch batch;
   float* scores;       // score mode: [H][total_rows][max_blocks]
   int32_t max_blocks;  // score mode: the scores tensor's last dimension
+  int32_t key_splits;  // gridDim.z; > 1 only in top-k mode
 };
+
+// Key-split workspace: [key_splits][total_rows * H][topk] scores, then the
+// same of ids. A list is indexed by (first_row of its span + row) * H + head.
+struct SplitLists {
+  float* scores;
+  int32_t* ids;
+};
+
+__host__ __device__ inline SplitLists CarveSplitLists(void* workspace, const SelectionShape& shape,
+                                                      int32_t total_rows, int32_t key_splits) {
+  const int64_t entries =
+      static_cast<int64_t>(key_splits) * total_rows * shape.num_heads * shape.topk;
+  auto* scores = static_cast<float*>(workspace);
+  return {scores, reinterpret_cast<int32_t*>(scores + entries)};
+}
 
 // Start of the scores row of query q (a (row, head) pair) of span.
 __device__ __forceinline__ int64_t ScoreIndex(const PrefillParams& params, int32_t q,
@@ -52,6 +75,9 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
   const int32_t tile_first = blockIdx.x * kTileQueries;
   if (tile_first >= num_queries) return;
   const int32_t tile_queries = min(kTileQueries, num_queries - tile_first);
+  // With a key split, the merge kernel is scheduled early and waits for
+  // this grid on the device.
+  AllowDependentLaunch();
 
   unsigned char* staged[2] = {shared_raw, shared_raw + StagedPageBytes<kDtype>(dim)};
   // fp8 only: the current page widened to bf16.
@@ -79,22 +105,27 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
 
   const int32_t last_position = span.first_position + (tile_first + tile_queries - 1) / heads;
   const int32_t num_blocks = last_position < 0 ? 0 : last_position / kBlockSize + 1;
+  // This CTA's share of the tile's blocks (all of them without a split).
+  const int32_t first_block = static_cast<int32_t>(int64_t{num_blocks} * blockIdx.z / gridDim.z);
+  const int32_t end_block =
+      static_cast<int32_t>(int64_t{num_blocks} * (blockIdx.z + 1) / gridDim.z);
   const int64_t page_bytes = static_cast<int64_t>(kBlockSize) * dim * kKeyBytes<kDtype>;
   auto page = [&](int32_t block) {
     return static_cast<const char*>(batch.key_pool) +
            static_cast<int64_t>(batch.block_table[span.table_offset + block]) * page_bytes;
   };
-  if (num_blocks > 0) StagePage<kDtype>(page(0), staged[0], dim, kThreads);
-  for (int32_t block = 0; block < num_blocks; ++block) {
-    if (block + 1 < num_blocks) {
-      StagePage<kDtype>(page(block + 1), staged[(block + 1) % 2], dim, kThreads);
+  if (first_block < end_block) StagePage<kDtype>(page(first_block), staged[0], dim, kThreads);
+  for (int32_t block = first_block; block < end_block; ++block) {
+    const int buffer = (block - first_block) % 2;
+    if (block + 1 < end_block) {
+      StagePage<kDtype>(page(block + 1), staged[1 - buffer], dim, kThreads);
       WaitStagedPages<1>();
     } else {
       WaitStagedPages<0>();
     }
     const int32_t block_start = block * kBlockSize;
     float best_top, best_bottom;
-    const unsigned char* keys = staged[block % 2];
+    const unsigned char* keys = staged[buffer];
     if constexpr (kDtype == KeyDtype::kFp8E4m3) {
       WidenStagedFp8(keys, widened, dim, kThreads);
       __syncthreads();
@@ -140,6 +171,19 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
     return;
   }
   __syncthreads();
+  if (params.key_splits > 1) {
+    const SplitLists lists =
+        CarveSplitLists(batch.workspace, shape, batch.total_rows, params.key_splits);
+    const int64_t base =
+        ((static_cast<int64_t>(blockIdx.z) * batch.total_rows + span.first_row) * heads +
+         tile_first) *
+        topk;
+    for (int i = threadIdx.x; i < tile_queries * topk; i += kThreads) {
+      lists.scores[base + i] = list_scores[i];
+      lists.ids[base + i] = list_ids[i];
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < tile_queries * topk; i += kThreads) {
     const int32_t q = tile_first + i / topk;
     const int32_t id = list_ids[i];
@@ -147,6 +191,42 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
                      q / heads) *
                         topk +
                     i % topk] = id == kNoBlock ? -1 : id;
+  }
+}
+
+constexpr int kMergeThreads = 128;
+
+// One thread per (row, head) of the batch: a k-way merge of its key_splits
+// sorted partial lists into the final ids.
+__global__ void __launch_bounds__(kMergeThreads) PrefillMergeKernel(PrefillParams params) {
+  const SelectionShape& shape = params.shape;
+  const DeviceBatch& batch = params.batch;
+  const int64_t query = static_cast<int64_t>(blockIdx.x) * kMergeThreads + threadIdx.x;
+  if (query >= static_cast<int64_t>(batch.total_rows) * shape.num_heads) return;
+  const int32_t topk = shape.topk;
+  const int32_t row = static_cast<int32_t>(query / shape.num_heads);
+  const int32_t head = static_cast<int32_t>(query % shape.num_heads);
+  int32_t* out = batch.block_ids + (static_cast<int64_t>(head) * batch.total_rows + row) * topk;
+  WaitForPriorGrid();  // the partial lists
+  const SplitLists lists =
+      CarveSplitLists(batch.workspace, shape, batch.total_rows, params.key_splits);
+  const int64_t split_stride = static_cast<int64_t>(batch.total_rows) * shape.num_heads * topk;
+  int32_t taken[kMaxPrefillKeySplits] = {};
+  for (int32_t rank = 0; rank < topk; ++rank) {
+    float best_score = -__int_as_float(0x7f800000);
+    int32_t best_id = kNoBlock;
+    int32_t best_split = 0;
+    for (int32_t split = 0; split < params.key_splits; ++split) {
+      if (taken[split] >= topk) continue;
+      const int64_t index = split * split_stride + query * topk + taken[split];
+      if (RanksBefore(lists.scores[index], lists.ids[index], best_score, best_id)) {
+        best_score = lists.scores[index];
+        best_id = lists.ids[index];
+        best_split = split;
+      }
+    }
+    out[rank] = best_id == kNoBlock ? -1 : best_id;
+    ++taken[best_split];
   }
 }
 
@@ -181,20 +261,35 @@ KernelStatus Launch(const PrefillParams& params, dim3 grid, gpuStream_t stream) 
     return KernelStatus::kDeviceError;
   }
   kernel<<<grid, kThreads, shared, stream>>>(params);
-  return gpuGetLastError() == gpuSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
+  if (gpuGetLastError() != gpuSuccess) return KernelStatus::kDeviceError;
+  if (params.key_splits == 1) return KernelStatus::kOk;
+  const int64_t queries = static_cast<int64_t>(params.batch.total_rows) * params.shape.num_heads;
+  return LaunchDependent(PrefillMergeKernel,
+                         dim3(static_cast<unsigned>((queries + kMergeThreads - 1) / kMergeThreads)),
+                         dim3(kMergeThreads), 0, stream, params) == gpuSuccess
+             ? KernelStatus::kOk
+             : KernelStatus::kDeviceError;
+}
+
+int64_t TilesPerSpan(const SelectionShape& shape, int32_t max_rows_per_span) {
+  return (static_cast<int64_t>(max_rows_per_span) * shape.num_heads + kTileQueries - 1) /
+         kTileQueries;
 }
 
 KernelStatus LaunchTiles(const SelectionShape& shape, const DeviceBatch& batch,
-                         int32_t max_rows_per_span, float* scores, int32_t max_blocks,
-                         void* stream) {
+                         int32_t max_rows_per_span, int32_t key_splits, float* scores,
+                         int32_t max_blocks, void* stream) {
   if (!SupportsHeadDim(shape.head_dim) || shape.head_dim > 16 * kMaxKSteps || batch.num_spans < 1 ||
       batch.num_spans > 65535 || max_rows_per_span < 1 || shape.topk > 256) {
     return KernelStatus::kUnsupported;
   }
-  const int64_t tiles =
-      (static_cast<int64_t>(max_rows_per_span) * shape.num_heads + kTileQueries - 1) / kTileQueries;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(batch.num_spans));
-  const PrefillParams params{shape, batch, scores, max_blocks};
+  if (key_splits < 1 || key_splits > kMaxPrefillKeySplits ||
+      (key_splits > 1 && (scores != nullptr || batch.workspace == nullptr))) {
+    return KernelStatus::kInvalidArgument;
+  }
+  const dim3 grid(static_cast<unsigned>(TilesPerSpan(shape, max_rows_per_span)),
+                  static_cast<unsigned>(batch.num_spans), static_cast<unsigned>(key_splits));
+  const PrefillParams params{shape, batch, scores, max_blocks, key_splits};
   auto* cuda_stream = static_cast<gpuStream_t>(stream);
   if (scores != nullptr) {
     return shape.key_dtype == KeyDtype::kBf16
@@ -208,16 +303,37 @@ KernelStatus LaunchTiles(const SelectionShape& shape, const DeviceBatch& batch,
 
 }  // namespace
 
+int32_t PrefillKeySplits(const DeviceInfo& device, const SelectionShape& shape, int32_t num_spans,
+                         int32_t max_rows_per_span, int32_t max_visible_blocks) {
+  // Split only while the CTAs stay within one wave of two per
+  // multiprocessor (what fits by shared memory): a split that adds a wave
+  // costs more than it balances (measured on H100). At least
+  // kMinBlocksPerKeySplit blocks per CTA keep the merge cheap.
+  constexpr int32_t kMinBlocksPerKeySplit = 16;
+  const int64_t ctas = TilesPerSpan(shape, max_rows_per_span) * num_spans;
+  const int64_t wanted = 2 * int64_t{device.multiprocessors} / ctas;
+  const int64_t most = max_visible_blocks / kMinBlocksPerKeySplit;
+  const int64_t splits = wanted < most ? wanted : most;
+  return static_cast<int32_t>(splits < 1                      ? 1
+                              : splits > kMaxPrefillKeySplits ? kMaxPrefillKeySplits
+                                                              : splits);
+}
+
+int64_t PrefillWorkspaceBytes(const SelectionShape& shape, int32_t total_rows, int32_t key_splits) {
+  if (key_splits <= 1) return 0;
+  return static_cast<int64_t>(key_splits) * total_rows * shape.num_heads * shape.topk * 8;
+}
+
 KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
-                           int32_t max_rows_per_span, void* stream) {
-  return LaunchTiles(shape, batch, max_rows_per_span, nullptr, 0, stream);
+                           int32_t max_rows_per_span, int32_t key_splits, void* stream) {
+  return LaunchTiles(shape, batch, max_rows_per_span, key_splits, nullptr, 0, stream);
 }
 
 KernelStatus LaunchBlockScores(const SelectionShape& shape, const DeviceBatch& batch,
                                int32_t max_rows_per_span, float* scores, int32_t max_blocks,
                                void* stream) {
   if (scores == nullptr || max_blocks < 1) return KernelStatus::kInvalidArgument;
-  return LaunchTiles(shape, batch, max_rows_per_span, scores, max_blocks, stream);
+  return LaunchTiles(shape, batch, max_rows_per_span, /*key_splits=*/1, scores, max_blocks, stream);
 }
 
 }  // namespace blocksel::gpu

@@ -303,6 +303,7 @@ absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch&
   spans.reserve(batch.num_spans);
   std::vector<int32_t> table;
   int32_t max_rows = 1;
+  int32_t max_visible_blocks = 0;
   bool fits_decode = shape.topk <= 64;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     const RowSpan& span = batch.spans[s];
@@ -312,6 +313,7 @@ absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch&
         {span.first_position, span.num_rows, span.first_row, static_cast<int32_t>(table.size())});
     table.insert(table.end(), span.block_table, span.block_table + blocks);
     max_rows = std::max(max_rows, span.num_rows);
+    max_visible_blocks = std::max(max_visible_blocks, static_cast<int32_t>(blocks));
     fits_decode = fits_decode && span.num_rows * shape.num_heads <= gpu::kMaxDecodeQueries;
   }
   const int64_t spans_bytes = AlignUp(static_cast<int64_t>(spans.size()) * sizeof(gpu::DeviceSpan));
@@ -351,7 +353,13 @@ absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch&
     device_batch.workspace = workspace_.data;
     status = gpu::LaunchDecode(shape, device_batch, max_rows, splits, stream_);
   } else {
-    status = gpu::LaunchPrefill(shape, device_batch, max_rows, stream_);
+    const int32_t key_splits =
+        gpu::PrefillKeySplits(device_, shape, batch.num_spans, max_rows, max_visible_blocks);
+    absl::Status reserved = Reserve(
+        &workspace_, gpu::PrefillWorkspaceBytes(shape, batch.total_rows, key_splits), false);
+    if (!reserved.ok()) return reserved;
+    device_batch.workspace = workspace_.data;
+    status = gpu::LaunchPrefill(shape, device_batch, max_rows, key_splits, stream_);
   }
   if (status != KernelStatus::kOk) return DeviceStatus(status, "selection kernel");
   const int64_t score_bytes =

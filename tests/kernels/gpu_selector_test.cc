@@ -53,7 +53,11 @@ class GpuSelectorTest : public ::testing::Test {
   void TearDown() override { gpu::StreamDestroy(stream_); }
 
   // kScoresThenTopK: vLLM's score entry point, then top-k from scores.
-  enum class Path { kDecode, kPrefill, kScoresThenTopK };
+  // kPrefillKeySplit: the prefill kernel with each tile's keys split over
+  // kTestKeySplits CTAs and merged (more splits than short rows have
+  // blocks, so some CTAs get none).
+  enum class Path { kDecode, kPrefill, kPrefillKeySplit, kScoresThenTopK };
+  static constexpr int32_t kTestKeySplits = 5;
 
   // Uploads the problem, runs one kernel path, returns [H][rows][topk].
   // With scores_out, the score path also returns its [H][rows][max_blocks]
@@ -79,8 +83,9 @@ class GpuSelectorTest : public ::testing::Test {
     DeviceBuffer spans_device(static_cast<int64_t>(spans.size() * sizeof(gpu::DeviceSpan)));
     DeviceBuffer queries(static_cast<int64_t>(problem.queries.size()) * 2);
     DeviceBuffer out(out_count * 4);
-    DeviceBuffer workspace(
-        gpu::DecodeWorkspaceBytes(shape, static_cast<int32_t>(spans.size()), max_rows, splits));
+    DeviceBuffer workspace(std::max(
+        gpu::DecodeWorkspaceBytes(shape, static_cast<int32_t>(spans.size()), max_rows, splits),
+        gpu::PrefillWorkspaceBytes(shape, problem.total_rows, kTestKeySplits)));
     EXPECT_EQ(gpu::CopyHostToDevice(pool.get(), problem.pool.data(),
                                     static_cast<int64_t>(problem.pool.size()), stream_),
               KernelStatus::kOk);
@@ -129,7 +134,10 @@ class GpuSelectorTest : public ::testing::Test {
         launched = gpu::LaunchDecode(shape, batch, max_rows, splits, stream_);
         break;
       case Path::kPrefill:
-        launched = gpu::LaunchPrefill(shape, batch, max_rows, stream_);
+        launched = gpu::LaunchPrefill(shape, batch, max_rows, /*key_splits=*/1, stream_);
+        break;
+      case Path::kPrefillKeySplit:
+        launched = gpu::LaunchPrefill(shape, batch, max_rows, kTestKeySplits, stream_);
         break;
       case Path::kScoresThenTopK:
         launched = gpu::LaunchBlockScores(shape, batch, max_rows, static_cast<float*>(scores.get()),
@@ -179,6 +187,8 @@ TEST_F(GpuSelectorTest, BothPathsMatchTheOracleOnRandomBatches) {
     const SelectionProblem problem = RandomProblem(seed, Values::kNormal);
     ASSERT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefill), kTolerance), "")
         << "prefill, seed " << seed;
+    ASSERT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefillKeySplit), kTolerance), "")
+        << "prefill with a key split, seed " << seed;
     ASSERT_EQ(CompareWithOracle(problem, Run(problem, Path::kScoresThenTopK), kTolerance), "")
         << "scores + top-k, seed " << seed;
     if (FitsDecode(problem)) {
@@ -196,6 +206,7 @@ TEST_F(GpuSelectorTest, BothPathsEqualTheCpuBackendExactlyOnExactInputs) {
     const std::vector<int32_t> cpu = RunCpu(problem);
     ASSERT_EQ(cpu, problem.Reference()) << "seed " << seed;
     ASSERT_EQ(Run(problem, Path::kPrefill), cpu) << "prefill, seed " << seed;
+    ASSERT_EQ(Run(problem, Path::kPrefillKeySplit), cpu) << "prefill key split, seed " << seed;
     ASSERT_EQ(Run(problem, Path::kScoresThenTopK), cpu) << "scores + top-k, seed " << seed;
     if (FitsDecode(problem)) {
       ASSERT_EQ(Run(problem, Path::kDecode), cpu) << "decode, seed " << seed;
@@ -246,6 +257,7 @@ TEST_F(GpuSelectorTest, EdgeCases) {
     SCOPED_TRACE(name);
     EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kDecode), kTolerance), "");
     EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefill), kTolerance), "");
+    EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefillKeySplit), kTolerance), "");
     EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kScoresThenTopK), kTolerance), "");
   }
 }
@@ -294,6 +306,7 @@ TEST_F(GpuSelectorTest, LongPrefillChunkWithPrefix) {
                                        .AddRequest(500, 0, 500)
                                        .Build();
   EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefill), kTolerance), "");
+  EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefillKeySplit), kTolerance), "");
 }
 
 TEST_F(GpuSelectorTest, ReproducesEveryGoldenCase) {
@@ -338,6 +351,7 @@ TEST_F(GpuSelectorTest, ReproducesEveryGoldenCase) {
     }
     problem.total_rows = row;
     EXPECT_EQ(Run(problem, Path::kPrefill), golden.ExpectedBatch());
+    EXPECT_EQ(Run(problem, Path::kPrefillKeySplit), golden.ExpectedBatch());
     if (FitsDecode(problem)) {
       EXPECT_EQ(Run(problem, Path::kDecode), golden.ExpectedBatch());
     }

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Runs the GPU tests, the sanitizers, the GPU benchmarks and a SASS summary
+# on a GPU machine from a bundle made by scripts/bundle_libs.sh (see
+# DEVELOPERS.md). Logs go to LOG_DIR (default: ./gpu-logs), one per step.
+#
+#   scripts/gpu_check.sh BUNDLE [steps...]
+#   steps: tests sanitizers bench batching sass (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bundle=$(cd "$1" && pwd)
+shift
+steps=("$@")
+[[ ${#steps[@]} -eq 0 ]] && steps=(tests sanitizers bench batching sass)
+logs=${LOG_DIR:-$PWD/gpu-logs}
+mkdir -p "$logs"
+cuda=${CUDA_HOME:-/usr/local/cuda}
+export LD_LIBRARY_PATH=$bundle/lib:$cuda/lib64:${LD_LIBRARY_PATH:-}
+export BLOCKSEL_GOLDEN_DIR=$PWD/tests/testdata/golden
+export BLOCKSEL_SERVER_BINARY=$bundle/bin/blocksel-server
+export BLOCKSEL_TEST_BACKEND=cuda
+status=0
+
+step() {  # name, command...
+  local name=$1
+  shift
+  echo "== $name: $*" | tee "$logs/$name.log"
+  if ! "$@" >>"$logs/$name.log" 2>&1; then
+    echo "!! $name failed" | tee -a "$logs/$name.log"
+    status=1
+  fi
+  tail -n 3 "$logs/$name.log"
+}
+
+# Kernel subsets the sanitizers run: every path and edge case, without the
+# long random sweeps.
+sanitized='*EdgeCases*:*LongPrefill*:*GoldenCase*:*BlockScores*'
+
+for s in "${steps[@]}"; do
+  case $s in
+    tests)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$logs/device.txt"
+      step gpu_selector_test "$bundle/bin/gpu_selector_test"
+      step golden_test "$bundle/bin/golden_test"
+      step snapshot_test "$bundle/bin/snapshot_test"
+      ;;
+    sanitizers)
+      step memcheck "$cuda/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \
+        "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
+      step racecheck "$cuda/bin/compute-sanitizer" --tool racecheck --error-exitcode 1 \
+        "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
+      ;;
+    bench)
+      step gpu_selection_bench "$bundle/bin/gpu_selection_bench"
+      ;;
+    batching)
+      step batching_bench "$bundle/bin/batching_bench" --backend=cuda --streams=16 \
+        --context=32768 --window_us=0,20,50,100 --seconds=3
+      ;;
+    sass)
+      # Matrix instructions and dependent-launch controls in the kernels.
+      "$cuda/bin/cuobjdump" -sass "$bundle/bin/gpu_selection_bench" >"$logs/sass.txt" 2>&1
+      {
+        echo "sm_90 functions with HMMA / griddepcontrol (count per kernel):"
+        awk '/Function :/ {f=$3} /arch = sm_/ {arch=$3} /HMMA/ {h[f]++} /ACQBULK|griddepcontrol|PREEXIT/ {g[f]++}
+             END {for (k in h) print "HMMA", h[k], k; for (k in g) print "DEPCTL", g[k], k}' "$logs/sass.txt"
+      } >"$logs/sass_summary.txt"
+      tail -n 20 "$logs/sass_summary.txt"
+      rm -f "$logs/sass.txt"
+      ;;
+    *)
+      echo "unknown step $s" >&2
+      status=2
+      ;;
+  esac
+done
+exit $status
