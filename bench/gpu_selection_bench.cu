@@ -119,6 +119,46 @@ double MeasureMatrixPeak(cudaStream_t stream) {
   return 2.0 * n * n * double(n) / (Median(times) * 1e-3);
 }
 
+// Median GPU time of one replay(i), i = 0, 1, ..., in microseconds.
+// Replays are queued back to back with an event between each two, and
+// synchronized once: every interval is one replay's GPU time with the queue
+// full, not the host's launch latency. The first `warm_up` replays are not
+// timed; they must cover every graph replay(i) uses, since the first launch
+// of a graph also uploads it.
+template <typename Replay>
+double MedianReplayMicros(Replay replay, int warm_up, cudaStream_t stream) {
+  for (int i = 0; i < warm_up; ++i) replay(i);
+  constexpr int kReplays = 200;
+  std::vector<cudaEvent_t> marks(kReplays + 1);
+  for (cudaEvent_t& mark : marks) CHECK_CUDA(cudaEventCreate(&mark));
+  CHECK_CUDA(cudaEventRecord(marks[0], stream));
+  for (int i = 0; i < kReplays; ++i) {
+    replay(i);
+    CHECK_CUDA(cudaEventRecord(marks[i + 1], stream));
+  }
+  CHECK_CUDA(cudaEventSynchronize(marks[kReplays]));
+  std::vector<float> times;
+  for (int i = 0; i < kReplays; ++i) {
+    float ms;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, marks[i], marks[i + 1]));
+    times.push_back(ms);
+  }
+  for (cudaEvent_t& mark : marks) CHECK_CUDA(cudaEventDestroy(mark));
+  return Median(times) * 1e3;
+}
+
+__global__ void EmptyKernel() {}
+
+// The floor of a small decode: one replay of a graph of `kernels` empty
+// one-CTA kernels, timed like the decode graphs.
+double MeasureGraphFloor(int kernels, cudaStream_t stream) {
+  gpu::CapturedGraph graph;
+  if (graph.BeginCapture(stream) != KernelStatus::kOk) return 0;
+  for (int k = 0; k < kernels; ++k) EmptyKernel<<<1, 32, 0, stream>>>();
+  if (graph.EndCapture(stream) != KernelStatus::kOk) return 0;
+  return MedianReplayMicros([&](int) { (void)graph.Replay(stream); }, 20, stream);
+}
+
 struct Shape {
   const char* name;
   int batch;
@@ -216,26 +256,8 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
         return;
       }
     }
-    for (int i = 0; i < 20; ++i) (void)graphs[i % copies].Replay(stream);
-    // Replays are queued back to back with an event between each two, and
-    // synchronized once: every interval is one replay's GPU time with the
-    // queue full, not the host's launch latency.
-    constexpr int kReplays = 200;
-    std::vector<cudaEvent_t> marks(kReplays + 1);
-    for (cudaEvent_t& mark : marks) CHECK_CUDA(cudaEventCreate(&mark));
-    CHECK_CUDA(cudaEventRecord(marks[0], stream));
-    for (int i = 0; i < kReplays; ++i) {
-      (void)graphs[i % copies].Replay(stream);
-      CHECK_CUDA(cudaEventRecord(marks[i + 1], stream));
-    }
-    CHECK_CUDA(cudaEventSynchronize(marks[kReplays]));
-    for (int i = 0; i < kReplays; ++i) {
-      float ms;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, marks[i], marks[i + 1]));
-      times.push_back(ms);
-    }
-    for (cudaEvent_t& mark : marks) CHECK_CUDA(cudaEventDestroy(mark));
-    const double us = Median(times) * 1e3;
+    const double us = MedianReplayMicros([&](int i) { (void)graphs[i % copies].Replay(stream); },
+                                         copies + 20, stream);
     const double floor_us = key_bytes / read_bw * 1e6;
     std::printf(
         "%-34s %9.1f us %7.0f GB/s  floor %7.1f us (%5.1f%%)  vLLM %6.1f us  target %6.1f us %s\n",
@@ -297,6 +319,8 @@ int main(int argc, char** argv) {
   std::printf(
       "device %s, %d SMs; measured streaming read %.0f GB/s, bf16 matrix peak %.0f TFLOP/s\n",
       device.name.c_str(), device.multiprocessors, read_bw / 1e9, peak / 1e12);
+  std::printf("graph replay floor: 1 empty kernel %.1f us, 2 empty kernels %.1f us\n",
+              blocksel::MeasureGraphFloor(1, stream), blocksel::MeasureGraphFloor(2, stream));
   const blocksel::Shape shapes[] = {
       {"decode bf16 B=1 L=8K Q=1", 1, 8192, 1, KeyDtype::kBf16, true, 9.6, 5},
       {"decode bf16 B=1 L=128K Q=1", 1, 131072, 1, KeyDtype::kBf16, true, 16.3, 12},

@@ -23,6 +23,10 @@ status=0
 step() {  # name, command...
   local name=$1
   shift
+  if [[ ! -x $1 ]]; then
+    echo "-- $name: $1 is not in the bundle, skipped"
+    return
+  fi
   echo "== $name: $*" | tee "$logs/$name.log"
   if ! "$@" >>"$logs/$name.log" 2>&1; then
     echo "!! $name failed" | tee -a "$logs/$name.log"
@@ -60,9 +64,11 @@ for s in "${steps[@]}"; do
       # Matrix instructions and dependent-launch controls in the kernels.
       "$cuda/bin/cuobjdump" -sass "$bundle/bin/gpu_selection_bench" >"$logs/sass.txt" 2>&1
       {
-        echo "sm_90 functions with HMMA / griddepcontrol (count per kernel):"
-        awk '/Function :/ {f=$3} /arch = sm_/ {arch=$3} /HMMA/ {h[f]++} /ACQBULK|griddepcontrol|PREEXIT/ {g[f]++}
-             END {for (k in h) print "HMMA", h[k], k; for (k in g) print "DEPCTL", g[k], k}' "$logs/sass.txt"
+        echo "instructions of interest over all kernels and architectures:"
+        grep -oE "HMMA\.[0-9A-Z.]+|LDSM\.[0-9A-Z.]+|ACQBULK|PREEXIT|LDGSTS\.[0-9A-Z.]+" "$logs/sass.txt" |
+          sort | uniq -c
+        echo "kernels with matrix instructions (HMMA count):"
+        awk '/Function :/ {f=$3} /HMMA/ {h[f]++} END {for (k in h) print h[k], k}' "$logs/sass.txt"
       } >"$logs/sass_summary.txt"
       tail -n 20 "$logs/sass_summary.txt"
       rm -f "$logs/sass.txt"

@@ -164,13 +164,13 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
     const int query_group = lane_group % groups;
     const int tiles_each = (kBlockSize / 8) / (kLaneGroups / groups);
     const int first_tile = (lane_group / groups) * tiles_each;
-    uint32_t a[kKSteps][4];
+    uint32_t a[1][kKSteps][4];
     LoadQueryFragments<kKSteps>(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
-                                query_group * 16, num_queries, dim, a);
+                                query_group * 16, num_queries, dim, a[0]);
     const int32_t query_top = query_group * 16 + lane / 4;
-    const int32_t position_top = span.first_position + min(query_top, num_queries - 1) / heads;
-    const int32_t position_bottom =
-        span.first_position + min(query_top + 8, num_queries - 1) / heads;
+    const int32_t positions[1][2] = {
+        {span.first_position + min(query_top, num_queries - 1) / heads,
+         span.first_position + min(query_top + 8, num_queries - 1) / heads}};
     for (int i = threadIdx.x; i < num_queries * topk; i += kThreads) {
       list_scores[i] = -__int_as_float(0x7f800000);
       list_ids[i] = kNoBlock;
@@ -194,18 +194,24 @@ __global__ void __launch_bounds__(kThreads) DecodeScoreKernel(DecodeParams param
         WaitStagedPages<0>();
       }
       const int32_t block_start = block * kBlockSize;
-      float best_top, best_bottom;
+      float best[1][2];
       const unsigned char* keys = staged[buffer];
       if constexpr (kDtype == KeyDtype::kFp8E4m3) {
         WidenStagedFp8(keys, widened, dim, kThreads);
         __syncthreads();
         keys = widened;
       }
-      ScoreStagedTiles<kKSteps>(a, keys, dim, first_tile, first_tile + tiles_each, block_start,
-                                position_top, position_bottom, &best_top, &best_bottom);
+      // Every row of the span sees a page that ends before its first row.
+      if (block_start + kBlockSize - 1 <= span.first_position) {
+        ScoreStagedTiles<kKSteps, 1, false>(a, keys, first_tile, first_tile + tiles_each,
+                                            block_start, positions, best);
+      } else {
+        ScoreStagedTiles<kKSteps, 1, true>(a, keys, first_tile, first_tile + tiles_each,
+                                           block_start, positions, best);
+      }
       if (lane % 4 == 0) {
-        group_max[lane_group * 16 + lane / 4] = best_top;
-        group_max[lane_group * 16 + lane / 4 + 8] = best_bottom;
+        group_max[lane_group * 16 + lane / 4] = best[0][0];
+        group_max[lane_group * 16 + lane / 4 + 8] = best[0][1];
       }
       __syncthreads();
       for (int q = threadIdx.x; q < num_queries; q += kThreads) {

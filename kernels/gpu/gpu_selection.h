@@ -111,7 +111,7 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
 // each tile's visible key blocks are divided over key_splits CTAs (chunks
 // with few tiles and long prefixes), whose partial lists, in
 // PrefillWorkspaceBytes of workspace, a second kernel merges exactly.
-inline constexpr int32_t kMaxPrefillKeySplits = 16;
+inline constexpr int32_t kMaxPrefillKeySplits = 32;
 // A key split that fills the device: 1 when the tiles already do.
 // max_visible_blocks: blocks the longest row sees.
 int32_t PrefillKeySplits(const DeviceInfo& device, const SelectionShape& shape, int32_t num_spans,

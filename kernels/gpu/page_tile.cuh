@@ -1,6 +1,6 @@
 // Scoring key pages with matrix instructions: the page is staged in shared
-// memory with asynchronous copies, and each group of 32 lanes scores 16
-// queries against a range of 8-key tiles of it.
+// memory with asynchronous copies, and each group of 32 lanes scores 16 or
+// 32 queries against a range of 8-key tiles of it.
 #ifndef BLOCKSEL_KERNELS_GPU_PAGE_TILE_CUH_
 #define BLOCKSEL_KERNELS_GPU_PAGE_TILE_CUH_
 
@@ -173,53 +173,67 @@ __device__ __forceinline__ void LoadQueryFragments(const uint16_t* queries, int3
   }
 }
 
-// Scores this group's 16 queries against 8-key tiles [first_tile,
-// end_tile) of a staged bf16 page. Returns in best_top / best_bottom the max
-// over those keys visible to the lane's two queries (rows lane/4 and
-// lane/4 + 8 of the 16, at positions position_top / position_bottom),
-// reduced over the 4 lanes that share a query. NaN scores count -1e30.
-template <int kKSteps>
-__device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kKSteps][4],
-                                                 const unsigned char* staged, int head_dim,
-                                                 int first_tile, int end_tile, int32_t block_start,
-                                                 int32_t position_top, int32_t position_bottom,
-                                                 float* best_top, float* best_bottom) {
+// Scores this group's kMTiles x 16 queries (fragments a[m] for queries
+// [16m, 16m + 16) of the group) against 8-key tiles [first_tile, end_tile)
+// of a staged bf16 page with head dim 16 * kKSteps. Returns in best[m][h]
+// the max over those keys visible to the lane's query of m-tile m, row
+// lane/4 + 8h, at position positions[m][h], reduced over the 4 lanes that
+// share a query; NaN scores count -1e30. Each key fragment loaded from
+// shared memory feeds kMTiles matrix instructions, so more m-tiles need less
+// shared bandwidth per flop.
+//
+// kMasked = false: the caller knows every query sees every key of the page
+// (all but the diagonal pages of a prefill), so the per-key position test
+// is left out; it is most of the instructions besides the matrix ones.
+template <int kKSteps, int kMTiles, bool kMasked>
+__device__ __forceinline__ void ScoreStagedTiles(const uint32_t (&a)[kMTiles][kKSteps][4],
+                                                 const unsigned char* staged, int first_tile,
+                                                 int end_tile, int32_t block_start,
+                                                 const int32_t (&positions)[kMTiles][2],
+                                                 float (&best)[kMTiles][2]) {
+  constexpr int kHeadDim = 16 * kKSteps;
+  constexpr int kRowBytes = StagedRowBytes<KeyDtype::kBf16>(kHeadDim);
   const int lane = threadIdx.x % kGroupLanes;
   const int col = (lane % 4) * 2;
-  const int k_steps = head_dim / 16;
-  const int row_bytes = StagedRowBytes<KeyDtype::kBf16>(head_dim);
-  float top = -__int_as_float(0x7f800000);
-  float bottom = top;
-  // Tiles go kTilesInFlight at a time, k steps outermost, so that many
+  // fmaxf drops NaN operands; whether a visible score was NaN is kept
+  // apart and folded in at the end as -1e30 (SEMANTICS.md).
+  bool saw_nan[kMTiles][2] = {};
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) best[m][0] = best[m][1] = -__int_as_float(0x7f800000);
+  // Tiles go kTilesInFlight at a time, k steps outermost, so that four
   // independent accumulator chains keep the matrix units busy (one tile's
   // chain alone waits on each instruction's latency).
-  constexpr int kTilesInFlight = 4;
+  constexpr int kTilesInFlight = 4 / kMTiles;
   for (int tile0 = first_tile; tile0 < end_tile; tile0 += kTilesInFlight) {
-    float acc[kTilesInFlight][4] = {};
+    float acc[kTilesInFlight][kMTiles][4] = {};
 #if defined(BLOCKSEL_GPU_MMA)
     // ldmatrix.x4: lanes 8m..8m+7 address rows 0..7 (a tile's keys) of the
     // 8x8 matrix m = elements [8m, 8m + 8) of a 32-element slice; each lane
     // receives its B fragments for two k steps.
+    const unsigned char* row = staged + (tile0 * 8 + lane % 8) * kRowBytes + (lane / 8) * 16;
 #pragma unroll
-    for (int pair = 0; pair < (kKSteps + 1) / 2; ++pair) {
+    for (int t = 0; t < kTilesInFlight; ++t) {
+      if (tile0 + t >= end_tile) continue;
+      if constexpr (kKSteps == 1) {  // head dim 16: a single k step
+        const int key = (tile0 + t) * 8 + lane / 4;
+        const uint32_t b[2] = {StagedKeyPair(staged, key, col, kHeadDim),
+                               StagedKeyPair(staged, key, col + 8, kHeadDim)};
 #pragma unroll
-      for (int t = 0; t < kTilesInFlight; ++t) {
-        const int tile = tile0 + t;
-        if (2 * pair >= k_steps || tile >= end_tile) continue;
-        if (2 * pair + 1 < k_steps) {
+        for (int m = 0; m < kMTiles; ++m) MultiplyAccumulate(a[m][0], b, acc[t][m]);
+      } else {
+#pragma unroll
+        for (int pair = 0; pair < kKSteps / 2; ++pair) {
           uint32_t b[4];
-          const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(
-              staged + (tile * 8 + lane % 8) * row_bytes + (lane / 8) * 16 + pair * 64));
+          const uint32_t address =
+              static_cast<uint32_t>(__cvta_generic_to_shared(row + t * 8 * kRowBytes + pair * 64));
           asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                        : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
                        : "r"(address));
-          MultiplyAccumulate(a[2 * pair], b, acc[t]);
-          MultiplyAccumulate(a[2 * pair + 1], b + 2, acc[t]);
-        } else {  // head_dim 16: a single k step
-          const int key = tile * 8 + lane / 4;
-          const uint32_t b[2] = {StagedKeyPair(staged, key, col, head_dim),
-                                 StagedKeyPair(staged, key, col + 8, head_dim)};
-          MultiplyAccumulate(a[0], b, acc[t]);
+#pragma unroll
+          for (int m = 0; m < kMTiles; ++m) {
+            MultiplyAccumulate(a[m][2 * pair], b, acc[t][m]);
+            MultiplyAccumulate(a[m][2 * pair + 1], b + 2, acc[t][m]);
+          }
         }
       }
     }
@@ -228,34 +242,43 @@ __device__ __forceinline__ void ScoreStagedTiles(const uint32_t a[kKSteps][4],
     for (int step = 0; step < kKSteps; ++step) {
 #pragma unroll
       for (int t = 0; t < kTilesInFlight; ++t) {
-        if (step >= k_steps || tile0 + t >= end_tile) continue;
+        if (tile0 + t >= end_tile) continue;
         const int key = (tile0 + t) * 8 + lane / 4;
-        const uint32_t b[2] = {StagedKeyPair(staged, key, step * 16 + col, head_dim),
-                               StagedKeyPair(staged, key, step * 16 + col + 8, head_dim)};
-        MultiplyAccumulate(a[step], b, acc[t]);
+        const uint32_t b[2] = {StagedKeyPair(staged, key, step * 16 + col, kHeadDim),
+                               StagedKeyPair(staged, key, step * 16 + col + 8, kHeadDim)};
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) MultiplyAccumulate(a[m][step], b, acc[t][m]);
       }
     }
 #endif
-    // acc[t][c]: top query vs key (tile0 + t)*8 + col + c; [2 + c]: bottom.
+    // acc[t][m][h * 2 + c]: query (m, row lane/4 + 8h) vs key
+    // (tile0 + t) * 8 + col + c.
 #pragma unroll
     for (int t = 0; t < kTilesInFlight; ++t) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        if (tile0 + t >= end_tile) continue;
-        const int32_t key_position = block_start + (tile0 + t) * 8 + col + c;
-        const float top_score = isnan(acc[t][c]) ? kNanScore : acc[t][c];
-        const float bottom_score = isnan(acc[t][2 + c]) ? kNanScore : acc[t][2 + c];
-        if (key_position <= position_top) top = fmaxf(top, top_score);
-        if (key_position <= position_bottom) bottom = fmaxf(bottom, bottom_score);
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (tile0 + t >= end_tile) continue;
+          if constexpr (kMasked) {
+            const int32_t key_position = block_start + (tile0 + t) * 8 + col + i % 2;
+            if (key_position > positions[m][i / 2]) continue;
+          }
+          best[m][i / 2] = fmaxf(best[m][i / 2], acc[t][m][i]);
+          saw_nan[m][i / 2] |= isnan(acc[t][m][i]);
+        }
       }
     }
   }
-  top = fmaxf(top, ShuffleXor(top, 1));
-  top = fmaxf(top, ShuffleXor(top, 2));
-  bottom = fmaxf(bottom, ShuffleXor(bottom, 1));
-  bottom = fmaxf(bottom, ShuffleXor(bottom, 2));
-  *best_top = top;
-  *best_bottom = bottom;
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (saw_nan[m][h]) best[m][h] = fmaxf(best[m][h], kNanScore);
+      best[m][h] = fmaxf(best[m][h], ShuffleXor(best[m][h], 1));
+      best[m][h] = fmaxf(best[m][h], ShuffleXor(best[m][h], 2));
+    }
+  }
 }
 
 }  // namespace blocksel::gpu

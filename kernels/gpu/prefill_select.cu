@@ -1,14 +1,13 @@
 // Prefill selection: many query rows per sequence.
 //
-// One CTA takes a tile of kTileQueries queries (row-major (row, head) pairs
+// One CTA takes a tile of TileQueries queries (row-major (row, head) pairs
 // of one sequence, so all H heads of a row share the tile) and walks every
-// key page the tile can see. Each warp scores its 16 queries against the
-// page's 128 keys with bf16 matrix instructions (mma.sync m16n8k16, fp32
-// accumulate; fp8 keys are widened to bf16 exactly), takes the causal max
-// per query, and folds it into a top-k list per query kept in shared memory.
-// Pages are staged in shared memory with asynchronous copies, the next one
-// in flight while the current one is scored. No score tensor is written.
-// Grid: (tiles of the longest span, spans, key splits).
+// key page the tile can see. Each warp scores its 32 (16 for head dims
+// above 128) queries against the page's 128 keys with bf16 matrix instructions (mma.sync m16n8k16,
+// fp32 accumulate; fp8 keys are widened to bf16 exactly), takes the causal max per query, and folds
+// it into a top-k list per query kept in shared memory. Pages are staged in shared memory with
+// asynchronous copies, the next one in flight while the current one is scored. No score tensor is
+// written. Grid: (tiles of the longest span, spans, key splits).
 //
 // Key split: a chunk with few tiles and a long prefix would leave most SMs
 // idle, so the tile's visible blocks are divided over key_splits CTAs
@@ -28,7 +27,16 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kGroups = kThreads / kGroupLanes;
-constexpr int kTileQueries = 16 * kGroups;
+
+// 16-query m-tiles per lane group: two up to head dim 128, so each key
+// fragment read from shared memory feeds two matrix instructions (one feeds
+// too few to keep the matrix units busy); one above, where the fragments of
+// 32 queries would not fit in registers.
+__host__ __device__ constexpr int MTilesFor(int k_steps) { return k_steps <= 8 ? 2 : 1; }
+// Queries (row, head pairs) one CTA scores.
+__host__ __device__ constexpr int TileQueries(int k_steps) {
+  return 16 * MTilesFor(k_steps) * kGroups;
+}
 
 struct PrefillParams {
   SelectionShape shape;
@@ -63,7 +71,9 @@ __device__ __forceinline__ int64_t ScoreIndex(const PrefillParams& params, int32
 // kWriteScores: write every block score (vLLM's score entry point) instead
 // of keeping top-k lists.
 template <KeyDtype kDtype, bool kWriteScores, int kKSteps>
-__global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) {
+__global__ void __launch_bounds__(kThreads, 2) PrefillKernel(PrefillParams params) {
+  constexpr int kMTiles = MTilesFor(kKSteps);
+  constexpr int kTileQueries = TileQueries(kKSteps);
   extern __shared__ __align__(16) unsigned char shared_raw[];
   const SelectionShape& shape = params.shape;
   const DeviceBatch& batch = params.batch;
@@ -91,17 +101,22 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
 
   const int group = threadIdx.x / kGroupLanes;
   const int lane = threadIdx.x % kGroupLanes;
-  const int32_t group_first = tile_first + group * 16;
-  uint32_t a[kKSteps][4];
-  LoadQueryFragments<kKSteps>(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
-                              group_first, num_queries, dim, a);
-  // This lane's two queries (rows of the span) and their positions.
-  const int32_t query_top = group_first + lane / 4;
-  const int32_t query_bottom = query_top + 8;
-  const int32_t position_top = span.first_position + query_top / heads;
-  const int32_t position_bottom = span.first_position + query_bottom / heads;
-  const bool has_top = query_top < num_queries;
-  const bool has_bottom = query_bottom < num_queries;
+  const int32_t group_first = tile_first + group * 16 * kMTiles;
+  // This lane's queries (rows lane/4 and lane/4 + 8 of each m-tile) and
+  // their positions.
+  uint32_t a[kMTiles][kKSteps][4];
+  int32_t queries[kMTiles][2];
+  int32_t positions[kMTiles][2];
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+    LoadQueryFragments<kKSteps>(batch.queries + static_cast<int64_t>(span.first_row) * heads * dim,
+                                group_first + 16 * m, num_queries, dim, a[m]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      queries[m][h] = group_first + 16 * m + lane / 4 + 8 * h;
+      positions[m][h] = span.first_position + queries[m][h] / heads;
+    }
+  }
 
   const int32_t last_position = span.first_position + (tile_first + tile_queries - 1) / heads;
   const int32_t num_blocks = last_position < 0 ? 0 : last_position / kBlockSize + 1;
@@ -124,35 +139,40 @@ __global__ void __launch_bounds__(kThreads) PrefillKernel(PrefillParams params) 
       WaitStagedPages<0>();
     }
     const int32_t block_start = block * kBlockSize;
-    float best_top, best_bottom;
+    float best[kMTiles][2];
     const unsigned char* keys = staged[buffer];
     if constexpr (kDtype == KeyDtype::kFp8E4m3) {
       WidenStagedFp8(keys, widened, dim, kThreads);
       __syncthreads();
       keys = widened;
     }
-    ScoreStagedTiles<kKSteps>(a, keys, dim, 0, kBlockSize / 8, block_start, position_top,
-                              position_bottom, &best_top, &best_bottom);
-    // This lane owns its two queries (rows lane/4 and lane/4 + 8 of its
-    // group's 16): their score rows, or their top-k lists.
-    const int32_t queries[2] = {query_top, query_bottom};
-    const int32_t positions[2] = {position_top, position_bottom};
-    const bool present[2] = {has_top, has_bottom};
-    const float best[2] = {best_top, best_bottom};
+    // Every query of the tile sees a page that ends before the tile's
+    // first row: all but the diagonal pages.
+    if (block_start + kBlockSize - 1 <= span.first_position + tile_first / heads) {
+      ScoreStagedTiles<kKSteps, kMTiles, false>(a, keys, 0, kBlockSize / 8, block_start, positions,
+                                                best);
+    } else {
+      ScoreStagedTiles<kKSteps, kMTiles, true>(a, keys, 0, kBlockSize / 8, block_start, positions,
+                                               best);
+    }
+    // Lanes 0, 4, ... own their queries: their score rows, or their top-k
+    // lists.
     if (lane % 4 == 0) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (!present[i]) continue;
-        const bool visible = block_start <= positions[i];
+      for (int i = 0; i < 2 * kMTiles; ++i) {
+        const int32_t query = queries[i / 2][i % 2];
+        const int32_t position = positions[i / 2][i % 2];
+        if (query >= num_queries) continue;
+        const bool visible = block_start <= position;
         if constexpr (kWriteScores) {
           if (block < params.max_blocks) {
-            params.scores[ScoreIndex(params, queries[i], span, heads) + block] =
-                visible ? best[i] : -__int_as_float(0x7f800000);
+            params.scores[ScoreIndex(params, query, span, heads) + block] =
+                visible ? best[i / 2][i % 2] : -__int_as_float(0x7f800000);
           }
         } else if (visible) {
-          const int32_t local = queries[i] - tile_first;
+          const int32_t local = query - tile_first;
           InsertCandidate(list_scores + local * topk, list_ids + local * topk, topk,
-                          BlockPriority(best[i], block, positions[i] / kBlockSize + 1,
+                          BlockPriority(best[i / 2][i % 2], block, position / kBlockSize + 1,
                                         shape.init_blocks, shape.local_blocks),
                           block);
         }
@@ -235,7 +255,9 @@ KernelStatus Launch(const PrefillParams& params, dim3 grid, gpuStream_t stream) 
   const int64_t shared =
       2 * StagedPageBytes<kDtype>(params.shape.head_dim) +
       WidenedBytes<kDtype>(params.shape.head_dim) +
-      (kWriteScores ? 0 : static_cast<int64_t>(kTileQueries) * params.shape.topk * 8);
+      (kWriteScores
+           ? 0
+           : static_cast<int64_t>(TileQueries(params.shape.head_dim / 16)) * params.shape.topk * 8);
   if (shared > 200 * 1024) return KernelStatus::kUnsupported;
   // One instantiation per head dim, so query fragments take only the
   // registers the head dim needs (occupancy).
@@ -272,8 +294,9 @@ KernelStatus Launch(const PrefillParams& params, dim3 grid, gpuStream_t stream) 
 }
 
 int64_t TilesPerSpan(const SelectionShape& shape, int32_t max_rows_per_span) {
-  return (static_cast<int64_t>(max_rows_per_span) * shape.num_heads + kTileQueries - 1) /
-         kTileQueries;
+  const int tile_queries = TileQueries(shape.head_dim / 16);
+  return (static_cast<int64_t>(max_rows_per_span) * shape.num_heads + tile_queries - 1) /
+         tile_queries;
 }
 
 KernelStatus LaunchTiles(const SelectionShape& shape, const DeviceBatch& batch,
