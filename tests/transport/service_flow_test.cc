@@ -34,6 +34,12 @@ using Encoded = testing::EncodedBf16;
 // Long enough that every call a test sends lands inside one window.
 constexpr absl::Duration kBatchWindow = absl::Milliseconds(100);
 
+std::vector<int32_t> IdsOf(const v1::SelectResponse& response) {
+  absl::StatusOr<std::vector<int32_t>> ids = DecodeBlockIds(response.selection());
+  EXPECT_TRUE(ids.ok()) << ids.status();
+  return ids.ok() ? *ids : std::vector<int32_t>{};
+}
+
 class BatchingTest : public GrpcServiceTest {
  protected:
   void Configure(ServerConfig* config) override { config->batch_window = kBatchWindow; }
@@ -46,6 +52,40 @@ class BatchingTest : public GrpcServiceTest {
       absl::SleepFor(absl::Milliseconds(1));
     }
     return true;
+  }
+
+  // A decode Select, on its own thread, that opens a batching group: the
+  // engine then waits out the window before it runs anything queued after
+  // it. Returns once the group is open; Finish() joins and checks it.
+  class EngineHold {
+   public:
+    EngineHold(BatchingTest* test, uint64_t sequence, int64_t seq_len)
+        : batch_(test->Decode(1, kFirstSparseLayer, {{sequence, seq_len}})) {
+      thread_ = test->SelectInBackground(batch_.request, &response_, &status_);
+      EXPECT_TRUE(test->AwaitBatched(1));
+    }
+    ~EngineHold() {
+      if (thread_.joinable()) thread_.join();
+    }
+    // Waits for the held Select and checks its answer.
+    void Finish() {
+      thread_.join();
+      ASSERT_TRUE(status_.ok()) << status_.error_message();
+      EXPECT_EQ(IdsOf(response_), batch_.expected);
+    }
+
+   private:
+    Batch batch_;
+    v1::SelectResponse response_;
+    grpc::Status status_;
+    std::thread thread_;
+  };
+
+  // A sequence holding `tokens` keys of the first sparse layer.
+  uint64_t FilledSequence(int64_t tokens) {
+    const uint64_t id = Open();
+    EXPECT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, tokens).ok());
+    return id;
   }
 
   // A stub on its own channel, connected already, so a call made with it
@@ -68,12 +108,6 @@ class BatchingTest : public GrpcServiceTest {
     });
   }
 };
-
-std::vector<int32_t> IdsOf(const v1::SelectResponse& response) {
-  absl::StatusOr<std::vector<int32_t>> ids = DecodeBlockIds(response.selection());
-  EXPECT_TRUE(ids.ok()) << ids.status();
-  return ids.ok() ? *ids : std::vector<int32_t>{};
-}
 
 TEST_F(BatchingTest, DecodeCallsFromSeveralClientsShareOneLaunch) {
   constexpr int kCallers = 4;
@@ -158,13 +192,7 @@ TEST_F(BatchingTest, AStreamKeepsItsOrderAcrossBatchedAndUnbatchedRequests) {
 // the engine) and whose caller gives up is skipped when its turn comes: its
 // effect (here, opening a sequence id) never happens.
 TEST_F(BatchingTest, QueuedCallPastItsDeadlineIsNotRun) {
-  const uint64_t id = Open();
-  ASSERT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, 300).ok());
-  Batch hold = Decode(1, kFirstSparseLayer, {{id, 300}});
-  v1::SelectResponse held_response;
-  grpc::Status held_status;
-  std::thread holder = SelectInBackground(hold.request, &held_response, &held_status);
-  ASSERT_TRUE(AwaitBatched(1));
+  EngineHold hold(this, FilledSequence(300), 300);
 
   std::unique_ptr<v1::BlockSelector::Stub> stub = ConnectedStub();
   grpc::ClientContext context;
@@ -174,8 +202,7 @@ TEST_F(BatchingTest, QueuedCallPastItsDeadlineIsNotRun) {
   v1::OpenSequenceResponse opened;
   EXPECT_EQ(stub->OpenSequence(&context, open, &opened).error_code(),
             grpc::StatusCode::DEADLINE_EXCEEDED);
-  holder.join();
-  ASSERT_TRUE(held_status.ok()) << held_status.error_message();
+  hold.Finish();
 
   // 777 is free: the expired call did not open it.
   absl::StatusOr<uint64_t> reopened = client_->OpenSequence(777);
@@ -183,13 +210,7 @@ TEST_F(BatchingTest, QueuedCallPastItsDeadlineIsNotRun) {
 }
 
 TEST_F(BatchingTest, QueuedCallCancelledByItsCallerIsNotRun) {
-  const uint64_t id = Open();
-  ASSERT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, 300).ok());
-  Batch hold = Decode(1, kFirstSparseLayer, {{id, 300}});
-  v1::SelectResponse held_response;
-  grpc::Status held_status;
-  std::thread holder = SelectInBackground(hold.request, &held_response, &held_status);
-  ASSERT_TRUE(AwaitBatched(1));
+  EngineHold hold(this, FilledSequence(300), 300);
 
   std::unique_ptr<v1::BlockSelector::Stub> stub = ConnectedStub();
   grpc::ClientContext context;
@@ -203,8 +224,7 @@ TEST_F(BatchingTest, QueuedCallCancelledByItsCallerIsNotRun) {
   v1::OpenSequenceResponse opened;
   EXPECT_EQ(stub->OpenSequence(&context, open, &opened).error_code(), grpc::StatusCode::CANCELLED);
   canceller.join();
-  holder.join();
-  ASSERT_TRUE(held_status.ok()) << held_status.error_message();
+  hold.Finish();
 
   absl::StatusOr<uint64_t> reopened = client_->OpenSequence(778);
   EXPECT_TRUE(reopened.ok()) << reopened.status();
@@ -213,15 +233,8 @@ TEST_F(BatchingTest, QueuedCallCancelledByItsCallerIsNotRun) {
 // The same for a Select that joined a group: it is dropped from the launch,
 // so the keys it carries are never appended.
 TEST_F(BatchingTest, BatchedSelectPastItsDeadlineIsDroppedFromTheLaunch) {
-  const uint64_t id = Open();
-  ASSERT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, 300).ok());
-  const uint64_t other = Open();
-  ASSERT_TRUE(AppendRandom(other, kFirstSparseLayer, 0, 200).ok());
-  Batch hold = Decode(1, kFirstSparseLayer, {{other, 200}});
-  v1::SelectResponse held_response;
-  grpc::Status held_status;
-  std::thread holder = SelectInBackground(hold.request, &held_response, &held_status);
-  ASSERT_TRUE(AwaitBatched(1));
+  const uint64_t id = FilledSequence(300);
+  EngineHold hold(this, FilledSequence(200), 200);
 
   // Decode at 301, carrying token 300's key.
   Encoded key;
@@ -235,9 +248,7 @@ TEST_F(BatchingTest, BatchedSelectPastItsDeadlineIsDroppedFromTheLaunch) {
   v1::SelectResponse response;
   EXPECT_EQ(stub->Select(&context, late, &response).error_code(),
             grpc::StatusCode::DEADLINE_EXCEEDED);
-  holder.join();
-  ASSERT_TRUE(held_status.ok()) << held_status.error_message();
-  EXPECT_EQ(IdsOf(held_response), hold.expected);
+  hold.Finish();
 
   // Token 300 was never appended.
   v1::SelectRequest needs_it = late;
