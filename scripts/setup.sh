@@ -7,7 +7,8 @@ packages=(
   cmake g++ make pkg-config ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev grpc-proto zlib1g-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
+  libgtest-dev libgmock-dev libbenchmark-dev prometheus-cpp-dev
+  prometheus curl  # promtool and curl: the metrics scrape test
 )
 
 missing=()

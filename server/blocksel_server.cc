@@ -56,13 +56,33 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
 
   std::unique_ptr<BlockselServer> server(new BlockselServer());
   server->backend_description_ = absl::StrCat((*backend)->name(), " (", (*backend)->detail(), ")");
+  const ModelConfig& model = config.model;
+  server->metrics_ = std::make_unique<ServerMetrics>(std::map<std::string, std::string>{
+      {"version", kBlockselVersion},
+      {"backend", std::string((*backend)->name())},
+      {"num_layers", absl::StrCat(model.num_layers)},
+      {"first_sparse_layer", absl::StrCat(model.first_sparse_layer)},
+      {"num_heads", absl::StrCat(model.num_heads)},
+      {"head_dim", absl::StrCat(model.head_dim)},
+      {"key_dtype", std::string(KeyDtypeName(model.key_dtype))},
+      {"topk", absl::StrCat(model.topk)},
+      {"init_blocks", absl::StrCat(model.init_blocks)},
+      {"local_blocks", absl::StrCat(model.local_blocks)},
+      {"cache_pages", absl::StrCat(config.NumPages())},
+      {"batch_window_seconds", absl::StrCat(absl::ToDoubleSeconds(config.batch_window))}});
+  if (!config.metrics_address.empty()) {
+    absl::Status serving = server->metrics_->Serve(config.metrics_address);
+    if (!serving.ok()) return serving;
+  }
   EngineOptions engine_options;
   engine_options.model = config.model;
   engine_options.num_pages = config.NumPages();
   engine_options.max_sequences = config.max_sequences;
   engine_options.default_lease = config.default_lease;
   engine_options.max_lease = config.max_lease;
+  engine_options.observer = server->metrics_.get();
   server->engine_ = std::make_unique<Engine>(engine_options, std::move(*backend));
+  server->engine_->ReportCache();
   server->snapshot_path_ = config.snapshot_path;
   if (!config.snapshot_path.empty()) {
     // Before any call is served: the engine is still single-threaded here.
@@ -73,6 +93,7 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   executor_options.queue_capacity = config.queue_capacity;
   Engine* engine = server->engine_.get();
   executor_options.periodic = [engine] { engine->ReleaseExpired(); };
+  executor_options.observer = server->metrics_.get();
   server->executor_ = std::make_unique<Executor>(std::move(executor_options));
 
   ServiceOptions service_options;
@@ -86,7 +107,8 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   server->batcher_ =
       std::make_unique<SelectBatcher>(engine, server->executor_.get(), batcher_options);
   server->service_ = std::make_unique<BlockSelectorService>(
-      engine, server->executor_.get(), server->batcher_.get(), service_options);
+      engine, server->executor_.get(), server->batcher_.get(), server->metrics_.get(),
+      service_options);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

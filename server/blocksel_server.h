@@ -14,6 +14,7 @@
 #include "server/engine/engine.h"
 #include "server/engine/executor.h"
 #include "server/engine/select_batcher.h"
+#include "server/metrics/server_metrics.h"
 #include "server/transport/block_selector_service.h"
 
 namespace blocksel {
@@ -39,6 +40,9 @@ struct ServerConfig {
   std::string snapshot_path;
   // Memory gRPC may use for buffers over all calls; past it, reading slows.
   int64_t grpc_memory_bytes = int64_t{4} << 30;
+  // Prometheus metrics over HTTP at "host:port/metrics" (port 0 picks a
+  // free one); empty: recorded but not served.
+  std::string metrics_address;
 
   // OK, or INVALID_ARGUMENT naming every bad value.
   absl::Status Validate() const;
@@ -59,6 +63,9 @@ class BlockselServer {
 
   // Port bound for the first TCP listen address (0 if there is none).
   int port() const { return port_; }
+  // Port serving /metrics (0 when not served).
+  int metrics_port() const { return metrics_->port(); }
+  const ServerMetrics& metrics() const { return *metrics_; }
   // Backend name and detail, e.g. "cpu (avx512, 2 threads)".
   const std::string& backend_description() const { return backend_description_; }
 
@@ -82,6 +89,9 @@ class BlockselServer {
  private:
   BlockselServer() = default;
 
+  // Declared first: the engine and executor report to it until they are
+  // destroyed.
+  std::unique_ptr<ServerMetrics> metrics_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<SelectBatcher> batcher_;

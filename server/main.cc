@@ -58,6 +58,9 @@ ABSL_FLAG(int64_t, grpc_memory_mib, 4096,
           "it the server reads more slowly instead of growing");
 ABSL_FLAG(int64_t, queue_capacity, 1024,
           "Engine operations waiting at most; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9464",
+          "Where Prometheus metrics are served over HTTP (host:port, path /metrics; port 0 "
+          "picks a free one); empty turns the endpoint off");
 ABSL_FLAG(int64_t, batch_window_us, 0,
           "Cross-stream batching: decode batches of one layer arriving within this many "
           "microseconds of the first are merged into one backend launch (0: off). Adds up "
@@ -116,6 +119,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   config.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
   config.grpc_memory_bytes = absl::GetFlag(FLAGS_grpc_memory_mib) << 20;
   config.batch_window = absl::Microseconds(absl::GetFlag(FLAGS_batch_window_us));
+  config.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   config.batch_max_rows = absl::GetFlag(FLAGS_batch_max_rows);
   config.snapshot_path = absl::GetFlag(FLAGS_snapshot_path);
   absl::Status valid = config.Validate();
@@ -163,6 +167,10 @@ int Run(const absl::flat_hash_set<std::string>& on_command_line) {
     spdlog::warn("snapshot refused, starting empty: {}", std::string(loaded.status().message()));
   }
   spdlog::info("serving on {} (port {})", absl::GetFlag(FLAGS_listen), (*server)->port());
+  if ((*server)->metrics_port() != 0) {
+    spdlog::info("metrics on http://{}/metrics (port {})", absl::GetFlag(FLAGS_metrics_address),
+                 (*server)->metrics_port());
+  }
 
   const absl::Duration propagation = absl::Seconds(absl::GetFlag(FLAGS_drain_propagation_seconds));
   const absl::Duration grace = absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds));

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kernels/selection_types.h"
@@ -33,6 +34,9 @@ struct KeyRead {
   uint8_t* keys = nullptr;  // num_tokens * token bytes
 };
 
+// How a backend ran a selection.
+enum class LaunchMode { kDirect, kGraph };
+
 // Storage for keys. Separate from Backend so the cache can be tested with a
 // plain in-memory store.
 class KeyStore {
@@ -55,8 +59,9 @@ class Backend : public KeyStore {
 
   // Runs one selection over sparse layer layer_index. batch.key_pool and
   // batch.num_pages are ignored: the backend uses its own storage. Block
-  // tables and queries are host memory; block_ids is host memory.
-  virtual absl::Status Select(int32_t layer_index, const SelectionBatch& batch) = 0;
+  // tables and queries are host memory; block_ids is host memory. Says
+  // whether it replayed a captured graph.
+  virtual absl::StatusOr<LaunchMode> Select(int32_t layer_index, const SelectionBatch& batch) = 0;
 };
 
 // Maps a kernel result to a status; context names the failing operation.

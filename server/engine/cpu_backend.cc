@@ -56,11 +56,14 @@ absl::Status CpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::Select(int32_t layer_index, const SelectionBatch& batch) {
+absl::StatusOr<LaunchMode> CpuBackend::Select(int32_t layer_index, const SelectionBatch& batch) {
   SelectionBatch local = batch;
   local.key_pool = layers_[layer_index].get();
   local.num_pages = num_pages_;
-  return KernelStatusToStatus(selector_.Select(config_.shape(), local), "cpu selection");
+  absl::Status status =
+      KernelStatusToStatus(selector_.Select(config_.shape(), local), "cpu selection");
+  if (!status.ok()) return status;
+  return LaunchMode::kDirect;
 }
 
 }  // namespace blocksel

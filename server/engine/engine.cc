@@ -49,6 +49,7 @@ absl::StatusOr<v1::OpenSequenceResponse> Engine::OpenSequence(
   }
   BLOCKSEL_ASSIGN_OR_RETURN(uint64_t id,
                             cache_.Open(request.sequence_id(), lease, options_.clock()));
+  ReportCache();
   v1::OpenSequenceResponse response;
   response.set_sequence_id(id);
   response.set_lease_seconds(static_cast<uint32_t>(absl::ToInt64Seconds(lease)));
@@ -58,6 +59,7 @@ absl::StatusOr<v1::OpenSequenceResponse> Engine::OpenSequence(
 v1::ReleaseSequenceResponse Engine::ReleaseSequence(const v1::ReleaseSequenceRequest& request) {
   v1::ReleaseSequenceResponse response;
   response.set_released(cache_.Release(request.sequence_id()));
+  ReportCache();
   return response;
 }
 
@@ -104,7 +106,7 @@ absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(const v1::AppendKeysRe
     ranges.push_back(range);
     tokens += static_cast<uint64_t>(append.num_tokens()) * num_layers;
   }
-  BLOCKSEL_RETURN_IF_ERROR(cache_.Append(ranges, options_.clock()));
+  BLOCKSEL_RETURN_IF_ERROR(AppendToCache(ranges));
   v1::AppendKeysResponse response;
   response.set_tokens_appended(tokens);
   return response;
@@ -193,7 +195,7 @@ void Engine::SelectMany(absl::Span<SelectCall> calls) {
     // The earlier calls must read their keys before this call's appends.
     if (conflicts) flush();
     if (!plan->appends.empty()) {
-      call.status = cache_.Append(plan->appends, options_.clock());
+      call.status = AppendToCache(plan->appends);
       if (!call.status.ok()) continue;
     }
     for (const PlannedSpan& span : plan->spans) {
@@ -251,8 +253,22 @@ void Engine::Launch(absl::Span<PreparedCall> launch) {
     batch.block_scores = reinterpret_cast<float*>(block_scores.data());
     batch.max_blocks = max_blocks;
   }
-  const absl::Status status = backend_->Select(launch.front().plan.layer_index, batch);
+  EngineObserver* const observer = options_.observer;
+  if (observer != nullptr) observer->OnBackendRunning(+1);
+  const absl::Time started = absl::Now();
+  const absl::StatusOr<LaunchMode> mode = backend_->Select(launch.front().plan.layer_index, batch);
   select_launches_.fetch_add(1, std::memory_order_relaxed);
+  if (observer != nullptr) {
+    observer->OnBackendRunning(-1);
+    if (mode.ok()) {
+      const SelectPath path = launch.front().call->request->has_prefill() ? SelectPath::kPrefill
+                              : *mode == LaunchMode::kGraph               ? SelectPath::kDecodeGraph
+                                                            : SelectPath::kDecodeDirect;
+      observer->OnBackendSelect(path, absl::Now() - started, static_cast<int64_t>(launch.size()),
+                                total_rows);
+    }
+  }
+  const absl::Status status = mode.status();
 
   int32_t first_row = 0;
   for (PreparedCall& prepared : launch) {
@@ -284,14 +300,36 @@ void Engine::FillInfo(v1::GetInfoResponse* info) const {
       static_cast<uint32_t>(absl::ToInt64Seconds(options_.default_lease)));
 }
 
-int64_t Engine::ReleaseExpired() { return cache_.ReleaseExpired(options_.clock()); }
+int64_t Engine::ReleaseExpired() {
+  const int64_t released = cache_.ReleaseExpired(options_.clock());
+  if (released > 0) ReportCache();
+  return released;
+}
+
+void Engine::ReportCache() const {
+  if (options_.observer != nullptr) options_.observer->OnCacheChanged(cache_.stats());
+}
+
+absl::Status Engine::AppendToCache(absl::Span<const KeyRange> ranges) {
+  BLOCKSEL_RETURN_IF_ERROR(cache_.Append(ranges, options_.clock()));
+  if (options_.observer != nullptr) {
+    int64_t keys = 0;
+    for (const KeyRange& range : ranges) keys += range.num_tokens * range.num_layers;
+    options_.observer->OnKeysAppended(keys);
+    options_.observer->OnCacheChanged(cache_.stats());
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<SnapshotSummary> Engine::WriteSnapshot(const std::string& path) {
   return blocksel::WriteSnapshot(path, options_.model, cache_, backend_.get());
 }
 
 absl::StatusOr<SnapshotSummary> Engine::LoadSnapshot(const std::string& path) {
-  return blocksel::LoadSnapshot(path, options_.model, &cache_, options_.clock());
+  absl::StatusOr<SnapshotSummary> loaded =
+      blocksel::LoadSnapshot(path, options_.model, &cache_, options_.clock());
+  ReportCache();
+  return loaded;
 }
 
 }  // namespace blocksel

@@ -13,6 +13,7 @@
 #include "absl/types/span.h"
 #include "blocksel/v1/block_selector.pb.h"
 #include "server/engine/backend.h"
+#include "server/engine/engine_observer.h"
 #include "server/engine/key_cache.h"
 #include "server/engine/model_config.h"
 #include "server/engine/select_plan.h"
@@ -28,6 +29,9 @@ struct EngineOptions {
   absl::Duration max_lease = absl::Hours(24);
   // Time source for leases; tests substitute a fake clock.
   std::function<absl::Time()> clock = [] { return absl::Now(); };
+  // Told about selections, appends and the cache; may be null. Must outlive
+  // the engine.
+  EngineObserver* observer = nullptr;
 };
 
 // One request of SelectMany and its outcome.
@@ -68,6 +72,9 @@ class Engine {
   // Backend selections run so far (a merged launch counts once).
   int64_t select_launches() const { return select_launches_.load(std::memory_order_relaxed); }
 
+  // Tells the observer the cache's state (after a load, say).
+  void ReportCache() const;
+
   // Model, cache and backend fields of GetInfo.
   void FillInfo(v1::GetInfoResponse* info) const;
 
@@ -90,6 +97,8 @@ class Engine {
   // One backend selection over the prepared calls, whose keys are applied;
   // sets every call's status and, on OK, its selection.
   void Launch(absl::Span<PreparedCall> launch);
+  // Applies appends and tells the observer.
+  absl::Status AppendToCache(absl::Span<const KeyRange> ranges);
 
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;

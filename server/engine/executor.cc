@@ -10,6 +10,7 @@ Executor::Executor(Options options)
     : queue_capacity_(options.queue_capacity),
       periodic_(std::move(options.periodic)),
       periodic_interval_(options.periodic_interval),
+      observer_(options.observer),
       worker_([this] { WorkerLoop(); }) {}
 
 Executor::~Executor() { Stop(); }
@@ -23,7 +24,8 @@ absl::Status Executor::Submit(absl::AnyInvocable<void()> task) {
     return absl::ResourceExhaustedError(absl::StrCat("the engine queue is full (", queue_capacity_,
                                                      " operations waiting); retry with backoff"));
   }
-  queue_.push_back(std::move(task));
+  queue_.push_back({std::move(task), absl::Now()});
+  if (observer_ != nullptr) observer_->OnQueueDepth(static_cast<int64_t>(queue_.size()));
   return absl::OkStatus();
 }
 
@@ -44,6 +46,7 @@ void Executor::WorkerLoop() {
   absl::Time next_periodic = absl::Now() + periodic_interval_;
   for (;;) {
     absl::AnyInvocable<void()> task;
+    absl::Time enqueued;
     {
       absl::MutexLock lock(&mutex_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
@@ -51,13 +54,18 @@ void Executor::WorkerLoop() {
       };
       mutex_.AwaitWithDeadline(absl::Condition(&ready), next_periodic);
       if (!queue_.empty()) {
-        task = std::move(queue_.front());
+        task = std::move(queue_.front().task);
+        enqueued = queue_.front().enqueued;
         queue_.pop_front();
+        if (observer_ != nullptr) observer_->OnQueueDepth(static_cast<int64_t>(queue_.size()));
       } else if (stopping_) {
         return;
       }
     }
-    if (task) task();
+    if (task) {
+      if (observer_ != nullptr) observer_->OnQueueWait(absl::Now() - enqueued);
+      task();
+    }
     if (periodic_ && absl::Now() >= next_periodic) {
       periodic_();
       next_periodic = absl::Now() + periodic_interval_;

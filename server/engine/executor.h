@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/engine/engine_observer.h"
 
 namespace blocksel {
 
@@ -28,6 +29,9 @@ class Executor {
     // expiry). May be empty.
     absl::AnyInvocable<void()> periodic;
     absl::Duration periodic_interval = absl::Seconds(1);
+    // Told each task's queue wait and the queue depth; may be null. Must
+    // outlive the executor.
+    EngineObserver* observer = nullptr;
   };
 
   explicit Executor(Options options);
@@ -46,13 +50,19 @@ class Executor {
   int64_t queue_depth() const;
 
  private:
+  struct Queued {
+    absl::AnyInvocable<void()> task;
+    absl::Time enqueued;
+  };
+
   void WorkerLoop();
 
   const int64_t queue_capacity_;
   absl::AnyInvocable<void()> periodic_;
   const absl::Duration periodic_interval_;
+  EngineObserver* const observer_;
   mutable absl::Mutex mutex_;
-  std::deque<absl::AnyInvocable<void()>> queue_ ABSL_GUARDED_BY(mutex_);
+  std::deque<Queued> queue_ ABSL_GUARDED_BY(mutex_);
   bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
   std::thread worker_;
 };

@@ -230,12 +230,15 @@ gpu::CapturedGraph* GpuBackend::FindGraph(const SelectionBatch& batch, int32_t* 
   return it == graphs_.end() ? nullptr : it->second.get();
 }
 
-absl::Status GpuBackend::Select(int32_t layer_index, const SelectionBatch& batch) {
+absl::StatusOr<LaunchMode> GpuBackend::Select(int32_t layer_index, const SelectionBatch& batch) {
   int32_t bucket = 0;
   int32_t tokens = 0;
   gpu::CapturedGraph* graph = FindGraph(batch, &bucket, &tokens);
-  return graph != nullptr ? SelectWithGraph(layer_index, batch, graph, bucket, tokens)
-                          : SelectDirect(layer_index, batch);
+  absl::Status status = graph != nullptr
+                            ? SelectWithGraph(layer_index, batch, graph, bucket, tokens)
+                            : SelectDirect(layer_index, batch);
+  if (!status.ok()) return status;
+  return graph != nullptr ? LaunchMode::kGraph : LaunchMode::kDirect;
 }
 
 absl::Status GpuBackend::SelectWithGraph(int32_t layer_index, const SelectionBatch& batch,

@@ -52,7 +52,7 @@ class GpuBackend final : public Backend {
   std::string detail() const override;
   absl::Status WriteKeys(absl::Span<const KeyWrite> writes) override;
   absl::Status ReadKeys(absl::Span<const KeyRead> reads) override;
-  absl::Status Select(int32_t layer_index, const SelectionBatch& batch) override;
+  absl::StatusOr<LaunchMode> Select(int32_t layer_index, const SelectionBatch& batch) override;
 
  private:
   // A device or pinned buffer that grows to the largest size asked for.

@@ -4,9 +4,10 @@
 
 namespace blocksel {
 
-AppendStreamReactor::AppendStreamReactor(Engine* engine, Executor* executor,
+AppendStreamReactor::AppendStreamReactor(Engine* engine, Executor* executor, ServerMetrics* metrics,
                                          v1::AppendKeysResponse* response)
-    : engine_(engine), executor_(executor), response_(response) {
+    : engine_(engine), executor_(executor), metrics_(metrics), response_(response) {
+  metrics_->OnStreamOpened();
   StartRead(&incoming_);
 }
 
@@ -16,8 +17,11 @@ void AppendStreamReactor::OnReadDone(bool ok) {
     Finish(grpc::Status::OK);
     return;
   }
-  absl::Status queued = executor_->Submit([this] {
+  const absl::Time arrived = absl::Now();
+  absl::Status queued = executor_->Submit([this, arrived] {
     absl::StatusOr<v1::AppendKeysResponse> appended = engine_->AppendKeys(incoming_);
+    metrics_->OnRequest(RpcMethod::kStreamAppendKeys, static_cast<int>(appended.status().code()),
+                        absl::Now() - arrived, static_cast<int64_t>(incoming_.ByteSizeLong()), 0);
     if (!appended.ok()) {
       Finish(ToGrpcStatus(appended.status()));
       return;
@@ -26,9 +30,16 @@ void AppendStreamReactor::OnReadDone(bool ok) {
     incoming_.Clear();
     StartRead(&incoming_);
   });
-  if (!queued.ok()) Finish(ToGrpcStatus(queued));
+  if (!queued.ok()) {
+    metrics_->OnRequest(RpcMethod::kStreamAppendKeys, static_cast<int>(queued.code()),
+                        absl::Now() - arrived, static_cast<int64_t>(incoming_.ByteSizeLong()), 0);
+    Finish(ToGrpcStatus(queued));
+  }
 }
 
-void AppendStreamReactor::OnDone() { delete this; }
+void AppendStreamReactor::OnDone() {
+  metrics_->OnStreamClosed();
+  delete this;
+}
 
 }  // namespace blocksel

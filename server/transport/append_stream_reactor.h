@@ -7,6 +7,7 @@
 #include "blocksel/v1/block_selector.grpc.pb.h"
 #include "server/engine/engine.h"
 #include "server/engine/executor.h"
+#include "server/metrics/server_metrics.h"
 
 namespace blocksel {
 
@@ -19,7 +20,9 @@ namespace blocksel {
 // time, so the members need no lock. OnDone deletes the reactor.
 class AppendStreamReactor final : public grpc::ServerReadReactor<v1::AppendKeysRequest> {
  public:
-  AppendStreamReactor(Engine* engine, Executor* executor, v1::AppendKeysResponse* response);
+  // Each message is recorded in metrics as one StreamAppendKeys request.
+  AppendStreamReactor(Engine* engine, Executor* executor, ServerMetrics* metrics,
+                      v1::AppendKeysResponse* response);
 
   void OnReadDone(bool ok) override;
   void OnDone() override;
@@ -27,6 +30,7 @@ class AppendStreamReactor final : public grpc::ServerReadReactor<v1::AppendKeysR
  private:
   Engine* const engine_;
   Executor* const executor_;
+  ServerMetrics* const metrics_;
   v1::AppendKeysResponse* const response_;
   v1::AppendKeysRequest incoming_;
   uint64_t tokens_appended_ = 0;

@@ -10,8 +10,13 @@
 namespace blocksel {
 
 BlockSelectorService::BlockSelectorService(Engine* engine, Executor* executor,
-                                           SelectBatcher* batcher, ServiceOptions options)
-    : engine_(engine), executor_(executor), batcher_(batcher), options_(std::move(options)) {}
+                                           SelectBatcher* batcher, ServerMetrics* metrics,
+                                           ServiceOptions options)
+    : engine_(engine),
+      executor_(executor),
+      batcher_(batcher),
+      metrics_(metrics),
+      options_(std::move(options)) {}
 
 namespace {
 
@@ -27,23 +32,37 @@ absl::Status StillWanted(grpc::CallbackServerContext* context) {
 
 }  // namespace
 
+void BlockSelectorService::FinishUnary(grpc::ServerUnaryReactor* reactor, RpcMethod method,
+                                       absl::Time arrived, const absl::Status& status,
+                                       const google::protobuf::Message& request,
+                                       const google::protobuf::Message& response) {
+  metrics_->OnRequest(method, static_cast<int>(status.code()), absl::Now() - arrived,
+                      static_cast<int64_t>(request.ByteSizeLong()),
+                      status.ok() ? static_cast<int64_t>(response.ByteSizeLong()) : 0);
+  reactor->Finish(ToGrpcStatus(status));
+}
+
 template <typename Operation>
 grpc::ServerUnaryReactor* BlockSelectorService::RunUnary(grpc::CallbackServerContext* context,
+                                                         RpcMethod method,
+                                                         const google::protobuf::Message* request,
+                                                         const google::protobuf::Message* response,
                                                          Operation operation) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status queued =
-      executor_->Submit([context, reactor, operation = std::move(operation)]() mutable {
-        absl::Status wanted = StillWanted(context);
-        reactor->Finish(ToGrpcStatus(wanted.ok() ? operation() : wanted));
-      });
-  if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
+  const absl::Time arrived = absl::Now();
+  absl::Status queued = executor_->Submit([this, context, reactor, method, arrived, request,
+                                           response, operation = std::move(operation)]() mutable {
+    absl::Status wanted = StillWanted(context);
+    FinishUnary(reactor, method, arrived, wanted.ok() ? operation() : wanted, *request, *response);
+  });
+  if (!queued.ok()) FinishUnary(reactor, method, arrived, queued, *request, *response);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* BlockSelectorService::GetInfo(grpc::CallbackServerContext* context,
-                                                        const v1::GetInfoRequest* /*request*/,
+                                                        const v1::GetInfoRequest* request,
                                                         v1::GetInfoResponse* response) {
-  return RunUnary(context, [this, response] {
+  return RunUnary(context, RpcMethod::kGetInfo, request, response, [this, response] {
     engine_->FillInfo(response);
     response->set_server_version(options_.server_version);
     response->set_max_message_bytes(options_.max_message_bytes);
@@ -54,7 +73,7 @@ grpc::ServerUnaryReactor* BlockSelectorService::GetInfo(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* BlockSelectorService::OpenSequence(grpc::CallbackServerContext* context,
                                                              const v1::OpenSequenceRequest* request,
                                                              v1::OpenSequenceResponse* response) {
-  return RunUnary(context, [this, request, response] {
+  return RunUnary(context, RpcMethod::kOpenSequence, request, response, [this, request, response] {
     absl::StatusOr<v1::OpenSequenceResponse> opened = engine_->OpenSequence(*request);
     if (!opened.ok()) return opened.status();
     *response = std::move(*opened);
@@ -65,22 +84,24 @@ grpc::ServerUnaryReactor* BlockSelectorService::OpenSequence(grpc::CallbackServe
 grpc::ServerUnaryReactor* BlockSelectorService::ReleaseSequence(
     grpc::CallbackServerContext* context, const v1::ReleaseSequenceRequest* request,
     v1::ReleaseSequenceResponse* response) {
-  return RunUnary(context, [this, request, response] {
-    *response = engine_->ReleaseSequence(*request);
-    return absl::OkStatus();
-  });
+  return RunUnary(context, RpcMethod::kReleaseSequence, request, response,
+                  [this, request, response] {
+                    *response = engine_->ReleaseSequence(*request);
+                    return absl::OkStatus();
+                  });
 }
 
 grpc::ServerUnaryReactor* BlockSelectorService::RenewLease(grpc::CallbackServerContext* context,
                                                            const v1::RenewLeaseRequest* request,
-                                                           v1::RenewLeaseResponse* /*response*/) {
-  return RunUnary(context, [this, request] { return engine_->RenewLease(*request); });
+                                                           v1::RenewLeaseResponse* response) {
+  return RunUnary(context, RpcMethod::kRenewLease, request, response,
+                  [this, request] { return engine_->RenewLease(*request); });
 }
 
 grpc::ServerUnaryReactor* BlockSelectorService::AppendKeys(grpc::CallbackServerContext* context,
                                                            const v1::AppendKeysRequest* request,
                                                            v1::AppendKeysResponse* response) {
-  return RunUnary(context, [this, request, response] {
+  return RunUnary(context, RpcMethod::kAppendKeys, request, response, [this, request, response] {
     absl::StatusOr<v1::AppendKeysResponse> appended = engine_->AppendKeys(*request);
     if (!appended.ok()) return appended.status();
     *response = std::move(*appended);
@@ -90,33 +111,36 @@ grpc::ServerUnaryReactor* BlockSelectorService::AppendKeys(grpc::CallbackServerC
 
 grpc::ServerReadReactor<v1::AppendKeysRequest>* BlockSelectorService::StreamAppendKeys(
     grpc::CallbackServerContext* /*context*/, v1::AppendKeysResponse* response) {
-  return new AppendStreamReactor(engine_, executor_, response);
+  return new AppendStreamReactor(engine_, executor_, metrics_, response);
 }
 
 grpc::ServerUnaryReactor* BlockSelectorService::Select(grpc::CallbackServerContext* context,
                                                        const v1::SelectRequest* request,
                                                        v1::SelectResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::Time arrived = absl::Now();
   response->set_request_id(request->request_id());
   SelectTask task;
   task.request = request;
   task.selection = response->mutable_selection();
   task.admit = [context] { return StillWanted(context); };
-  task.done = [reactor](absl::Status status) { reactor->Finish(ToGrpcStatus(status)); };
+  task.done = [this, reactor, arrived, request, response](absl::Status status) {
+    FinishUnary(reactor, RpcMethod::kSelect, arrived, status, *request, *response);
+  };
   absl::Status queued = batcher_->Submit(std::move(task), /*order=*/nullptr);
-  if (!queued.ok()) reactor->Finish(ToGrpcStatus(queued));
+  if (!queued.ok()) FinishUnary(reactor, RpcMethod::kSelect, arrived, queued, *request, *response);
   return reactor;
 }
 
 grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>* BlockSelectorService::StreamSelect(
     grpc::CallbackServerContext* /*context*/) {
-  return new SelectStreamReactor(batcher_, options_.max_inflight_per_stream);
+  return new SelectStreamReactor(batcher_, metrics_, options_.max_inflight_per_stream);
 }
 
 grpc::ServerUnaryReactor* BlockSelectorService::WriteSnapshot(
-    grpc::CallbackServerContext* context, const v1::WriteSnapshotRequest* /*request*/,
+    grpc::CallbackServerContext* context, const v1::WriteSnapshotRequest* request,
     v1::WriteSnapshotResponse* response) {
-  return RunUnary(context, [this, response] {
+  return RunUnary(context, RpcMethod::kWriteSnapshot, request, response, [this, response] {
     if (options_.snapshot_path.empty()) {
       return absl::FailedPreconditionError(
           "this server has no --snapshot_path; start it with one to write snapshots");

@@ -9,6 +9,7 @@
 #include "server/engine/engine.h"
 #include "server/engine/executor.h"
 #include "server/engine/select_batcher.h"
+#include "server/metrics/server_metrics.h"
 
 namespace blocksel {
 
@@ -24,8 +25,9 @@ struct ServiceOptions {
 // through unchanged.
 class BlockSelectorService final : public v1::BlockSelector::CallbackService {
  public:
+  // metrics records every request and stream.
   BlockSelectorService(Engine* engine, Executor* executor, SelectBatcher* batcher,
-                       ServiceOptions options);
+                       ServerMetrics* metrics, ServiceOptions options);
 
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* context,
                                     const v1::GetInfoRequest* request,
@@ -57,11 +59,19 @@ class BlockSelectorService final : public v1::BlockSelector::CallbackService {
   // Runs operation() on the executor and finishes the call with its status,
   // unless the call was cancelled or its deadline passed while it waited.
   template <typename Operation>
-  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* context, Operation operation);
+  grpc::ServerUnaryReactor* RunUnary(grpc::CallbackServerContext* context, RpcMethod method,
+                                     const google::protobuf::Message* request,
+                                     const google::protobuf::Message* response,
+                                     Operation operation);
+  // Records the call in the metrics and finishes it.
+  void FinishUnary(grpc::ServerUnaryReactor* reactor, RpcMethod method, absl::Time arrived,
+                   const absl::Status& status, const google::protobuf::Message& request,
+                   const google::protobuf::Message& response);
 
   Engine* const engine_;
   Executor* const executor_;
   SelectBatcher* const batcher_;
+  ServerMetrics* const metrics_;
   const ServiceOptions options_;
 };
 

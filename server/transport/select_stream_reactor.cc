@@ -14,8 +14,10 @@ void SetError(const absl::Status& status, v1::SelectResponse* response) {
 
 }  // namespace
 
-SelectStreamReactor::SelectStreamReactor(SelectBatcher* batcher, int max_inflight)
-    : batcher_(batcher), max_inflight_(max_inflight) {
+SelectStreamReactor::SelectStreamReactor(SelectBatcher* batcher, ServerMetrics* metrics,
+                                         int max_inflight)
+    : batcher_(batcher), metrics_(metrics), max_inflight_(max_inflight) {
+  metrics_->OnStreamOpened();
   {
     absl::MutexLock lock(&mutex_);
     reading_ = true;
@@ -40,13 +42,16 @@ void SelectStreamReactor::OnReadDone(bool ok) {
       SelectTask task;
       task.request = request.get();
       task.selection = response->mutable_selection();
-      task.done = [this, request, response](absl::Status status) {
+      const absl::Time arrived = absl::Now();
+      task.done = [this, request, response, arrived](absl::Status status) {
         if (!status.ok()) SetError(status, response.get());
+        Record(*request, *response, status, arrived);
         Complete(std::move(*response));
       };
       absl::Status queued = batcher_->Submit(std::move(task), &order_);
       if (!queued.ok()) {
         SetError(queued, response.get());
+        Record(*request, *response, queued, arrived);
         outgoing_.push_back(std::move(*response));
       }
     }
@@ -92,7 +97,18 @@ void SelectStreamReactor::OnCancel() {
   Perform(actions);
 }
 
-void SelectStreamReactor::OnDone() { delete this; }
+void SelectStreamReactor::OnDone() {
+  metrics_->OnStreamClosed();
+  delete this;
+}
+
+void SelectStreamReactor::Record(const v1::SelectRequest& request,
+                                 const v1::SelectResponse& response, const absl::Status& status,
+                                 absl::Time arrived) {
+  metrics_->OnRequest(RpcMethod::kStreamSelect, static_cast<int>(status.code()),
+                      absl::Now() - arrived, static_cast<int64_t>(request.ByteSizeLong()),
+                      static_cast<int64_t>(response.ByteSizeLong()));
+}
 
 void SelectStreamReactor::PlanLocked(Actions* actions) {
   if (finished_) return;

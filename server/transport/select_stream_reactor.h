@@ -8,6 +8,7 @@
 #include "absl/synchronization/mutex.h"
 #include "blocksel/v1/block_selector.grpc.pb.h"
 #include "server/engine/select_batcher.h"
+#include "server/metrics/server_metrics.h"
 
 namespace blocksel {
 
@@ -28,7 +29,8 @@ namespace blocksel {
 class SelectStreamReactor final
     : public grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse> {
  public:
-  SelectStreamReactor(SelectBatcher* batcher, int max_inflight);
+  // Each request is recorded in metrics as one StreamSelect request.
+  SelectStreamReactor(SelectBatcher* batcher, ServerMetrics* metrics, int max_inflight);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
@@ -45,10 +47,14 @@ class SelectStreamReactor final
   };
 
   void Complete(v1::SelectResponse response);
+  // Counts one answered request in the metrics.
+  void Record(const v1::SelectRequest& request, const v1::SelectResponse& response,
+              const absl::Status& status, absl::Time arrived);
   void PlanLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void Perform(const Actions& actions);
 
   SelectBatcher* const batcher_;
+  ServerMetrics* const metrics_;
   const int max_inflight_;
   SelectBatcher::OrderToken order_ ABSL_GUARDED_BY(mutex_);
   v1::SelectRequest incoming_;  // target of the pending read

@@ -6,7 +6,8 @@ server=$1
 demo=$2
 workdir=$(mktemp -d)
 socket="unix:${workdir}/blocksel.sock"
-"$server" --listen="$socket" --cache_mib=256 --log_level=warn --drain_propagation_seconds=0 &
+"$server" --listen="$socket" --cache_mib=256 --log_level=warn --drain_propagation_seconds=0 \
+  --metrics_address=127.0.0.1:0 &
 pid=$!
 trap 'kill -9 $pid 2>/dev/null || true; rm -rf "$workdir"' EXIT
 

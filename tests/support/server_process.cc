@@ -41,14 +41,11 @@ ServerProcess::ServerProcess(const std::string& binary,
   // machine (the GPU machine) find the server there.
   const char* binary_override = std::getenv("BLOCKSEL_SERVER_BINARY");
   std::vector<std::string> args = {binary_override != nullptr ? binary_override : binary,
-                                   "--listen=" + target_,
-                                   "--num_layers=4",
-                                   "--first_sparse_layer=1",
-                                   "--num_heads=2",
-                                   "--head_dim=32",
-                                   "--topk=4",
-                                   "--cache_mib=16",
-                                   "--backend=" + TestBackend()};
+                                   "--listen=" + target_, "--num_layers=4",
+                                   "--first_sparse_layer=1", "--num_heads=2", "--head_dim=32",
+                                   "--topk=4", "--cache_mib=16",
+                                   // Any free port: tests run in parallel.
+                                   "--metrics_address=127.0.0.1:0", "--backend=" + TestBackend()};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   std::vector<char*> argv;
   for (std::string& arg : args) argv.push_back(arg.data());

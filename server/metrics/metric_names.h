@@ -1,0 +1,41 @@
+// Every metric the server exports, in one place. Names follow Prometheus'
+// rules: the blocksel_ prefix, base units (_seconds, _bytes), and _total on
+// counters only.
+#ifndef BLOCKSEL_SERVER_METRICS_METRIC_NAMES_H_
+#define BLOCKSEL_SERVER_METRICS_METRIC_NAMES_H_
+
+namespace blocksel::metric_names {
+
+// Histograms.
+// Time from a request's arrival to its answer, per RPC method (each
+// message of a stream counts as one request).
+inline constexpr char kRpcDuration[] = "blocksel_rpc_duration_seconds";
+// Time an operation waited in the engine queue.
+inline constexpr char kQueueWait[] = "blocksel_queue_wait_seconds";
+// Backend time of one selection, by path (prefill, decode_graph,
+// decode_direct).
+inline constexpr char kBackendDuration[] = "blocksel_backend_duration_seconds";
+// Requests one backend selection served (above 1 when batched).
+inline constexpr char kBackendBatchRequests[] = "blocksel_backend_batch_requests";
+
+// Counters.
+inline constexpr char kRequests[] = "blocksel_requests_total";           // method, code
+inline constexpr char kAppendedKeys[] = "blocksel_appended_keys_total";  // tokens x layers
+inline constexpr char kSelectedRows[] = "blocksel_selected_rows_total";  // query rows
+inline constexpr char kReceivedBytes[] = "blocksel_received_bytes_total";
+inline constexpr char kSentBytes[] = "blocksel_sent_bytes_total";
+
+// Gauges.
+inline constexpr char kQueueDepth[] = "blocksel_queue_depth";
+inline constexpr char kBatchesRunning[] = "blocksel_batches_running";
+inline constexpr char kCachePagesUsed[] = "blocksel_cache_pages_used";
+inline constexpr char kCachePagesFree[] = "blocksel_cache_pages_free";
+inline constexpr char kCacheUsageRatio[] = "blocksel_cache_usage_ratio";
+inline constexpr char kOpenSequences[] = "blocksel_open_sequences";
+inline constexpr char kOpenStreams[] = "blocksel_open_streams";
+// Always 1; the labels carry the version, backend and model config.
+inline constexpr char kServerInfo[] = "blocksel_server_info";
+
+}  // namespace blocksel::metric_names
+
+#endif  // BLOCKSEL_SERVER_METRICS_METRIC_NAMES_H_

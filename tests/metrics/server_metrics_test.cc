@@ -1,0 +1,95 @@
+#include "server/metrics/server_metrics.h"
+
+#include <map>
+#include <string>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "gtest/gtest.h"
+
+namespace blocksel {
+namespace {
+
+// The value of the sample written exactly as `series` (name and labels),
+// or -1 when there is none.
+double Sample(const std::string& text, const std::string& series) {
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (line.size() > series.size() && line.substr(0, series.size()) == series &&
+        line[series.size()] == ' ') {
+      double value = 0;
+      if (absl::SimpleAtod(line.substr(series.size() + 1), &value)) return value;
+    }
+  }
+  return -1;
+}
+
+class ServerMetricsTest : public ::testing::Test {
+ protected:
+  ServerMetrics metrics_{{{"version", "test"}, {"backend", "cpu"}}};
+};
+
+TEST_F(ServerMetricsTest, EverySeriesStartsAtZero) {
+  const std::string text = metrics_.Text();
+  EXPECT_EQ(Sample(text, R"(blocksel_requests_total{code="OK",method="Select"})"), 0);
+  EXPECT_EQ(Sample(text, R"(blocksel_requests_total{code="UNAUTHENTICATED",method="GetInfo"})"), 0);
+  EXPECT_EQ(Sample(text, R"(blocksel_backend_duration_seconds_count{path="decode_graph"})"), 0);
+  EXPECT_EQ(Sample(text, "blocksel_open_streams"), 0);
+  EXPECT_EQ(Sample(text, R"(blocksel_server_info{backend="cpu",version="test"})"), 1);
+}
+
+TEST_F(ServerMetricsTest, RequestsCountByMethodAndCode) {
+  metrics_.OnRequest(RpcMethod::kSelect, 0, absl::Microseconds(300), 1000, 200);
+  metrics_.OnRequest(RpcMethod::kSelect, 0, absl::Milliseconds(3), 1000, 200);
+  metrics_.OnRequest(RpcMethod::kStreamSelect, 5, absl::Microseconds(40), 64, 30);
+  const std::string text = metrics_.Text();
+  EXPECT_EQ(Sample(text, R"(blocksel_requests_total{code="OK",method="Select"})"), 2);
+  EXPECT_EQ(Sample(text, R"(blocksel_requests_total{code="NOT_FOUND",method="StreamSelect"})"), 1);
+  EXPECT_EQ(Sample(text, R"(blocksel_rpc_duration_seconds_count{method="Select"})"), 2);
+  EXPECT_NEAR(Sample(text, R"(blocksel_rpc_duration_seconds_sum{method="Select"})"), 0.0033, 1e-9);
+  // 300 us falls in the 0.5 ms bucket, 3 ms does not.
+  EXPECT_EQ(Sample(text, R"(blocksel_rpc_duration_seconds_bucket{method="Select",le="0.0005"})"),
+            1);
+  EXPECT_EQ(Sample(text, "blocksel_received_bytes_total"), 2064);
+  EXPECT_EQ(Sample(text, "blocksel_sent_bytes_total"), 430);
+}
+
+TEST_F(ServerMetricsTest, EngineEventsMoveTheirSeries) {
+  metrics_.OnBackendSelect(SelectPath::kDecodeGraph, absl::Microseconds(25), 6, 6);
+  metrics_.OnKeysAppended(3 * 128);
+  metrics_.OnQueueDepth(7);
+  metrics_.OnQueueWait(absl::Microseconds(10));
+  metrics_.OnBackendRunning(+1);
+  CacheStats stats;
+  stats.total_pages = 100;
+  stats.free_pages = 75;
+  stats.open_sequences = 3;
+  metrics_.OnCacheChanged(stats);
+  metrics_.OnStreamOpened();
+  const std::string text = metrics_.Text();
+  EXPECT_EQ(Sample(text, R"(blocksel_backend_duration_seconds_count{path="decode_graph"})"), 1);
+  EXPECT_EQ(Sample(text, R"(blocksel_backend_batch_requests_bucket{le="8"})"), 1);
+  EXPECT_EQ(Sample(text, R"(blocksel_backend_batch_requests_bucket{le="4"})"), 0);
+  EXPECT_EQ(Sample(text, "blocksel_selected_rows_total"), 6);
+  EXPECT_EQ(Sample(text, "blocksel_appended_keys_total"), 384);
+  EXPECT_EQ(Sample(text, "blocksel_queue_depth"), 7);
+  EXPECT_EQ(Sample(text, "blocksel_queue_wait_seconds_count"), 1);
+  EXPECT_EQ(Sample(text, "blocksel_batches_running"), 1);
+  EXPECT_EQ(Sample(text, "blocksel_cache_pages_used"), 25);
+  EXPECT_EQ(Sample(text, "blocksel_cache_pages_free"), 75);
+  EXPECT_EQ(Sample(text, "blocksel_cache_usage_ratio"), 0.25);
+  EXPECT_EQ(Sample(text, "blocksel_open_sequences"), 3);
+  EXPECT_EQ(Sample(text, "blocksel_open_streams"), 1);
+}
+
+TEST_F(ServerMetricsTest, ServesOnAFreePortAndRefusesABusyOne) {
+  ASSERT_TRUE(metrics_.Serve("127.0.0.1:0").ok());
+  ASSERT_GT(metrics_.port(), 0);
+  ServerMetrics other({});
+  const absl::Status busy = other.Serve("127.0.0.1:" + std::to_string(metrics_.port()));
+  EXPECT_EQ(busy.code(), absl::StatusCode::kUnavailable) << busy;
+}
+
+}  // namespace
+}  // namespace blocksel
