@@ -1,7 +1,10 @@
 #include "client/blocksel_client.h"
 
+#include <algorithm>
 #include <utility>
 
+#include "absl/random/distributions.h"
+#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "client/encoding.h"
 #include "grpcpp/create_channel.h"
@@ -46,8 +49,32 @@ BlockselClient::BlockselClient(const std::string& target, ClientOptions options)
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
   arguments.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
+  // A sidecar restarts in seconds: reconnect soon after a failure rather
+  // than after gRPC's default first backoff of 1 s.
+  arguments.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  arguments.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), arguments);
   stub_ = v1::BlockSelector::NewStub(channel_);
+}
+
+template <typename Call>
+grpc::Status BlockselClient::Retried(Call call) const {
+  const absl::Time deadline = absl::Now() + options_.timeout;
+  absl::Duration backoff = options_.initial_backoff;
+  for (int attempt = 1;; ++attempt) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(deadline));
+    grpc::Status status = call(&context);
+    if (status.error_code() != grpc::StatusCode::UNAVAILABLE || attempt >= options_.max_attempts) {
+      return status;
+    }
+    // Jitter spreads the retries of many clients after one server restart.
+    thread_local absl::BitGen random;
+    const absl::Duration pause = backoff * absl::Uniform(random, 0.5, 1.0);
+    if (absl::Now() + pause >= deadline) return status;
+    absl::SleepFor(pause);
+    backoff = std::min(backoff * 2, options_.max_backoff);
+  }
 }
 
 std::unique_ptr<grpc::ClientContext> BlockselClient::NewContext() const {
@@ -58,7 +85,9 @@ std::unique_ptr<grpc::ClientContext> BlockselClient::NewContext() const {
 
 absl::StatusOr<v1::GetInfoResponse> BlockselClient::GetInfo() {
   v1::GetInfoResponse response;
-  grpc::Status status = stub_->GetInfo(NewContext().get(), v1::GetInfoRequest(), &response);
+  grpc::Status status = Retried([&](grpc::ClientContext* context) {
+    return stub_->GetInfo(context, v1::GetInfoRequest(), &response);
+  });
   if (!status.ok()) return ToAbsl(status);
   return response;
 }
@@ -78,7 +107,9 @@ absl::StatusOr<bool> BlockselClient::ReleaseSequence(uint64_t sequence_id) {
   v1::ReleaseSequenceRequest request;
   request.set_sequence_id(sequence_id);
   v1::ReleaseSequenceResponse response;
-  grpc::Status status = stub_->ReleaseSequence(NewContext().get(), request, &response);
+  grpc::Status status = Retried([&](grpc::ClientContext* context) {
+    return stub_->ReleaseSequence(context, request, &response);
+  });
   if (!status.ok()) return ToAbsl(status);
   return response.released();
 }
@@ -87,12 +118,15 @@ absl::Status BlockselClient::RenewLease(absl::Span<const uint64_t> sequence_ids)
   v1::RenewLeaseRequest request;
   request.mutable_sequence_ids()->Add(sequence_ids.begin(), sequence_ids.end());
   v1::RenewLeaseResponse response;
-  return ToAbsl(stub_->RenewLease(NewContext().get(), request, &response));
+  return ToAbsl(Retried([&](grpc::ClientContext* context) {
+    return stub_->RenewLease(context, request, &response);
+  }));
 }
 
 absl::StatusOr<uint64_t> BlockselClient::AppendKeys(const v1::AppendKeysRequest& request) {
   v1::AppendKeysResponse response;
-  grpc::Status status = stub_->AppendKeys(NewContext().get(), request, &response);
+  grpc::Status status = Retried(
+      [&](grpc::ClientContext* context) { return stub_->AppendKeys(context, request, &response); });
   if (!status.ok()) return ToAbsl(status);
   return response.tokens_appended();
 }
@@ -114,15 +148,17 @@ absl::StatusOr<uint64_t> BlockselClient::StreamAppendKeys(
 
 absl::StatusOr<SelectResult> BlockselClient::Select(const v1::SelectRequest& request) {
   v1::SelectResponse response;
-  grpc::Status status = stub_->Select(NewContext().get(), request, &response);
+  grpc::Status status = Retried(
+      [&](grpc::ClientContext* context) { return stub_->Select(context, request, &response); });
   if (!status.ok()) return ToAbsl(status);
   return ToSelectResult(response);
 }
 
 absl::StatusOr<v1::WriteSnapshotResponse> BlockselClient::WriteSnapshot() {
   v1::WriteSnapshotResponse response;
-  grpc::Status status =
-      stub_->WriteSnapshot(NewContext().get(), v1::WriteSnapshotRequest(), &response);
+  grpc::Status status = Retried([&](grpc::ClientContext* context) {
+    return stub_->WriteSnapshot(context, v1::WriteSnapshotRequest(), &response);
+  });
   if (!status.ok()) return ToAbsl(status);
   return response;
 }

@@ -17,10 +17,18 @@
 namespace blocksel {
 
 struct ClientOptions {
-  // Deadline of every unary call and append stream; select sessions are
-  // long-lived and have none.
+  // Deadline of every unary call (retries included) and append stream;
+  // select sessions are long-lived and have none.
   absl::Duration timeout = absl::Seconds(30);
   int64_t max_message_bytes = 64 << 20;
+  // Calls whose repetition cannot change the outcome (GetInfo,
+  // ReleaseSequence, RenewLease, AppendKeys and Select, whose appends are
+  // addressed by position, WriteSnapshot) are retried on UNAVAILABLE up to
+  // max_attempts times in all, with jittered exponential backoff.
+  // OpenSequence and the streams are never retried.
+  int max_attempts = 3;
+  absl::Duration initial_backoff = absl::Milliseconds(50);
+  absl::Duration max_backoff = absl::Seconds(1);
 };
 
 // Block ids of one selection, unpacked.
@@ -85,6 +93,9 @@ class BlockselClient {
 
  private:
   std::unique_ptr<grpc::ClientContext> NewContext() const;
+  // Runs call(context) under the timeout, retrying as ClientOptions says.
+  template <typename Call>
+  grpc::Status Retried(Call call) const;
 
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;

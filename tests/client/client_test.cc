@@ -1,0 +1,163 @@
+// The client library against real in-process servers: retries, and routing
+// over several servers.
+#include <unistd.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "client/blocksel_client.h"
+#include "client/reference_selection.h"
+#include "client/routed_client.h"
+#include "gtest/gtest.h"
+#include "server/blocksel_server.h"
+#include "tests/support/test_model.h"
+
+namespace blocksel {
+namespace {
+
+constexpr int32_t kLayer = testing::kTestFirstSparseLayer;
+
+std::unique_ptr<BlockselServer> StartServer(const std::string& address) {
+  ServerConfig config;
+  config.model = testing::SmallTestModel();
+  config.backend.kind = "cpu";
+  config.backend.cpu_threads = 1;
+  config.cache_bytes = 64 * config.model.PageBytes();
+  config.listen_addresses = {address};
+  absl::StatusOr<std::unique_ptr<BlockselServer>> server = BlockselServer::Start(config);
+  EXPECT_TRUE(server.ok()) << server.status();
+  return server.ok() ? std::move(*server) : nullptr;
+}
+
+// A fresh unix socket address (no file left from an earlier run).
+std::string SocketAddress(const std::string& name) {
+  const std::filesystem::path path = std::filesystem::temp_directory_path() /
+                                     absl::StrCat("blocksel_", ::getpid(), "_", name, ".sock");
+  std::filesystem::remove(path);
+  return absl::StrCat("unix:", path.string());
+}
+
+// The server comes up 300 ms after the first call: a retried call waits it
+// out, OpenSequence (never retried) fails at once.
+TEST(ClientRetryTest, IdempotentCallsRetryUntilTheServerIsUp) {
+  const std::string address = SocketAddress("retry");
+  ClientOptions options;
+  options.max_attempts = 12;
+  options.initial_backoff = absl::Milliseconds(50);
+  options.max_backoff = absl::Milliseconds(200);
+  options.timeout = absl::Seconds(10);
+  BlockselClient retried(address, options);
+  BlockselClient opener(address, options);
+  std::unique_ptr<BlockselServer> server;
+  std::thread starter([&] {
+    absl::SleepFor(absl::Milliseconds(300));
+    server = StartServer(address);
+  });
+  EXPECT_EQ(opener.OpenSequence(5).status().code(), absl::StatusCode::kUnavailable);
+  absl::StatusOr<v1::GetInfoResponse> info = retried.GetInfo();
+  starter.join();
+  EXPECT_TRUE(info.ok()) << info.status();
+}
+
+TEST(RendezvousTest, RemovingAServerMovesOnlyItsSequences) {
+  const std::vector<std::string> four = {"a:1", "b:1", "c:1", "d:1"};
+  const std::vector<std::string> without_c = {"a:1", "b:1", "d:1"};
+  std::map<std::string, int> owned;
+  for (uint64_t id = 1; id <= 10000; ++id) {
+    const std::string& owner = four[RendezvousOwner(four, id)];
+    ++owned[owner];
+    const std::string& after = without_c[RendezvousOwner(without_c, id)];
+    if (owner != "c:1") {
+      EXPECT_EQ(after, owner) << "sequence " << id;
+    }
+  }
+  for (const std::string& target : four) {
+    EXPECT_GT(owned[target], 2000) << target;  // about 2500 each
+    EXPECT_LT(owned[target], 3000) << target;
+  }
+}
+
+TEST(RoutedClientTest, SequencesLiveOnTheirOwnerAndBatchesSpanServers) {
+  std::vector<std::string> addresses;
+  std::vector<std::unique_ptr<BlockselServer>> servers;
+  for (int i = 0; i < 3; ++i) {
+    addresses.push_back(SocketAddress(absl::StrCat("routed", i)));
+    servers.push_back(StartServer(addresses.back()));
+    ASSERT_NE(servers.back(), nullptr);
+  }
+  RoutedClient client(addresses);
+  const ModelConfig model = testing::SmallTestModel();
+  std::mt19937_64 random(99);
+
+  constexpr int kSequences = 12;
+  std::vector<uint64_t> ids;
+  std::vector<int64_t> lengths;
+  std::vector<std::vector<float>> keys;
+  v1::AppendKeysRequest append;
+  std::vector<int> per_server(addresses.size(), 0);
+  for (int i = 0; i < kSequences; ++i) {
+    absl::StatusOr<uint64_t> id = client.OpenSequence();
+    ASSERT_TRUE(id.ok()) << id.status();
+    ids.push_back(*id);
+    ++per_server[client.ServerFor(*id)];
+    lengths.push_back(200 + 90 * i);
+    testing::EncodedBf16 encoded = testing::RandomBf16(random, lengths.back() * model.head_dim);
+    keys.push_back(encoded.values);
+    v1::KeyAppend* keys_append = append.add_appends();
+    keys_append->set_sequence_id(*id);
+    keys_append->set_first_layer(kLayer);
+    keys_append->set_num_tokens(static_cast<uint32_t>(lengths.back()));
+    keys_append->set_keys(encoded.bytes);
+  }
+  absl::StatusOr<uint64_t> appended = client.AppendKeys(append);
+  ASSERT_TRUE(appended.ok()) << appended.status();
+  for (size_t s = 0; s < addresses.size(); ++s) {
+    absl::StatusOr<v1::GetInfoResponse> info = client.server(s).GetInfo();
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->cache().open_sequences(), static_cast<uint64_t>(per_server[s]));
+  }
+
+  // One decode batch over every sequence (Q = 2) plus a padding request.
+  constexpr int32_t kQ = 2;
+  v1::SelectRequest select;
+  select.set_request_id(7);
+  select.set_layer(kLayer);
+  select.set_layout(v1::BLOCK_ID_LAYOUT_TOKEN_MAJOR);  // answered head-major
+  select.mutable_decode()->set_tokens_per_request(kQ);
+  std::vector<ReferenceRows> rows;
+  for (int i = 0; i < kSequences; ++i) {
+    v1::DecodeRequest* decode = select.mutable_decode()->add_requests();
+    decode->set_sequence_id(ids[i]);
+    decode->set_seq_len(lengths[i]);
+    rows.push_back({keys[i].data(), lengths[i] - kQ, kQ});
+    if (i == 4) {
+      select.mutable_decode()->add_requests()->set_seq_len(0);
+      rows.push_back({nullptr, -kQ, kQ});
+    }
+  }
+  testing::EncodedBf16 queries =
+      testing::RandomBf16(random, (kSequences + 1) * kQ * model.num_heads * model.head_dim);
+  select.set_queries(queries.bytes);
+  absl::StatusOr<SelectResult> result = client.Select(select);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->request_id, 7u);
+  EXPECT_EQ(result->layout, v1::BLOCK_ID_LAYOUT_HEAD_MAJOR);
+  EXPECT_EQ(result->block_ids, ReferenceSelect(model.shape(), rows, queries.values.data()));
+  int used = 0;
+  for (int count : per_server) used += count > 0 ? 1 : 0;
+  EXPECT_GT(used, 1) << "the batch should span servers";
+}
+
+}  // namespace
+}  // namespace blocksel
