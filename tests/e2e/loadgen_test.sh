@@ -8,7 +8,7 @@ loadgen=$2
 workdir=$(mktemp -d)
 socket="unix:${workdir}/blocksel.sock"
 "$server" --listen="$socket" --num_layers=2 --first_sparse_layer=1 --cache_mib=64 \
-  --log_level=warn --metrics_address= &
+  --log_level=warn --metrics_address= --drain_propagation_seconds=0 &
 pid=$!
 trap 'kill -9 $pid 2>/dev/null || true; rm -rf "$workdir"' EXIT
 for _ in $(seq 100); do [[ -S ${workdir}/blocksel.sock ]] && break; sleep 0.1; done
