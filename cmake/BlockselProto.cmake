@@ -20,6 +20,7 @@ function(blocksel_grpc_proto target import_dir)
   endforeach()
   add_library(${target} STATIC ${srcs})
   set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
-  target_include_directories(${target} PUBLIC $<BUILD_INTERFACE:${BLOCKSEL_GEN_DIR}>)
+  target_include_directories(${target} PUBLIC $<BUILD_INTERFACE:${BLOCKSEL_GEN_DIR}>
+                                               $<INSTALL_INTERFACE:include>)
   target_link_libraries(${target} PUBLIC protobuf::libprotobuf gRPC::grpc++)
 endfunction()
