@@ -7,7 +7,7 @@ include(GNUInstallDirs)
 target_include_directories(blocksel_client PUBLIC $<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}>)
 install(TARGETS blocksel_client blocksel_proto EXPORT blockselTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
-install(FILES client/blocksel_client.h client/encoding.h client/reference_selection.h
+install(FILES client/async_select_session.h client/blocksel_client.h client/encoding.h client/reference_selection.h
               client/routed_client.h
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/client)
 install(FILES kernels/selection_types.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/kernels)

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "client/async_select_session.h"
 #include "client/blocksel_client.h"
 #include "client/reference_selection.h"
 #include "client/routed_client.h"
@@ -157,6 +158,68 @@ TEST(RoutedClientTest, SequencesLiveOnTheirOwnerAndBatchesSpanServers) {
   int used = 0;
   for (int count : per_server) used += count > 0 ? 1 : 0;
   EXPECT_GT(used, 1) << "the batch should span servers";
+}
+
+TEST(AsyncSelectSessionTest, PipelinedBatchesAnswerInOrderThroughCallbacks) {
+  const std::string address = SocketAddress("async");
+  std::unique_ptr<BlockselServer> server = StartServer(address);
+  ASSERT_NE(server, nullptr);
+  BlockselClient client(address);
+  const ModelConfig model = testing::SmallTestModel();
+  std::mt19937_64 random(5);
+  absl::StatusOr<uint64_t> id = client.OpenSequence();
+  ASSERT_TRUE(id.ok()) << id.status();
+  testing::EncodedBf16 keys = testing::RandomBf16(random, 900 * model.head_dim);
+  v1::AppendKeysRequest append;
+  v1::KeyAppend* key_append = append.add_appends();
+  key_append->set_sequence_id(*id);
+  key_append->set_first_layer(kLayer);
+  key_append->set_num_tokens(900);
+  key_append->set_keys(keys.bytes);
+  ASSERT_TRUE(client.AppendKeys(append).ok());
+
+  // Twice the in-flight limit, so Send has to wait for answers.
+  constexpr int kBatches = 16;
+  absl::StatusOr<std::unique_ptr<AsyncSelectSession>> session =
+      AsyncSelectSession::Start(client, /*max_inflight=*/8);
+  ASSERT_TRUE(session.ok()) << session.status();
+  std::vector<std::vector<int32_t>> expected(kBatches);
+  std::vector<absl::StatusOr<SelectResult>> answers(kBatches, absl::UnknownError("no answer"));
+  std::vector<int> order;
+  for (int i = 0; i < kBatches; ++i) {
+    const int64_t seq_len = 900 - 37 * i;
+    testing::EncodedBf16 queries = testing::RandomBf16(random, model.num_heads * model.head_dim);
+    expected[i] = ReferenceSelect(model.shape(), {{keys.values.data(), seq_len - 1, 1}},
+                                  queries.values.data());
+    v1::SelectRequest request;
+    request.set_request_id(100 + i);
+    request.set_layer(kLayer);
+    v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+    decode->set_sequence_id(*id);
+    decode->set_seq_len(seq_len);
+    request.set_queries(queries.bytes);
+    // Batch 5 names an unknown sequence: its own error, the stream goes on.
+    if (i == 5) decode->set_sequence_id(*id + 1);
+    ASSERT_TRUE((*session)
+                    ->Send(request,
+                           [&answers, &order, i](absl::StatusOr<SelectResult> answer) {
+                             answers[i] = std::move(answer);
+                             order.push_back(i);  // the reader thread only
+                           })
+                    .ok());
+  }
+  ASSERT_TRUE((*session)->Close().ok());
+  ASSERT_EQ(order.size(), static_cast<size_t>(kBatches));
+  for (int i = 0; i < kBatches; ++i) {
+    EXPECT_EQ(order[i], i);
+    if (i == 5) {
+      EXPECT_EQ(answers[i].status().code(), absl::StatusCode::kNotFound);
+      continue;
+    }
+    ASSERT_TRUE(answers[i].ok()) << i << ": " << answers[i].status();
+    EXPECT_EQ(answers[i]->request_id, static_cast<uint64_t>(100 + i));
+    EXPECT_EQ(answers[i]->block_ids, expected[i]) << "batch " << i;
+  }
 }
 
 }  // namespace
