@@ -1,6 +1,8 @@
-# `cmake --install` puts the client library, its headers and the generated
-# API headers under the prefix with a CMake package (blocksel::blocksel_client),
-# next to the binaries the subprojects install.
+# `cmake --install` lays out a relocatable tree: bin/ (the programs),
+# lib/ (every shared library they load but the C runtime and the GPU
+# driver), and the client library with its headers, the generated API
+# headers and a CMake package (blocksel::blocksel_client). CPack makes it a
+# tarball: `cpack -G TGZ --config build/<preset>/CPackConfig.cmake`.
 include(CMakePackageConfigHelpers)
 include(GNUInstallDirs)
 
@@ -24,3 +26,25 @@ write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/blockselConfigVersi
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/blockselConfig.cmake
               ${CMAKE_CURRENT_BINARY_DIR}/blockselConfigVersion.cmake
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/blocksel)
+
+install(RUNTIME_DEPENDENCY_SET blocksel_runtime
+  DESTINATION lib
+  # The C/C++ runtime and the GPU driver come from the host.
+  PRE_EXCLUDE_REGEXES
+    "^(ld-linux|linux-vdso|libc|libm|libdl|libpthread|librt|libresolv|libgcc_s|libstdc\\+\\+|libcuda)\\.so"
+  POST_EXCLUDE_REGEXES "^/lib64/")
+
+if(BLOCKSEL_GPU_BACKEND STREQUAL "CUDA")
+  set(blocksel_flavor cuda)
+elseif(BLOCKSEL_GPU_BACKEND STREQUAL "HIP")
+  set(blocksel_flavor hip)
+else()
+  set(blocksel_flavor cpu)
+endif()
+set(CPACK_GENERATOR TGZ)
+set(CPACK_PACKAGE_NAME blocksel)
+set(CPACK_PACKAGE_VENDOR blocksel)
+set(CPACK_PACKAGE_FILE_NAME
+    "blocksel-${PROJECT_VERSION}-${blocksel_flavor}-linux-${CMAKE_SYSTEM_PROCESSOR}")
+set(CPACK_INCLUDE_TOPLEVEL_DIRECTORY ON)
+include(CPack)
