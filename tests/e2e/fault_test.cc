@@ -1,0 +1,255 @@
+// Faults with a real child-process server under load: SIGKILL (clients see
+// UNAVAILABLE promptly, a restart from the last snapshot restores the
+// sequences), SIGTERM drain (no request goes unanswered), and a full cache
+// (other sequences are still served).
+#include <signal.h>
+
+#include <atomic>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "client/blocksel_client.h"
+#include "client/encoding.h"
+#include "gtest/gtest.h"
+#include "tests/support/server_process.h"
+
+namespace blocksel {
+namespace {
+
+using testing::ServerProcess;
+
+constexpr auto kServing = grpc::health::v1::HealthCheckResponse::SERVING;
+constexpr int32_t kLayer = 1;
+constexpr int64_t kTokens = 600;
+
+class FaultTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    folder_ = std::filesystem::temp_directory_path() /
+              ("blocksel_fault_" + std::to_string(::getpid()) + "_" +
+               ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(folder_);
+    snapshot_ = (folder_ / "cache.snapshot").string();
+  }
+  void TearDown() override { std::filesystem::remove_all(folder_); }
+
+  std::unique_ptr<ServerProcess> Start(std::vector<std::string> extra = {}) {
+    extra.push_back("--snapshot_path=" + snapshot_);
+    auto server = std::make_unique<ServerProcess>(BLOCKSEL_SERVER_BINARY, extra);
+    EXPECT_TRUE(server->AwaitHealth("", kServing, absl::Seconds(30))) << server->Log();
+    return server;
+  }
+
+  // Opens sequence id with kTokens keys (small integers) in layer kLayer.
+  static void Fill(BlockselClient& client, uint64_t id) {
+    ASSERT_EQ(client.OpenSequence(id, 600).value_or(0), id);
+    std::vector<float> values(kTokens * 32);
+    for (size_t i = 0; i < values.size(); ++i) {
+      values[i] = static_cast<float>((i * 37 + id) % 11) - 5;
+    }
+    v1::AppendKeysRequest request;
+    v1::KeyAppend* append = request.add_appends();
+    append->set_sequence_id(id);
+    append->set_first_layer(kLayer);
+    append->set_num_tokens(kTokens);
+    append->set_keys(EncodeBf16(values));
+    ASSERT_TRUE(client.AppendKeys(request).ok());
+  }
+
+  static v1::SelectRequest DecodeOf(uint64_t id, uint64_t request_id = 0) {
+    v1::SelectRequest request;
+    request.set_request_id(request_id);
+    request.set_layer(kLayer);
+    v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+    decode->set_sequence_id(id);
+    decode->set_seq_len(kTokens);
+    std::vector<float> queries(2 * 32);
+    for (size_t i = 0; i < queries.size(); ++i) queries[i] = static_cast<float>(i % 7) - 3;
+    request.set_queries(EncodeBf16(queries));
+    return request;
+  }
+
+  static ClientOptions NoRetries() {
+    ClientOptions options;
+    options.max_attempts = 1;
+    options.timeout = absl::Seconds(5);
+    return options;
+  }
+
+  std::filesystem::path folder_;
+  std::string snapshot_;
+};
+
+TEST_F(FaultTest, KilledServerIsUnavailablePromptlyAndRestartsFromItsSnapshot) {
+  constexpr int kSequences = 4;
+  std::vector<std::vector<int32_t>> before(kSequences);
+  std::unique_ptr<ServerProcess> server = Start();
+  BlockselClient client(server->target(), NoRetries());
+  for (int s = 0; s < kSequences; ++s) Fill(client, 100 + s);
+  for (int s = 0; s < kSequences; ++s) {
+    absl::StatusOr<SelectResult> result = client.Select(DecodeOf(100 + s));
+    ASSERT_TRUE(result.ok()) << result.status();
+    before[s] = result->block_ids;
+  }
+  ASSERT_TRUE(client.WriteSnapshot().ok());
+
+  // Load from two threads, then SIGKILL: every client must see an error
+  // (UNAVAILABLE) within a second, not hang.
+  std::atomic<bool> killed{false};
+  std::atomic<int64_t> served{0};
+  std::vector<absl::Duration> noticed(2, absl::InfiniteDuration());
+  std::vector<absl::StatusCode> codes(2, absl::StatusCode::kOk);
+  absl::Time kill_time;
+  std::vector<std::thread> load;
+  for (int t = 0; t < 2; ++t) {
+    load.emplace_back([&, t] {
+      BlockselClient own(server->target(), NoRetries());
+      for (;;) {
+        absl::StatusOr<SelectResult> result = own.Select(DecodeOf(100 + t));
+        if (result.ok()) {
+          ++served;
+          continue;
+        }
+        if (killed.load()) {
+          noticed[t] = absl::Now() - kill_time;
+          codes[t] = result.status().code();
+          return;
+        }
+      }
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  kill_time = absl::Now();
+  killed = true;
+  server->Signal(SIGKILL);
+  for (std::thread& thread : load) thread.join();
+  EXPECT_GT(served.load(), 0);
+  for (int t = 0; t < 2; ++t) {
+    EXPECT_EQ(codes[t], absl::StatusCode::kUnavailable) << "client " << t;
+    EXPECT_LT(noticed[t], absl::Seconds(1)) << "client " << t;
+  }
+  std::cout << "SIGKILL after " << served.load() << " answered selections; the clients saw "
+            << absl::StatusCodeToString(codes[0]) << " after " << noticed[0] << " and "
+            << noticed[1] << "\n";
+
+  // The restart loads the snapshot written before the kill.
+  server.reset();
+  server = Start();
+  BlockselClient after(server->target(), NoRetries());
+  absl::StatusOr<v1::GetInfoResponse> info = after.GetInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->cache().open_sequences(), static_cast<uint64_t>(kSequences));
+  for (int s = 0; s < kSequences; ++s) {
+    absl::StatusOr<SelectResult> result = after.Select(DecodeOf(100 + s));
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_EQ(result->block_ids, before[s]) << "sequence " << 100 + s;
+  }
+}
+
+TEST_F(FaultTest, DrainUnderLoadAnswersEveryRequest) {
+  std::unique_ptr<ServerProcess> server =
+      Start({"--drain_propagation_seconds=1", "--shutdown_grace_seconds=1"});
+  BlockselClient client(server->target(), NoRetries());
+  Fill(client, 7);
+  // Streams pipeline requests through the whole drain: the propagation
+  // wait (served as usual), then the grace, then the cancellation of the
+  // streams still open. Each request sent must come back as an answer or
+  // an error status, never silence.
+  constexpr int kStreams = 4;
+  std::vector<int64_t> sent(kStreams, 0), answered(kStreams, 0), failed(kStreams, 0);
+  std::vector<std::thread> streams;
+  for (int s = 0; s < kStreams; ++s) {
+    streams.emplace_back([&, s] {
+      BlockselClient own(server->target(), NoRetries());
+      absl::StatusOr<std::unique_ptr<SelectSession>> session = own.StartSelectSession();
+      if (!session.ok()) return;
+      for (uint64_t i = 0;; ++i) {
+        if (!(*session)->Send(DecodeOf(7, i)).ok()) break;
+        ++sent[s];
+        absl::StatusOr<SelectResult> result = (*session)->Receive();
+        ++answered[s];  // an answer, or the status the stream ended with
+        if (!result.ok()) {
+          ++failed[s];
+          break;
+        }
+      }
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  server->Signal(SIGTERM);
+  for (std::thread& thread : streams) thread.join();
+  EXPECT_EQ(server->WaitExit(absl::Seconds(60)), 0) << server->Log();
+  int64_t total = 0;
+  for (int s = 0; s < kStreams; ++s) {
+    EXPECT_EQ(answered[s], sent[s]) << "stream " << s;
+    EXPECT_LE(failed[s], 1) << "stream " << s;
+    total += sent[s];
+  }
+  EXPECT_GT(total, 0);
+  int64_t failures = 0;
+  for (int64_t f : failed) failures += f;
+  std::cout << "drain under load: " << total << " requests sent on " << kStreams
+            << " streams, every one answered (" << total - failures << " selections, " << failures
+            << " final stream statuses)\n";
+}
+
+TEST_F(FaultTest, FullCacheUnderLoadLeavesOtherSequencesServed) {
+  // 1 MiB of cache holds 42 pages of this model (3 sparse layers x 128
+  // tokens x D=32 x 2 bytes = 24 KiB a page).
+  std::unique_ptr<ServerProcess> server = Start({"--cache_mib=1"});
+  BlockselClient client(server->target(), NoRetries());
+  Fill(client, 1);
+  absl::StatusOr<SelectResult> expected = client.Select(DecodeOf(1));
+  ASSERT_TRUE(expected.ok()) << expected.status();
+
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> served{0}, wrong{0};
+  std::thread reader([&] {
+    BlockselClient own(server->target(), NoRetries());
+    while (!stop.load()) {
+      absl::StatusOr<SelectResult> result = own.Select(DecodeOf(1));
+      if (result.ok() && result->block_ids == expected->block_ids) {
+        ++served;
+      } else {
+        ++wrong;
+      }
+    }
+  });
+  // Another sequence grows until the cache is full.
+  ASSERT_EQ(client.OpenSequence(2, 600).value_or(0), 2u);
+  absl::Status full;
+  std::vector<float> chunk(128 * 32, 1.0f);
+  for (int64_t start = 0; full.ok() && start < 100 * 128; start += 128) {
+    v1::AppendKeysRequest request;
+    v1::KeyAppend* append = request.add_appends();
+    append->set_sequence_id(2);
+    append->set_first_layer(kLayer);
+    append->set_start_position(start);
+    append->set_num_tokens(128);
+    append->set_keys(EncodeBf16(chunk));
+    full = client.AppendKeys(request).status();
+  }
+  absl::SleepFor(absl::Milliseconds(200));
+  stop = true;
+  reader.join();
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted) << full;
+  EXPECT_GT(served.load(), 0);
+  EXPECT_EQ(wrong.load(), 0);
+  std::cout << "full cache: " << served.load()
+            << " selections of another sequence served while one grew into "
+               "RESOURCE_EXHAUSTED, none wrong\n";
+  // Releasing the grown sequence frees its pages for others.
+  EXPECT_TRUE(client.ReleaseSequence(2).value_or(false));
+  ASSERT_EQ(client.OpenSequence(3, 600).value_or(0), 3u);
+  Fill(client, 4);
+}
+
+}  // namespace
+}  // namespace blocksel
