@@ -28,8 +28,14 @@ int32_t SelectResult::at(int32_t head, int32_t row, int32_t slot) const {
 
 absl::StatusOr<SelectResult> ToSelectResult(const v1::SelectResponse& response) {
   if (response.has_error()) {
-    return absl::Status(static_cast<absl::StatusCode>(response.error().code()),
-                        response.error().message());
+    // The code comes from the wire: an error that says OK, or a code gRPC
+    // does not have, is still an error.
+    const int32_t code = response.error().code();
+    if (code <= 0 || code > static_cast<int32_t>(absl::StatusCode::kUnauthenticated)) {
+      return absl::UnknownError(
+          absl::StrCat("in-band error with status code ", code, ": ", response.error().message()));
+    }
+    return absl::Status(static_cast<absl::StatusCode>(code), response.error().message());
   }
   const v1::Selection& selection = response.selection();
   absl::StatusOr<std::vector<int32_t>> ids = DecodeBlockIds(selection);

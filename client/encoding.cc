@@ -1,7 +1,9 @@
 #include "client/encoding.h"
 
 #include <cstring>
+#include <limits>
 
+#include "absl/numeric/int128.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/numeric_formats.h"
 
@@ -52,16 +54,21 @@ std::vector<float> DecodeKeys(const std::string& bytes, v1::KeyDtype dtype) {
 }
 
 absl::StatusOr<std::vector<int32_t>> DecodeBlockIds(const v1::Selection& selection) {
-  const uint64_t count =
-      static_cast<uint64_t>(selection.num_heads()) * selection.total_q() * selection.topk();
-  if (selection.block_ids().size() != count * sizeof(int32_t)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("selection holds ", selection.block_ids().size(), " bytes, expected ",
-                     count * sizeof(int32_t), " for [", selection.num_heads(), ", ",
-                     selection.total_q(), ", ", selection.topk(), "] int32"));
+  // 128-bit, so that no choice of dimensions can wrap the count around to
+  // the size of the bytes (the dimensions come from the wire).
+  const absl::uint128 count =
+      absl::uint128(selection.num_heads()) * selection.total_q() * selection.topk();
+  constexpr uint32_t kMaxDimension = std::numeric_limits<int32_t>::max();
+  if (selection.num_heads() > kMaxDimension || selection.total_q() > kMaxDimension ||
+      selection.topk() > kMaxDimension ||
+      absl::uint128(selection.block_ids().size()) != count * sizeof(int32_t)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "selection holds ", selection.block_ids().size(), " bytes, expected ",
+        static_cast<uint64_t>(count) * sizeof(int32_t), " for [", selection.num_heads(), ", ",
+        selection.total_q(), ", ", selection.topk(), "] int32"));
   }
-  std::vector<int32_t> ids(count);
-  std::memcpy(ids.data(), selection.block_ids().data(), count * sizeof(int32_t));
+  std::vector<int32_t> ids(static_cast<size_t>(count));
+  std::memcpy(ids.data(), selection.block_ids().data(), ids.size() * sizeof(int32_t));
   return ids;
 }
 
