@@ -116,17 +116,21 @@ absl::StatusOr<SelectResult> RoutedClient::Select(const v1::SelectRequest& reque
   }
   const int64_t row_bytes = static_cast<int64_t>(request.queries().size()) / total_rows;
 
+  // Every part starts from the batch without its requests and queries,
+  // which are split (copied from the batch once, not once per server).
+  v1::SelectRequest header = request;
+  header.clear_queries();
+  header.set_layout(v1::BLOCK_ID_LAYOUT_HEAD_MAJOR);
+  if (header.has_prefill()) header.mutable_prefill()->clear_requests();
+  if (header.has_decode()) header.mutable_decode()->clear_requests();
+
   std::vector<Part> parts(clients_.size());
   int64_t row = 0;
   for (int i = 0; i < num_requests; ++i) {
     Part& part = parts[ServerFor(SequenceOf(request, i))];
     if (!part.used) {
       part.used = true;
-      part.request = request;
-      part.request.clear_queries();
-      part.request.set_layout(v1::BLOCK_ID_LAYOUT_HEAD_MAJOR);
-      if (request.has_prefill()) part.request.mutable_prefill()->clear_requests();
-      if (request.has_decode()) part.request.mutable_decode()->clear_requests();
+      part.request = header;
     }
     if (request.has_prefill()) {
       *part.request.mutable_prefill()->add_requests() = request.prefill().requests(i);

@@ -12,13 +12,7 @@ packages=()
 command -v clang++-15 >/dev/null || packages+=(clang-15)
 compgen -G "/usr/lib/llvm-15/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a" >/dev/null ||
   packages+=(libclang-common-15-dev)
-if [[ ${#packages[@]} -gt 0 ]]; then
-  sudo_cmd=()
-  if [[ $(id -u) -ne 0 ]]; then sudo_cmd=(sudo); fi
-  "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
-    "${packages[@]}"
-fi
+scripts/install_packages.sh "${packages[@]}"
 targets=(select_request_fuzzer snapshot_fuzzer decoder_fuzzer)
 cmake -S . -B build/fuzz -DCMAKE_C_COMPILER=clang-15 -DCMAKE_CXX_COMPILER=clang++-15 \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBLOCKSEL_GPU=NONE -DBLOCKSEL_FUZZ=ON -DBLOCKSEL_WERROR=OFF \

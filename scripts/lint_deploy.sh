@@ -9,13 +9,7 @@ cd "$(dirname "$0")/.."
 apt_packages=()
 command -v dockerfilelint >/dev/null || command -v npm >/dev/null || apt_packages+=(npm)
 python3 -c "import yaml" 2>/dev/null || apt_packages+=(python3-yaml)
-if [[ ${#apt_packages[@]} -gt 0 ]]; then
-  sudo_cmd=()
-  if [[ $(id -u) -ne 0 ]]; then sudo_cmd=(sudo); fi
-  "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
-    "${apt_packages[@]}"
-fi
+scripts/install_packages.sh "${apt_packages[@]}"
 command -v dockerfilelint >/dev/null || npm install -g --silent dockerfilelint@1.8.0
 status=0
 for dockerfile in deploy/docker/Dockerfile.*; do
