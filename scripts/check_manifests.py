@@ -10,7 +10,9 @@
    checks the fields that matter: the blocksel sidecar is a native sidecar
    with gRPC startup, liveness and readiness probes on the health service,
    its GPU resource matches its --backend, the termination grace period
-   covers the drain it is configured with, it runs as non-root, the pod is
+   covers the drain it is configured with, its memory limit covers what
+   the server may hold in host memory (gRPC's buffers, plus the key cache
+   on the CPU backend, plus a margin), it runs as non-root, the pod is
    annotated for scraping on the metrics port, and each ServiceMonitor
    selects a Service that has its port.
 """
@@ -29,6 +31,19 @@ READINESS_SERVICE = "blocksel.v1.BlockSelector"
 GPU_RESOURCE = {"cuda": "nvidia.com/gpu", "hip": "amd.com/gpu", "cpu": None}
 DEFAULT_DRAIN = {"drain_propagation_seconds": 5, "shutdown_grace_seconds": 30}
 SNAPSHOT_MARGIN_SECONDS = 10
+# The server's defaults, and what it needs beyond its caches and buffers
+# (code, threads, staging, a GPU runtime).
+DEFAULT_GRPC_MEMORY_MIB = 1024
+DEFAULT_CACHE_MIB = 1024
+MEMORY_MARGIN_MIB = 1024
+UNITS_MIB = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}
+
+
+def mebibytes(quantity):
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)", str(quantity))
+    if not match:
+        raise ValueError(f"memory quantity '{quantity}' is not in Ki, Mi, Gi or Ti")
+    return int(match.group(1)) * UNITS_MIB[match.group(2)]
 
 
 def merge(base, override):
@@ -150,6 +165,16 @@ def check_deployment(source, deployment, problems):
         problems.append(f"{where}: --backend={backend} but GPU limits {gpu_limits}")
     if wanted is not None and gpu_limits != [wanted]:
         problems.append(f"{where}: --backend={backend} needs the limit {wanted}, has {gpu_limits}")
+    memory_limit = limits.get("memory")
+    if memory_limit is None:
+        problems.append(f"{where}: blocksel has no memory limit")
+    else:
+        needed = int(flag(args, "grpc_memory_mib") or DEFAULT_GRPC_MEMORY_MIB) + MEMORY_MARGIN_MIB
+        if backend == "cpu":
+            needed += int(flag(args, "cache_mib") or DEFAULT_CACHE_MIB)
+        if mebibytes(memory_limit) < needed:
+            problems.append(f"{where}: memory limit {memory_limit} < {needed} MiB that "
+                            f"--backend={backend} may use")
     drain = sum(int(flag(args, name) or default) for name, default in DEFAULT_DRAIN.items())
     grace = pod.get("terminationGracePeriodSeconds", 30)
     if grace < drain + SNAPSHOT_MARGIN_SECONDS:

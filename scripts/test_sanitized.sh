@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds and runs the whole test suite under a sanitizer preset: asan
-# (AddressSanitizer with leak checks, and UndefinedBehaviorSanitizer, any
-# report fails the test). Host code only: the sanitizer presets build no
+# Builds and runs the whole test suite under a sanitizer preset:
+#   asan: AddressSanitizer with leak checks, and UndefinedBehaviorSanitizer;
+#   tsan: ThreadSanitizer, against an Abseil built with it (see
+#         scripts/build_tsan_abseil.sh), loaded in place of the system's.
+# Any report fails the test. Host code only: the sanitizer presets build no
 # GPU code; compute-sanitizer covers the kernels on the GPU machine.
 #
 #   scripts/test_sanitized.sh [PRESET]
@@ -9,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 preset=${1:-asan}
 scripts/setup.sh
+if [[ $preset == tsan ]]; then
+  scripts/build_tsan_abseil.sh build/tsan-deps/abseil
+fi
 cmake --preset "$preset"
 cmake --build "build/$preset" -j "$(nproc)"
-ctest --test-dir "build/$preset" -j "$(nproc)" --output-on-failure
+ctest --preset "$preset"

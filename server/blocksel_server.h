@@ -39,7 +39,7 @@ struct ServerConfig {
   // on request; empty: no snapshots.
   std::string snapshot_path;
   // Memory gRPC may use for buffers over all calls; past it, reading slows.
-  int64_t grpc_memory_bytes = int64_t{4} << 30;
+  int64_t grpc_memory_bytes = int64_t{1} << 30;
   // Prometheus metrics over HTTP at "host:port/metrics" (port 0 picks a
   // free one); empty: recorded but not served.
   std::string metrics_address;

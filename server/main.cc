@@ -53,7 +53,7 @@ ABSL_FLAG(int64_t, max_message_mib, 64, "Largest gRPC message, in MiB");
 ABSL_FLAG(int, stream_max_inflight, 4,
           "Requests of one stream read ahead of their responses; past this the "
           "server stops reading the stream");
-ABSL_FLAG(int64_t, grpc_memory_mib, 4096,
+ABSL_FLAG(int64_t, grpc_memory_mib, 1024,
           "Memory gRPC may use for message buffers over all calls (a ResourceQuota); past "
           "it the server reads more slowly instead of growing");
 ABSL_FLAG(int64_t, queue_capacity, 1024,

@@ -7,7 +7,8 @@
 // 1 - --decode_fraction share, prefill chunks of --prefill_tokens rows.
 // Keys and queries are small integers, so fp32 arithmetic is exact and the
 // float64 reference must agree to the last block: every response gets the
-// structural checks, and one in --oracle_every the full reference.
+// structural checks, and one in --oracle_every the full reference. The
+// sequences are released at the end.
 //
 // Closed loop: each stream sends its next batch when the last one is
 // answered. Open loop: batches are due at Poisson arrivals totalling
@@ -47,6 +48,9 @@ ABSL_FLAG(int, concurrency, 4, "Streams (closed loop: batches in flight)");
 ABSL_FLAG(double, rate, 100, "Open loop: batches per second over all streams");
 ABSL_FLAG(double, duration_seconds, 10, "Measured time");
 ABSL_FLAG(double, warmup_seconds, 2, "Unmeasured time before it");
+ABSL_FLAG(uint32_t, lease_seconds, 600,
+          "Lease of the sequences it opens, which it releases at the end; long enough to "
+          "cover preparing every stream and the run");
 ABSL_FLAG(int, batch, 8, "Requests (sequences) per batch");
 ABSL_FLAG(int64_t, context, 32768, "Tokens of each sequence");
 ABSL_FLAG(int, query_tokens, 1, "Decode: Q, query rows per request");
@@ -83,6 +87,7 @@ struct Settings {
   double decode_fraction = 1;
   int oracle_every = 0;
   uint64_t seed = 0;
+  uint32_t lease_seconds = 0;
 };
 
 // Keys of sequence `global` (its index over all streams), [tokens][D].
@@ -115,7 +120,7 @@ class Stream {
   absl::Status Prepare() {
     constexpr int64_t kChunk = 2048;
     for (int r = 0; r < s_.batch; ++r) {
-      absl::StatusOr<uint64_t> id = client_->OpenSequence();
+      absl::StatusOr<uint64_t> id = client_->OpenSequence(0, s_.lease_seconds);
       if (!id.ok()) return id.status();
       ids_.push_back(*id);
       const uint64_t global = static_cast<uint64_t>(index_) * s_.batch + r;
@@ -207,6 +212,18 @@ class Stream {
       }
       first_row += rows.num_rows;
     }
+    return absl::OkStatus();
+  }
+
+  // Releases the stream's sequences, so that their pages are free at once
+  // rather than when their leases run out.
+  absl::Status Release() {
+    for (uint64_t id : ids_) {
+      absl::StatusOr<bool> released = client_->ReleaseSequence(id);
+      if (!released.ok()) return released.status();
+      if (!*released) return absl::NotFoundError(absl::StrCat("sequence ", id, " was gone"));
+    }
+    ids_.clear();
     return absl::OkStatus();
   }
 
@@ -426,6 +443,7 @@ int Run() {
   s.decode_fraction = absl::GetFlag(FLAGS_decode_fraction);
   s.oracle_every = absl::GetFlag(FLAGS_oracle_every);
   s.seed = absl::GetFlag(FLAGS_seed);
+  s.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   const int concurrency = absl::GetFlag(FLAGS_concurrency);
   if (s.batch < 1 || concurrency < 1 || s.context < std::max(s.query_tokens, s.prefill_tokens)) {
     std::fprintf(stderr,
@@ -478,6 +496,10 @@ int Run() {
   }
   for (auto& stream : streams) stream->session().Close().IgnoreError();
   checker.reset();  // finishes the reference checks already waiting
+  for (auto& stream : streams) {
+    absl::Status released = stream->Release();
+    if (!released.ok()) CountError(&tally, *stream, released);
+  }
 
   absl::MutexLock lock(&tally.mutex);
   const double seconds = absl::GetFlag(FLAGS_duration_seconds);

@@ -1,5 +1,6 @@
 #include "server/transport/append_stream_reactor.h"
 
+#include "server/transport/grpc_handoff.h"
 #include "server/transport/status_conversion.h"
 
 namespace blocksel {
@@ -8,10 +9,12 @@ AppendStreamReactor::AppendStreamReactor(Engine* engine, Executor* executor, Ser
                                          v1::AppendKeysResponse* response)
     : engine_(engine), executor_(executor), metrics_(metrics), response_(response) {
   metrics_->OnStreamOpened();
+  HandOffToGrpc(this);
   StartRead(&incoming_);
 }
 
 void AppendStreamReactor::OnReadDone(bool ok) {
+  GrpcCallbackScope scope(this);
   if (!ok) {
     response_->set_tokens_appended(tokens_appended_);
     Finish(grpc::Status::OK);
@@ -23,11 +26,13 @@ void AppendStreamReactor::OnReadDone(bool ok) {
     metrics_->OnRequest(RpcMethod::kStreamAppendKeys, static_cast<int>(appended.status().code()),
                         absl::Now() - arrived, static_cast<int64_t>(incoming_.ByteSizeLong()), 0);
     if (!appended.ok()) {
+      HandOffToGrpc(this);
       Finish(ToGrpcStatus(appended.status()));
       return;
     }
     tokens_appended_ += appended->tokens_appended();
     incoming_.Clear();
+    HandOffToGrpc(this);
     StartRead(&incoming_);
   });
   if (!queued.ok()) {
@@ -38,6 +43,7 @@ void AppendStreamReactor::OnReadDone(bool ok) {
 }
 
 void AppendStreamReactor::OnDone() {
+  TakeBackFromGrpc(this);
   metrics_->OnStreamClosed();
   delete this;
 }

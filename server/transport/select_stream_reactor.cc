@@ -3,6 +3,8 @@
 #include <memory>
 #include <utility>
 
+#include "server/transport/grpc_handoff.h"
+
 namespace blocksel {
 namespace {
 
@@ -22,10 +24,12 @@ SelectStreamReactor::SelectStreamReactor(SelectBatcher* batcher, ServerMetrics* 
     absl::MutexLock lock(&mutex_);
     reading_ = true;
   }
+  HandOffToGrpc(this);
   StartRead(&incoming_);
 }
 
 void SelectStreamReactor::OnReadDone(bool ok) {
+  GrpcCallbackScope scope(this);
   Actions actions;
   {
     absl::MutexLock lock(&mutex_);
@@ -42,6 +46,14 @@ void SelectStreamReactor::OnReadDone(bool ok) {
       SelectTask task;
       task.request = request.get();
       task.selection = response->mutable_selection();
+      // A request still queued when its stream is cancelled is skipped:
+      // nobody is left to read its answer. `this` outlives the task, since
+      // Finish waits for inflight_ to reach 0.
+      task.admit = [this]() -> absl::Status {
+        absl::MutexLock admit_lock(&mutex_);
+        return cancelled_ ? absl::CancelledError("the stream was cancelled while this waited")
+                          : absl::OkStatus();
+      };
       const absl::Time arrived = absl::Now();
       task.done = [this, request, response, arrived](absl::Status status) {
         if (!status.ok()) SetError(status, response.get());
@@ -75,6 +87,7 @@ void SelectStreamReactor::Complete(v1::SelectResponse response) {
 }
 
 void SelectStreamReactor::OnWriteDone(bool ok) {
+  GrpcCallbackScope scope(this);
   Actions actions;
   {
     absl::MutexLock lock(&mutex_);
@@ -88,6 +101,7 @@ void SelectStreamReactor::OnWriteDone(bool ok) {
 }
 
 void SelectStreamReactor::OnCancel() {
+  GrpcCallbackScope scope(this);
   Actions actions;
   {
     absl::MutexLock lock(&mutex_);
@@ -98,6 +112,7 @@ void SelectStreamReactor::OnCancel() {
 }
 
 void SelectStreamReactor::OnDone() {
+  TakeBackFromGrpc(this);
   metrics_->OnStreamClosed();
   delete this;
 }
@@ -137,6 +152,7 @@ void SelectStreamReactor::PlanLocked(Actions* actions) {
 }
 
 void SelectStreamReactor::Perform(const Actions& actions) {
+  if (actions.write != nullptr || actions.read || actions.finish) HandOffToGrpc(this);
   if (actions.write != nullptr) StartWrite(actions.write);
   if (actions.read) StartRead(&incoming_);
   if (actions.finish) Finish(actions.finish_status);

@@ -18,7 +18,8 @@ namespace blocksel {
 //
 // Flow control: at most max_inflight requests are read and not yet written
 // back; past that the reactor stops reading, so HTTP/2 flow control pushes
-// back on the client. One write is in flight at a time.
+// back on the client. One write is in flight at a time. Requests still
+// queued when the stream is cancelled are skipped, not run.
 //
 // Lifetime: gRPC deletes nothing; OnDone deletes the reactor, and Finish is
 // only called once no executor task refers to it (inflight_ == 0).

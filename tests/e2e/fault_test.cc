@@ -1,9 +1,11 @@
 // Faults with a real child-process server under load: SIGKILL (clients see
 // UNAVAILABLE promptly, a restart from the last snapshot restores the
-// sequences), SIGTERM drain (no request goes unanswered), and a full cache
-// (other sequences are still served).
+// sequences), SIGTERM drain (no request goes unanswered), a full cache
+// (other sequences are still served) and consumers that never read (the
+// server's resident memory stays bounded).
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <iostream>
@@ -15,8 +17,10 @@
 #include "absl/status/statusor.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "blocksel/v1/block_selector.grpc.pb.h"
 #include "client/blocksel_client.h"
 #include "client/encoding.h"
+#include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "tests/support/server_process.h"
 
@@ -28,6 +32,14 @@ using testing::ServerProcess;
 constexpr auto kServing = grpc::health::v1::HealthCheckResponse::SERVING;
 constexpr int32_t kLayer = 1;
 constexpr int64_t kTokens = 600;
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+constexpr bool kSanitized = __has_feature(address_sanitizer) || __has_feature(thread_sanitizer);
+#else
+constexpr bool kSanitized = false;
+#endif
 
 class FaultTest : public ::testing::Test {
  protected:
@@ -47,10 +59,10 @@ class FaultTest : public ::testing::Test {
     return server;
   }
 
-  // Opens sequence id with kTokens keys (small integers) in layer kLayer.
-  static void Fill(BlockselClient& client, uint64_t id) {
+  // Opens sequence id with tokens keys (small integers) in layer kLayer.
+  static void Fill(BlockselClient& client, uint64_t id, int64_t tokens = kTokens) {
     ASSERT_EQ(client.OpenSequence(id, 600).value_or(0), id);
-    std::vector<float> values(kTokens * 32);
+    std::vector<float> values(tokens * 32);
     for (size_t i = 0; i < values.size(); ++i) {
       values[i] = static_cast<float>((i * 37 + id) % 11) - 5;
     }
@@ -58,7 +70,7 @@ class FaultTest : public ::testing::Test {
     v1::KeyAppend* append = request.add_appends();
     append->set_sequence_id(id);
     append->set_first_layer(kLayer);
-    append->set_num_tokens(kTokens);
+    append->set_num_tokens(tokens);
     append->set_keys(EncodeBf16(values));
     ASSERT_TRUE(client.AppendKeys(request).ok());
   }
@@ -249,6 +261,107 @@ TEST_F(FaultTest, FullCacheUnderLoadLeavesOtherSequencesServed) {
   EXPECT_TRUE(client.ReleaseSequence(2).value_or(false));
   ASSERT_EQ(client.OpenSequence(3, 600).value_or(0), 3u);
   Fill(client, 4);
+}
+
+TEST_F(FaultTest, ConsumersThatNeverReadLeaveServerMemoryBounded) {
+  // Each request is a 2048-token prefill (256 KiB of queries) whose answer
+  // carries block scores (2048 x 2 heads x (4 ids + 16 scores) x 4 bytes =
+  // 320 KiB). 32 streams of 100 requests would be 1800 MiB of requests and
+  // answers if the server buffered them all. What it may hold: gRPC's
+  // buffers (the ResourceQuota) plus, per stream, the requests read ahead
+  // and their answers.
+  constexpr int64_t kRows = 2048;
+  constexpr int kStreams = 32;
+  constexpr int kRequestsPerStream = 100;
+  constexpr int64_t kGrpcMemory = int64_t{256} << 20;
+  constexpr int kReadAhead = 4;
+  constexpr int64_t kRequestBytes = kRows * 2 * 32 * 2;
+  constexpr int64_t kAnswerBytes = kRows * 2 * (4 + 16) * 4;
+  // Protobuf and allocator overhead on top.
+  constexpr int64_t kSlack = int64_t{64} << 20;
+  constexpr int64_t kBound =
+      kGrpcMemory + kStreams * kReadAhead * (kRequestBytes + kAnswerBytes) + kSlack;
+  std::unique_ptr<ServerProcess> server =
+      Start({"--grpc_memory_mib=" + std::to_string(kGrpcMemory >> 20),
+             "--max_message_mib=" + std::to_string(kGrpcMemory >> 22),
+             "--stream_max_inflight=" + std::to_string(kReadAhead)});
+  BlockselClient client(server->target(), NoRetries());
+  Fill(client, 9, kRows);
+  v1::SelectRequest request;
+  request.set_layer(kLayer);
+  request.set_return_block_scores(true);
+  v1::PrefillRequest* rows = request.mutable_prefill()->add_requests();
+  rows->set_sequence_id(9);
+  rows->set_prefix_len(0);
+  rows->set_q_len(kRows);
+  std::vector<float> queries(kRows * 2 * 32);
+  for (size_t i = 0; i < queries.size(); ++i) queries[i] = static_cast<float>(i % 13) - 6;
+  request.set_queries(EncodeBf16(queries));
+  // Served once the usual way: the answer to compare against afterwards,
+  // and the server's memory once it has done this work.
+  absl::StatusOr<SelectResult> expected = client.Select(request);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  const int64_t baseline = server->ResidentBytes();
+  ASSERT_GT(baseline, 0);
+
+  // Opens the streams, which send without reading, and samples the
+  // server's memory until neither it nor the requests sent have grown for
+  // two seconds; then cancels them. Returns how many requests the streams
+  // got out, and the peak.
+  auto stall = [&](int64_t* peak) {
+    auto channel = grpc::CreateChannel(server->target(), grpc::InsecureChannelCredentials());
+    std::unique_ptr<v1::BlockSelector::Stub> stub = v1::BlockSelector::NewStub(channel);
+    std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+    std::vector<std::thread> senders;
+    std::atomic<int64_t> sent{0};
+    for (int s = 0; s < kStreams; ++s) {
+      contexts.push_back(std::make_unique<grpc::ClientContext>());
+      senders.emplace_back([&, context = contexts.back().get()] {
+        auto stream = stub->StreamSelect(context);
+        for (int i = 0; i < kRequestsPerStream; ++i) {
+          if (!stream->Write(request)) break;  // cancelled below
+          ++sent;
+        }
+        grpc::Status ignored = stream->Finish();  // cancelled: nothing to check
+      });
+    }
+    *peak = 0;
+    int64_t sent_before = -1;
+    const absl::Time give_up = absl::Now() + absl::Seconds(30);
+    for (absl::Time last_growth = absl::Now();
+         absl::Now() - last_growth < absl::Seconds(2) && absl::Now() < give_up;) {
+      absl::SleepFor(absl::Milliseconds(100));
+      const int64_t now = server->ResidentBytes();
+      if (now > *peak + (1 << 20) || sent.load() != sent_before) last_growth = absl::Now();
+      *peak = std::max(*peak, now);
+      sent_before = sent.load();
+    }
+    const int64_t stalled = sent.load();
+    for (auto& context : contexts) context->TryCancel();
+    for (std::thread& sender : senders) sender.join();
+    return stalled;
+  };
+  // Twice: had the first round's streams leaked what they held, the second
+  // round would go past the bound.
+  std::vector<int64_t> peaks(2), sent(2);
+  for (int round = 0; round < 2; ++round) {
+    sent[round] = stall(&peaks[round]);
+    absl::StatusOr<SelectResult> after = client.Select(request);
+    ASSERT_TRUE(after.ok()) << after.status();
+    EXPECT_EQ(after->block_ids, expected->block_ids);
+    std::cout << "consumers that never read, round " << round + 1 << ": " << kStreams
+              << " streams got " << sent[round] << " of " << kStreams * kRequestsPerStream
+              << " requests out; server RSS " << (baseline >> 20) << " MiB before, peak "
+              << (peaks[round] >> 20) << " MiB (+" << ((peaks[round] - baseline) >> 20)
+              << " MiB, bound +" << (kBound >> 20) << " MiB), " << (server->ResidentBytes() >> 20)
+              << " MiB after the cancels\n";
+    EXPECT_LT(sent[round], kStreams * kRequestsPerStream);
+    // Under a sanitizer the RSS is mostly its shadow memory (and ASan's
+    // quarantine of freed blocks), not the server's buffers.
+    if (!kSanitized) {
+      EXPECT_LT(peaks[round] - baseline, kBound);
+    }
+  }
 }
 
 }  // namespace

@@ -93,6 +93,20 @@ std::string ServerProcess::Log() const {
   return text.str();
 }
 
+int64_t ServerProcess::ResidentBytes() const {
+  if (pid_ <= 0 || exited_) return -1;
+  std::ifstream status("/proc/" + std::to_string(pid_) + "/status");
+  std::string field;
+  while (status >> field) {
+    if (field == "VmRSS:") {
+      int64_t kib = 0;
+      status >> kib;
+      return kib * 1024;
+    }
+  }
+  return -1;
+}
+
 HealthStatus ServerProcess::Health(const std::string& name) const {
   auto stub = grpc::health::v1::Health::NewStub(
       grpc::CreateChannel(target_, grpc::InsecureChannelCredentials()));

@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -36,6 +37,8 @@ class ServerProcess {
   // still running then, or died from a signal.
   std::optional<int> WaitExit(absl::Duration timeout);
   std::string Log() const;
+  // The server's resident set size (VmRSS), in bytes; -1 once it exited.
+  int64_t ResidentBytes() const;
 
   // The health status of name ("" is liveness), UNKNOWN if unreachable.
   HealthStatus Health(const std::string& name) const;
