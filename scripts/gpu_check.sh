@@ -4,13 +4,15 @@
 # DEVELOPERS.md). Logs go to LOG_DIR (default: ./gpu-logs), one per step.
 #
 #   scripts/gpu_check.sh BUNDLE [steps...]
-#   steps: tests sanitizers bench batching sass (default: all)
+#   steps: tests service sanitizers bench batching sass (default: all)
+#   service: the fault and drain tests and a 2-minute soak, on the GPU
+#   backend.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=$(cd "$1" && pwd)
 shift
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(tests sanitizers bench batching sass)
+[[ ${#steps[@]} -eq 0 ]] && steps=(tests service sanitizers bench batching sass)
 logs=${LOG_DIR:-$PWD/gpu-logs}
 mkdir -p "$logs"
 cuda=${CUDA_HOME:-/usr/local/cuda}
@@ -18,6 +20,7 @@ export LD_LIBRARY_PATH=$bundle/lib:$cuda/lib64:${LD_LIBRARY_PATH:-}
 export BLOCKSEL_GOLDEN_DIR=$PWD/tests/testdata/golden
 export BLOCKSEL_SERVER_BINARY=$bundle/bin/blocksel-server
 export BLOCKSEL_TEST_BACKEND=cuda
+export BLOCKSEL_SOAK_BACKEND=cuda
 status=0
 
 step() {  # name, command...
@@ -46,6 +49,11 @@ for s in "${steps[@]}"; do
       step gpu_selector_test "$bundle/bin/gpu_selector_test"
       step golden_test "$bundle/bin/golden_test"
       step snapshot_test "$bundle/bin/snapshot_test"
+      ;;
+    service)
+      step fault_test "$bundle/bin/fault_test"
+      step drain_test "$bundle/bin/drain_test"
+      step soak scripts/soak.sh "$bundle/bin/blocksel-server" "$bundle/bin/blocksel-loadgen" 2 40
       ;;
     sanitizers)
       step memcheck "$cuda/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \

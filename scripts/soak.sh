@@ -11,7 +11,8 @@
 # Fails (exit 1) when any round has an error or a response that fails the
 # load generator's checks, when the server dies, or when its RSS grows by
 # more than BLOCKSEL_SOAK_MAX_RSS_GROWTH_MIB (default 32) after round 2.
-# At least three rounds.
+# At least three rounds. The server runs on the CPU backend, or the one
+# BLOCKSEL_SOAK_BACKEND names.
 #
 #   scripts/soak.sh SERVER LOADGEN [MINUTES] [RATE] [ROUND_SECONDS]
 #   SERVER and LOADGEN: the blocksel-server and blocksel-loadgen binaries.
@@ -29,7 +30,7 @@ fi
 max_growth_kib=$((${BLOCKSEL_SOAK_MAX_RSS_GROWTH_MIB:-32} * 1024))
 work=$(mktemp -d)
 socket="unix:$work/blocksel.sock"
-"$server" --backend=cpu --listen="$socket" --metrics_address= \
+"$server" --backend="${BLOCKSEL_SOAK_BACKEND:-cpu}" --listen="$socket" --metrics_address= \
   --num_layers=4 --first_sparse_layer=3 --cache_mib=512 \
   --drain_propagation_seconds=0 --log_level=warn &
 pid=$!
