@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -23,13 +22,13 @@
 #include "grpcpp/create_channel.h"
 #include "gtest/gtest.h"
 #include "tests/support/server_process.h"
+#include "tests/support/snapshot_server_test.h"
 
 namespace blocksel {
 namespace {
 
 using testing::ServerProcess;
 
-constexpr auto kServing = grpc::health::v1::HealthCheckResponse::SERVING;
 constexpr int32_t kLayer = 1;
 constexpr int64_t kTokens = 600;
 
@@ -41,24 +40,8 @@ constexpr bool kSanitized = __has_feature(address_sanitizer) || __has_feature(th
 constexpr bool kSanitized = false;
 #endif
 
-class FaultTest : public ::testing::Test {
+class FaultTest : public testing::SnapshotServerTest {
  protected:
-  void SetUp() override {
-    folder_ = std::filesystem::temp_directory_path() /
-              ("blocksel_fault_" + std::to_string(::getpid()) + "_" +
-               ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::create_directories(folder_);
-    snapshot_ = (folder_ / "cache.snapshot").string();
-  }
-  void TearDown() override { std::filesystem::remove_all(folder_); }
-
-  std::unique_ptr<ServerProcess> Start(std::vector<std::string> extra = {}) {
-    extra.push_back("--snapshot_path=" + snapshot_);
-    auto server = std::make_unique<ServerProcess>(BLOCKSEL_SERVER_BINARY, extra);
-    EXPECT_TRUE(server->AwaitHealth("", kServing, absl::Seconds(30))) << server->Log();
-    return server;
-  }
-
   // Opens sequence id with tokens keys (small integers) in layer kLayer.
   static void Fill(BlockselClient& client, uint64_t id, int64_t tokens = kTokens) {
     ASSERT_EQ(client.OpenSequence(id, 600).value_or(0), id);
@@ -94,15 +77,12 @@ class FaultTest : public ::testing::Test {
     options.timeout = absl::Seconds(5);
     return options;
   }
-
-  std::filesystem::path folder_;
-  std::string snapshot_;
 };
 
 TEST_F(FaultTest, KilledServerIsUnavailablePromptlyAndRestartsFromItsSnapshot) {
   constexpr int kSequences = 4;
   std::vector<std::vector<int32_t>> before(kSequences);
-  std::unique_ptr<ServerProcess> server = Start();
+  std::unique_ptr<ServerProcess> server = StartServer();
   BlockselClient client(server->target(), NoRetries());
   for (int s = 0; s < kSequences; ++s) Fill(client, 100 + s);
   for (int s = 0; s < kSequences; ++s) {
@@ -153,7 +133,7 @@ TEST_F(FaultTest, KilledServerIsUnavailablePromptlyAndRestartsFromItsSnapshot) {
 
   // The restart loads the snapshot written before the kill.
   server.reset();
-  server = Start();
+  server = StartServer();
   BlockselClient after(server->target(), NoRetries());
   absl::StatusOr<v1::GetInfoResponse> info = after.GetInfo();
   ASSERT_TRUE(info.ok()) << info.status();
@@ -167,7 +147,7 @@ TEST_F(FaultTest, KilledServerIsUnavailablePromptlyAndRestartsFromItsSnapshot) {
 
 TEST_F(FaultTest, DrainUnderLoadAnswersEveryRequest) {
   std::unique_ptr<ServerProcess> server =
-      Start({"--drain_propagation_seconds=1", "--shutdown_grace_seconds=1"});
+      StartServer({"--drain_propagation_seconds=1", "--shutdown_grace_seconds=1"});
   BlockselClient client(server->target(), NoRetries());
   Fill(client, 7);
   // Streams pipeline requests through the whole drain: the propagation
@@ -215,7 +195,7 @@ TEST_F(FaultTest, DrainUnderLoadAnswersEveryRequest) {
 TEST_F(FaultTest, FullCacheUnderLoadLeavesOtherSequencesServed) {
   // 1 MiB of cache holds 42 pages of this model (3 sparse layers x 128
   // tokens x D=32 x 2 bytes = 24 KiB a page).
-  std::unique_ptr<ServerProcess> server = Start({"--cache_mib=1"});
+  std::unique_ptr<ServerProcess> server = StartServer({"--cache_mib=1"});
   BlockselClient client(server->target(), NoRetries());
   Fill(client, 1);
   absl::StatusOr<SelectResult> expected = client.Select(DecodeOf(1));
@@ -282,9 +262,9 @@ TEST_F(FaultTest, ConsumersThatNeverReadLeaveServerMemoryBounded) {
   constexpr int64_t kBound =
       kGrpcMemory + kStreams * kReadAhead * (kRequestBytes + kAnswerBytes) + kSlack;
   std::unique_ptr<ServerProcess> server =
-      Start({"--grpc_memory_mib=" + std::to_string(kGrpcMemory >> 20),
-             "--max_message_mib=" + std::to_string(kGrpcMemory >> 22),
-             "--stream_max_inflight=" + std::to_string(kReadAhead)});
+      StartServer({"--grpc_memory_mib=" + std::to_string(kGrpcMemory >> 20),
+                   "--max_message_mib=" + std::to_string(kGrpcMemory >> 22),
+                   "--stream_max_inflight=" + std::to_string(kReadAhead)});
   BlockselClient client(server->target(), NoRetries());
   Fill(client, 9, kRows);
   v1::SelectRequest request;

@@ -6,12 +6,14 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "client/blocksel_client.h"
 #include "client/encoding.h"
 #include "gtest/gtest.h"
 #include "tests/support/server_process.h"
+#include "tests/support/snapshot_server_test.h"
 
 namespace blocksel {
 namespace {
@@ -22,23 +24,11 @@ constexpr auto kServing = grpc::health::v1::HealthCheckResponse::SERVING;
 constexpr uint64_t kSequence = 42;
 constexpr int64_t kTokens = 700;
 
-class SnapshotTest : public ::testing::Test {
+class SnapshotTest : public testing::SnapshotServerTest {
  protected:
-  void SetUp() override {
-    folder_ = std::filesystem::temp_directory_path() /
-              ("blocksel_snapshot_" + std::to_string(::getpid()) + "_" +
-               ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::create_directories(folder_);
-    path_ = (folder_ / "cache.snapshot").string();
-  }
-  void TearDown() override { std::filesystem::remove_all(folder_); }
-
   std::unique_ptr<ServerProcess> Start(std::vector<std::string> extra = {}) {
-    extra.push_back("--snapshot_path=" + path_);
     extra.push_back("--drain_propagation_seconds=0");
-    auto server = std::make_unique<ServerProcess>(BLOCKSEL_SERVER_BINARY, extra);
-    EXPECT_TRUE(server->AwaitHealth("", kServing, absl::Seconds(30))) << server->Log();
-    return server;
+    return StartServer(std::move(extra));
   }
 
   // Opens kSequence with keys for every sparse layer (1..3) and returns the
@@ -68,9 +58,6 @@ class SnapshotTest : public ::testing::Test {
     request.set_queries(EncodeBf16(queries));
     return client.Select(request);
   }
-
-  std::filesystem::path folder_;
-  std::string path_;
 };
 
 TEST_F(SnapshotTest, DrainWritesItAndARestartRestoresEverySequence) {
@@ -87,7 +74,7 @@ TEST_F(SnapshotTest, DrainWritesItAndARestartRestoresEverySequence) {
     EXPECT_NE(server->Log().find("snapshot written: 1 sequences"), std::string::npos)
         << server->Log();
   }
-  ASSERT_TRUE(std::filesystem::exists(path_));
+  ASSERT_TRUE(std::filesystem::exists(snapshot_path_));
   std::unique_ptr<ServerProcess> restarted = Start();
   EXPECT_NE(restarted->Log().find("snapshot restored: 1 sequences"), std::string::npos)
       << restarted->Log();
@@ -107,8 +94,8 @@ TEST_F(SnapshotTest, WrittenOnRequest) {
   absl::StatusOr<v1::WriteSnapshotResponse> written = client.WriteSnapshot();
   ASSERT_TRUE(written.ok()) << written.status();
   EXPECT_EQ(written->sequences(), 1u);
-  EXPECT_EQ(written->path(), path_);
-  EXPECT_EQ(static_cast<uint64_t>(std::filesystem::file_size(path_)), written->bytes());
+  EXPECT_EQ(written->path(), snapshot_path_);
+  EXPECT_EQ(static_cast<uint64_t>(std::filesystem::file_size(snapshot_path_)), written->bytes());
 }
 
 TEST_F(SnapshotTest, DamagedSnapshotIsRefusedAndTheServerStartsEmpty) {
@@ -119,7 +106,7 @@ TEST_F(SnapshotTest, DamagedSnapshotIsRefusedAndTheServerStartsEmpty) {
     ASSERT_TRUE(client.WriteSnapshot().ok());
   }
   {
-    std::fstream file(path_, std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream file(snapshot_path_, std::ios::in | std::ios::out | std::ios::binary);
     file.seekp(100);
     file.put('\x5a');  // one byte of keys
   }

@@ -112,13 +112,7 @@ TEST_F(ConformanceTest, DeadlineOnASlowBatchIsDeadlineExceeded) {
   const uint64_t id = Open();
   ASSERT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, 2048).ok());
   // A prefill of 2048 rows over 2048 keys takes longer than 1 ms here.
-  v1::SelectRequest slow;
-  slow.set_layer(kFirstSparseLayer);
-  v1::PrefillRequest* prefill = slow.mutable_prefill()->add_requests();
-  prefill->set_sequence_id(id);
-  prefill->set_prefix_len(0);
-  prefill->set_q_len(2048);
-  slow.set_queries(RandomQueries(2048).bytes);
+  const v1::SelectRequest slow = FirstTokensPrefill(id, 2048);
   auto stub = RawStub();
   auto context = Context(absl::Milliseconds(1));
   v1::SelectResponse response;

@@ -276,14 +276,8 @@ TEST_F(SlowReaderTest, AStreamThatIsNotReadStopsBeingServed) {
   ASSERT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, kRows).ok());
   // Each answer carries ids and block scores: 2 heads x 2048 rows x
   // (4 ids + 16 scores) x 4 bytes = 320 KiB; all of them would be 64 MiB.
-  v1::SelectRequest request;
-  request.set_layer(kFirstSparseLayer);
+  v1::SelectRequest request = FirstTokensPrefill(id, kRows);
   request.set_return_block_scores(true);
-  v1::PrefillRequest* rows = request.mutable_prefill()->add_requests();
-  rows->set_sequence_id(id);
-  rows->set_prefix_len(0);
-  rows->set_q_len(kRows);
-  request.set_queries(RandomQueries(kRows).bytes);
 
   const int64_t launches = server_->select_launches();
   std::unique_ptr<v1::BlockSelector::Stub> stub = RawStub();
@@ -328,13 +322,7 @@ TEST_F(DeepStreamTest, RequestsQueuedByACancelledStreamAreSkipped) {
   constexpr int64_t kRows = 2048;
   const uint64_t id = Open();
   ASSERT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, kRows).ok());
-  v1::SelectRequest request;
-  request.set_layer(kFirstSparseLayer);
-  v1::PrefillRequest* rows = request.mutable_prefill()->add_requests();
-  rows->set_sequence_id(id);
-  rows->set_prefix_len(0);
-  rows->set_q_len(kRows);
-  request.set_queries(RandomQueries(kRows).bytes);
+  v1::SelectRequest request = FirstTokensPrefill(id, kRows);
 
   const int64_t launches = server_->select_launches();
   std::unique_ptr<v1::BlockSelector::Stub> stub = RawStub();

@@ -138,6 +138,20 @@ class GrpcServiceTest : public ::testing::Test {
     return batch;
   }
 
+  // A prefill of the first `rows` tokens of `sequence` in the first sparse
+  // layer, with fresh random queries; no reference answer (for tests of
+  // the transport, not of the selection).
+  v1::SelectRequest FirstTokensPrefill(uint64_t sequence, int64_t rows) {
+    v1::SelectRequest request;
+    request.set_layer(kFirstSparseLayer);
+    v1::PrefillRequest* prefill = request.mutable_prefill()->add_requests();
+    prefill->set_sequence_id(sequence);
+    prefill->set_prefix_len(0);
+    prefill->set_q_len(static_cast<uint32_t>(rows));
+    request.set_queries(RandomQueries(rows).bytes);
+    return request;
+  }
+
   absl::StatusOr<v1::GetInfoResponse> Info() { return client_->GetInfo(); }
   int64_t FreePages() {
     absl::StatusOr<v1::GetInfoResponse> info = Info();
