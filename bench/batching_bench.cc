@@ -86,6 +86,7 @@ absl::StatusOr<RunResult> Measure(absl::Duration window) {
   config.backend.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   config.cache_bytes = (context / kBlockSize + 2) * streams * model.PageBytes();
   config.listen_addresses = {"127.0.0.1:0"};
+  config.metrics_address = "";  // metrics recorded, not served
   config.batch_window = window;
   absl::StatusOr<std::unique_ptr<BlockselServer>> server = BlockselServer::Start(config);
   if (!server.ok()) return server.status();

@@ -13,6 +13,7 @@
 #include "absl/types/span.h"
 #include "blocksel/v1/block_selector.grpc.pb.h"
 #include "grpcpp/channel.h"
+#include "proto/blocksel/v1/wire_limits.h"
 
 namespace blocksel {
 
@@ -20,7 +21,7 @@ struct ClientOptions {
   // Deadline of every unary call (retries included) and append stream;
   // select sessions are long-lived and have none.
   absl::Duration timeout = absl::Seconds(30);
-  int64_t max_message_bytes = 64 << 20;
+  int64_t max_message_bytes = kDefaultMaxMessageBytes;
   // Calls whose repetition cannot change the outcome (GetInfo,
   // ReleaseSequence, RenewLease, AppendKeys and Select, whose appends are
   // addressed by position, WriteSnapshot) are retried on UNAVAILABLE up to

@@ -13,6 +13,7 @@ install(FILES client/async_select_session.h client/blocksel_client.h client/enco
               client/routed_client.h
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/client)
 install(FILES kernels/selection_types.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/kernels)
+install(FILES proto/blocksel/v1/wire_limits.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/proto/blocksel/v1)
 install(FILES ${BLOCKSEL_GEN_DIR}/blocksel/v1/block_selector.pb.h
               ${BLOCKSEL_GEN_DIR}/blocksel/v1/block_selector.grpc.pb.h
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/blocksel/v1)

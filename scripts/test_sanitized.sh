@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 preset=${1:-asan}
 scripts/setup.sh
 if [[ $preset == tsan ]]; then
+  # clang-15's runtime symbolizes with llvm-15's llvm-symbolizer (the
+  # preset names its path). Without it reports are unsymbolized, and the
+  # suppressions, which match function names, match nothing.
+  scripts/install_packages.sh llvm-15
   scripts/build_tsan_abseil.sh build/tsan-deps/abseil
 fi
 cmake --preset "$preset"

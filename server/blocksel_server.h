@@ -19,22 +19,28 @@
 
 namespace blocksel {
 
+// Where the server listens and serves metrics unless told otherwise.
+inline constexpr char kDefaultListenAddress[] = "0.0.0.0:50051";
+inline constexpr char kDefaultMetricsAddress[] = "0.0.0.0:9464";
+
+// Everything a server is started with. Each default is defined once, in the
+// options of the component it configures; the flags take theirs from here.
 struct ServerConfig {
   ModelConfig model;
   BackendOptions backend;
   int64_t cache_bytes = int64_t{1} << 30;  // key storage over all layers
-  int64_t max_sequences = 65536;
-  absl::Duration default_lease = absl::Minutes(10);
-  absl::Duration max_lease = absl::Hours(24);
+  int64_t max_sequences = EngineOptions{}.max_sequences;
+  absl::Duration default_lease = EngineOptions{}.default_lease;
+  absl::Duration max_lease = EngineOptions{}.max_lease;
   // "host:port" (port 0 picks a free one) or "unix:/path/to/socket".
-  std::vector<std::string> listen_addresses = {"0.0.0.0:50051"};
-  int64_t max_message_bytes = 64 << 20;
-  int max_inflight_per_stream = 4;
-  int64_t queue_capacity = 1024;
+  std::vector<std::string> listen_addresses = {kDefaultListenAddress};
+  int64_t max_message_bytes = ServiceOptions{}.max_message_bytes;
+  int max_inflight_per_stream = ServiceOptions{}.max_inflight_per_stream;
+  int64_t queue_capacity = Executor::Options{}.queue_capacity;
   // Cross-stream batching of decode selections (see SelectBatcher); a zero
   // window turns it off.
-  absl::Duration batch_window = absl::ZeroDuration();
-  int64_t batch_max_rows = 4096;
+  absl::Duration batch_window = SelectBatcher::Options{}.window;
+  int64_t batch_max_rows = SelectBatcher::Options{}.max_group_rows;
   // Where the cache is loaded from at start and written to on Shutdown and
   // on request; empty: no snapshots.
   std::string snapshot_path;
@@ -42,7 +48,7 @@ struct ServerConfig {
   int64_t grpc_memory_bytes = int64_t{1} << 30;
   // Prometheus metrics over HTTP at "host:port/metrics" (port 0 picks a
   // free one); empty: recorded but not served.
-  std::string metrics_address;
+  std::string metrics_address = kDefaultMetricsAddress;
 
   // OK, or INVALID_ARGUMENT naming every bad value.
   absl::Status Validate() const;

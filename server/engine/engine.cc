@@ -8,6 +8,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/status_macros.h"
+#include "server/engine/wire_enums.h"
 
 namespace blocksel {
 
@@ -82,14 +83,8 @@ absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(const v1::AppendKeysRe
                        ") are not all sparse; sparse layers are [", model.first_sparse_layer, ", ",
                        model.num_layers, ")"));
     }
-    const bool dtype_matches =
-        append.key_dtype() == v1::KEY_DTYPE_UNSPECIFIED ||
-        (append.key_dtype() == v1::KEY_DTYPE_BF16) == (model.key_dtype == KeyDtype::kBf16);
-    if (!dtype_matches) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("append ", i, ": key_dtype ", v1::KeyDtype_Name(append.key_dtype()),
-                       " does not match the server's key dtype ", KeyDtypeName(model.key_dtype)));
-    }
+    BLOCKSEL_RETURN_IF_ERROR(CheckKeyDtype(append.key_dtype(), model.key_dtype,
+                                           absl::StrCat("append ", i, ": key_dtype")));
     if (append.start_position() > static_cast<uint64_t>(model.max_positions)) {
       return absl::InvalidArgumentError(
           absl::StrCat("append ", i, ": start_position ", append.start_position(),

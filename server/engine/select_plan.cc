@@ -4,6 +4,8 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "server/common/status_macros.h"
+#include "server/engine/wire_enums.h"
 
 namespace blocksel {
 namespace {
@@ -17,31 +19,10 @@ struct RowRequest {
   bool padding;
 };
 
-KeyDtype ToKeyDtype(v1::KeyDtype dtype, KeyDtype fallback) {
-  switch (dtype) {
-    case v1::KEY_DTYPE_BF16:
-      return KeyDtype::kBf16;
-    case v1::KEY_DTYPE_FP8_E4M3:
-      return KeyDtype::kFp8E4m3;
-    default:
-      return fallback;
-  }
-}
-
-absl::Status CheckDtypes(const v1::SelectRequest& request, const ModelConfig& model) {
-  if (request.query_dtype() != v1::QUERY_DTYPE_UNSPECIFIED &&
-      request.query_dtype() != v1::QUERY_DTYPE_BF16) {
-    return absl::InvalidArgumentError(absl::StrCat("query_dtype ",
-                                                   v1::QueryDtype_Name(request.query_dtype()),
-                                                   " is not supported; send bf16 queries"));
-  }
-  if (request.key_dtype() != v1::KEY_DTYPE_UNSPECIFIED &&
-      ToKeyDtype(request.key_dtype(), model.key_dtype) != model.key_dtype) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("key_dtype ", v1::KeyDtype_Name(request.key_dtype()),
-                     " does not match the server's key dtype ", KeyDtypeName(model.key_dtype)));
-  }
-  return absl::OkStatus();
+absl::Status CheckEnums(const v1::SelectRequest& request, const ModelConfig& model) {
+  BLOCKSEL_RETURN_IF_ERROR(CheckQueryDtype(request.query_dtype()));
+  BLOCKSEL_RETURN_IF_ERROR(CheckKeyDtype(request.key_dtype(), model.key_dtype, "key_dtype"));
+  return CheckLayout(request.layout());
 }
 
 absl::StatusOr<std::vector<RowRequest>> CollectRows(const v1::SelectRequest& request,
@@ -108,8 +89,7 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const Mo
         absl::StrCat("layer ", request.layer(), " is not a sparse layer; sparse layers are [",
                      model.first_sparse_layer, ", ", model.num_layers, ")"));
   }
-  absl::Status dtypes = CheckDtypes(request, model);
-  if (!dtypes.ok()) return dtypes;
+  BLOCKSEL_RETURN_IF_ERROR(CheckEnums(request, model));
   absl::StatusOr<std::vector<RowRequest>> rows = CollectRows(request, model);
   if (!rows.ok()) return rows.status();
 

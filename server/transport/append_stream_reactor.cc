@@ -21,25 +21,40 @@ void AppendStreamReactor::OnReadDone(bool ok) {
     return;
   }
   const absl::Time arrived = absl::Now();
-  absl::Status queued = executor_->Submit([this, arrived] {
-    absl::StatusOr<v1::AppendKeysResponse> appended = engine_->AppendKeys(incoming_);
-    metrics_->OnRequest(RpcMethod::kStreamAppendKeys, static_cast<int>(appended.status().code()),
-                        absl::Now() - arrived, static_cast<int64_t>(incoming_.ByteSizeLong()), 0);
-    if (!appended.ok()) {
-      HandOffToGrpc(this);
-      Finish(ToGrpcStatus(appended.status()));
-      return;
-    }
-    tokens_appended_ += appended->tokens_appended();
-    incoming_.Clear();
-    HandOffToGrpc(this);
-    StartRead(&incoming_);
-  });
+  absl::Status queued = executor_->Submit([this, arrived] { Apply(arrived); });
   if (!queued.ok()) {
     metrics_->OnRequest(RpcMethod::kStreamAppendKeys, static_cast<int>(queued.code()),
                         absl::Now() - arrived, static_cast<int64_t>(incoming_.ByteSizeLong()), 0);
     Finish(ToGrpcStatus(queued));
   }
+}
+
+void AppendStreamReactor::Apply(absl::Time arrived) {
+  const int64_t received_bytes = static_cast<int64_t>(incoming_.ByteSizeLong());
+  absl::StatusOr<v1::AppendKeysResponse> appended =
+      cancelled() ? absl::CancelledError("the stream was cancelled while this message waited")
+                  : engine_->AppendKeys(incoming_);
+  metrics_->OnRequest(RpcMethod::kStreamAppendKeys, static_cast<int>(appended.status().code()),
+                      absl::Now() - arrived, received_bytes, 0);
+  HandOffToGrpc(this);
+  if (!appended.ok()) {
+    Finish(ToGrpcStatus(appended.status()));
+    return;
+  }
+  tokens_appended_ += appended->tokens_appended();
+  incoming_.Clear();
+  StartRead(&incoming_);
+}
+
+void AppendStreamReactor::OnCancel() {
+  GrpcCallbackScope scope(this);
+  absl::MutexLock lock(&mutex_);
+  cancelled_ = true;
+}
+
+bool AppendStreamReactor::cancelled() const {
+  absl::MutexLock lock(&mutex_);
+  return cancelled_;
 }
 
 void AppendStreamReactor::OnDone() {

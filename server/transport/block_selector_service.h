@@ -6,6 +6,7 @@
 #include <string>
 
 #include "blocksel/v1/block_selector.grpc.pb.h"
+#include "proto/blocksel/v1/wire_limits.h"
 #include "server/engine/engine.h"
 #include "server/engine/executor.h"
 #include "server/engine/select_batcher.h"
@@ -15,7 +16,7 @@ namespace blocksel {
 
 struct ServiceOptions {
   int max_inflight_per_stream = 4;
-  int64_t max_message_bytes = 64 << 20;  // reported by GetInfo
+  int64_t max_message_bytes = kDefaultMaxMessageBytes;  // reported by GetInfo
   std::string server_version;
   std::string snapshot_path;  // empty: WriteSnapshot is FAILED_PRECONDITION
 };

@@ -36,6 +36,7 @@ std::unique_ptr<BlockselServer> StartServer(const std::string& address) {
   config.backend.cpu_threads = 1;
   config.cache_bytes = 64 * config.model.PageBytes();
   config.listen_addresses = {address};
+  config.metrics_address = "";  // metrics recorded, not served
   absl::StatusOr<std::unique_ptr<BlockselServer>> server = BlockselServer::Start(config);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? std::move(*server) : nullptr;

@@ -224,6 +224,10 @@ TEST_F(EngineTest, AppendKeysRejectsBadAppendsAndAppliesNothing) {
   Case fp8{"fp8 keys on a bf16 server", make(1, 1), absl::StatusCode::kInvalidArgument};
   fp8.append.set_key_dtype(v1::KEY_DTYPE_FP8_E4M3);
   cases.push_back(fp8);
+  Case unknown_dtype{"a key dtype the API does not define", make(1, 1),
+                     absl::StatusCode::kInvalidArgument};
+  unknown_dtype.append.set_key_dtype(static_cast<v1::KeyDtype>(9));
+  cases.push_back(unknown_dtype);
   Case far{"start past max_positions", make(1, 1), absl::StatusCode::kInvalidArgument};
   far.append.set_start_position(5000);
   cases.push_back(far);
@@ -737,6 +741,18 @@ TEST_F(EngineSelectValidationTest, UnsupportedQueryDtypeIsInvalidArgument) {
   v1::SelectRequest request = GoodDecode();
   // An enum value from a newer client: proto3 keeps unknown enum values.
   request.set_query_dtype(static_cast<v1::QueryDtype>(7));
+  ExpectRejected(request, absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(EngineSelectValidationTest, UnknownLayoutIsInvalidArgument) {
+  v1::SelectRequest request = GoodDecode();
+  request.set_layout(static_cast<v1::BlockIdLayout>(7));
+  ExpectRejected(request, absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(EngineSelectValidationTest, UnknownKeyDtypeIsInvalidArgument) {
+  v1::SelectRequest request = GoodDecode();
+  request.set_key_dtype(static_cast<v1::KeyDtype>(9));
   ExpectRejected(request, absl::StatusCode::kInvalidArgument);
 }
 

@@ -348,5 +348,53 @@ TEST_F(DeepStreamTest, RequestsQueuedByACancelledStreamAreSkipped) {
   EXPECT_LT(ran, kMaxInflight / 2);
 }
 
+// An append stream cancelled while its message waits behind a busy engine:
+// the message is skipped, so the cache is as if it had never been sent.
+TEST_F(DeepStreamTest, AnAppendQueuedByACancelledStreamIsSkipped) {
+  constexpr int64_t kRows = 2048;
+  constexpr int64_t kAppendTokens = 128;
+  const uint64_t busy = Open();
+  const uint64_t other = Open();
+  ASSERT_TRUE(AppendRandom(busy, kFirstSparseLayer, 0, kRows).ok());
+  const int64_t free_pages = FreePages();
+
+  // Slow prefills keep the engine busy while the append waits behind them.
+  std::unique_ptr<v1::BlockSelector::Stub> stub = RawStub();
+  grpc::ClientContext select_context;
+  auto selects = stub->StreamSelect(&select_context);
+  v1::SelectRequest prefill = FirstTokensPrefill(busy, kRows);
+  for (int i = 0; i < kMaxInflight; ++i) {
+    prefill.set_request_id(i);
+    ASSERT_TRUE(selects->Write(prefill));
+  }
+  v1::SelectResponse first;
+  ASSERT_TRUE(selects->Read(&first));
+
+  grpc::ClientContext append_context;
+  v1::AppendKeysResponse appended;
+  auto appends = stub->StreamAppendKeys(&append_context, &appended);
+  Encoded keys;
+  v1::AppendKeysRequest append;
+  *append.add_appends() = MakeAppend(other, kFirstSparseLayer, 0, kAppendTokens, &keys);
+  ASSERT_TRUE(appends->Write(append));
+  append_context.TryCancel();
+  EXPECT_EQ(appends->Finish().error_code(), grpc::StatusCode::CANCELLED);
+
+  // Every prefill answered: the append's turn has come and gone.
+  selects->WritesDone();
+  v1::SelectResponse response;
+  while (selects->Read(&response)) {
+  }
+  EXPECT_TRUE(selects->Finish().ok());
+  EXPECT_EQ(FreePages(), free_pages);
+  v1::SelectRequest decode;
+  decode.set_layer(kFirstSparseLayer);
+  v1::DecodeRequest* row = decode.mutable_decode()->add_requests();
+  row->set_sequence_id(other);
+  row->set_seq_len(kAppendTokens);
+  decode.set_queries(RandomQueries(1).bytes);
+  EXPECT_EQ(client_->Select(decode).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
 }  // namespace
 }  // namespace blocksel

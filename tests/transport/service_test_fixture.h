@@ -51,6 +51,7 @@ class GrpcServiceTest : public ::testing::Test {
     config.default_lease = absl::Minutes(10);
     config.max_lease = absl::Hours(1);
     config.listen_addresses = {"127.0.0.1:0"};
+    config.metrics_address = "";  // metrics recorded, not served
     config.max_message_bytes = kMaxMessageBytes;
     config.max_inflight_per_stream = 4;
     Configure(&config);

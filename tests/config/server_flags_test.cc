@@ -1,0 +1,52 @@
+#include "server/config/server_flags.h"
+
+#include "absl/flags/flag.h"
+#include "gtest/gtest.h"
+
+namespace blocksel {
+namespace {
+
+// With no flag given, the flags make exactly the default ServerConfig: every
+// default is written once and the flags take it from there.
+TEST(ServerFlagsTest, UnsetFlagsGiveTheDefaultConfig) {
+  absl::StatusOr<ServerConfig> from_flags = ServerConfigFromFlags();
+  ASSERT_TRUE(from_flags.ok()) << from_flags.status();
+  const ServerConfig defaults;
+  const ServerConfig& flags = *from_flags;
+  EXPECT_EQ(flags.model.ToString(), defaults.model.ToString());
+  EXPECT_EQ(flags.backend.kind, defaults.backend.kind);
+  EXPECT_EQ(flags.backend.cpu_threads, defaults.backend.cpu_threads);
+  EXPECT_EQ(flags.backend.gpu_device, defaults.backend.gpu_device);
+  EXPECT_EQ(flags.backend.gpu_graph_max_batch, defaults.backend.gpu_graph_max_batch);
+  EXPECT_EQ(flags.backend.gpu_graph_max_tokens, defaults.backend.gpu_graph_max_tokens);
+  EXPECT_EQ(flags.cache_bytes, defaults.cache_bytes);
+  EXPECT_EQ(flags.max_sequences, defaults.max_sequences);
+  EXPECT_EQ(flags.default_lease, defaults.default_lease);
+  EXPECT_EQ(flags.max_lease, defaults.max_lease);
+  EXPECT_EQ(flags.listen_addresses, defaults.listen_addresses);
+  EXPECT_EQ(flags.max_message_bytes, defaults.max_message_bytes);
+  EXPECT_EQ(flags.max_inflight_per_stream, defaults.max_inflight_per_stream);
+  EXPECT_EQ(flags.queue_capacity, defaults.queue_capacity);
+  EXPECT_EQ(flags.batch_window, defaults.batch_window);
+  EXPECT_EQ(flags.batch_max_rows, defaults.batch_max_rows);
+  EXPECT_EQ(flags.snapshot_path, defaults.snapshot_path);
+  EXPECT_EQ(flags.grpc_memory_bytes, defaults.grpc_memory_bytes);
+  EXPECT_EQ(flags.metrics_address, defaults.metrics_address);
+}
+
+// The defaults the README documents, through the component options.
+TEST(ServerFlagsTest, DefaultsAreTheDocumentedOnes) {
+  const ServerConfig defaults;
+  EXPECT_EQ(defaults.metrics_address, "0.0.0.0:9464");
+  EXPECT_EQ(defaults.listen_addresses, std::vector<std::string>{"0.0.0.0:50051"});
+  EXPECT_EQ(defaults.max_sequences, 65536);
+  EXPECT_EQ(defaults.max_message_bytes, int64_t{64} << 20);
+  EXPECT_EQ(defaults.default_lease, absl::Seconds(600));
+  EXPECT_EQ(defaults.max_lease, absl::Seconds(86400));
+  EXPECT_EQ(defaults.queue_capacity, 1024);
+  EXPECT_EQ(defaults.batch_max_rows, 4096);
+  EXPECT_EQ(defaults.max_inflight_per_stream, 4);
+}
+
+}  // namespace
+}  // namespace blocksel
