@@ -324,6 +324,7 @@ int main(int argc, char** argv) {
   const blocksel::Shape shapes[] = {
       {"decode bf16 B=1 L=8K Q=1", 1, 8192, 1, KeyDtype::kBf16, true, 9.6, 5},
       {"decode bf16 B=1 L=128K Q=1", 1, 131072, 1, KeyDtype::kBf16, true, 16.3, 12},
+      {"decode bf16 B=1 L=32K Q=1", 1, 32768, 1, KeyDtype::kBf16, true, 0, 0},
       {"decode bf16 B=8 L=32K Q=1", 8, 32768, 1, KeyDtype::kBf16, true, 32.7, 25},
       {"decode bf16 B=32 L=128K Q=1", 32, 131072, 1, KeyDtype::kBf16, true, 403, 0},
       {"decode bf16 B=64 L=32K Q=1", 64, 32768, 1, KeyDtype::kBf16, true, 195, 0},

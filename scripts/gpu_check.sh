@@ -4,9 +4,13 @@
 # DEVELOPERS.md). Logs go to LOG_DIR (default: ./gpu-logs), one per step.
 #
 #   scripts/gpu_check.sh BUNDLE [steps...]
-#   steps: tests service sanitizers bench batching sass (default: all)
+#   steps: tests service sanitizers bench batching sass completion transport
+#          e2e (default: the first six)
 #   service: the fault and drain tests and a 2-minute soak, on the GPU
-#   backend.
+#   backend. bench: every shape, or those matching BENCH_FILTER.
+#   completion: how fast the host notices finished GPU work, and copy costs.
+#   transport: gRPC round trips alone, callback and completion-queue APIs.
+#   e2e: scripts/e2e_bench.sh on the GPU backend (JSON in $LOG_DIR/e2e).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=$(cd "$1" && pwd)
@@ -62,7 +66,16 @@ for s in "${steps[@]}"; do
         "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
       ;;
     bench)
-      step gpu_selection_bench "$bundle/bin/gpu_selection_bench"
+      step gpu_selection_bench "$bundle/bin/gpu_selection_bench" ${BENCH_FILTER:+"$BENCH_FILTER"}
+      ;;
+    completion)
+      step completion_bench "$bundle/bin/completion_bench"
+      ;;
+    transport)
+      step transport_bench "$bundle/bin/transport_bench" --json_out="$logs/transport.json"
+      ;;
+    e2e)
+      step e2e_bench scripts/e2e_bench.sh "$bundle/bin" "$logs/e2e" cuda
       ;;
     batching)
       step batching_bench "$bundle/bin/batching_bench" --backend=cuda --streams=16 \

@@ -33,6 +33,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -41,6 +42,7 @@
 #include "client/loadgen/metrics_scrape.h"
 #include "client/loadgen/selection_checks.h"
 #include "client/reference_selection.h"
+#include "server/engine/select_times.h"
 
 ABSL_FLAG(std::string, server, "localhost:50051", "Server address (host:port or unix:/path)");
 ABSL_FLAG(std::string, mode, "closed", "closed or open");
@@ -409,6 +411,41 @@ void RunOpen(Stream& stream, const Window& window, double rate_per_stream, uint6
   receiver.join();
 }
 
+// The mean of one histogram series over the measured window.
+struct SeriesMean {
+  std::string name;
+  double mean_us = 0;
+  double count = 0;
+};
+
+// The means, between two scrapes, of the series named in `names`, in that
+// order; series that did not move are left out.
+std::vector<SeriesMean> MeansBetween(const HistogramTotals& before, const HistogramTotals& after,
+                                     const std::vector<std::string>& names) {
+  std::vector<SeriesMean> means;
+  for (const std::string& name : names) {
+    auto end = after.find(name);
+    if (end == after.end()) continue;
+    auto start = before.find(name);
+    const SeriesTotals first = start == before.end() ? SeriesTotals{} : start->second;
+    const double count = end->second.count - first.count;
+    if (count <= 0) continue;
+    means.push_back({name, (end->second.sum - first.sum) / count * 1e6, count});
+  }
+  return means;
+}
+
+// {"name": {"mean_us": .., "count": ..}, ...} plus `extra` members.
+std::string MeansJson(const std::vector<SeriesMean>& means, const std::string& extra = "") {
+  std::vector<std::string> members;
+  for (const SeriesMean& mean : means) {
+    members.push_back(absl::StrFormat("\"%s\": {\"mean_us\": %.2f, \"count\": %.0f}", mean.name,
+                                      mean.mean_us, mean.count));
+  }
+  if (!extra.empty()) members.push_back(extra);
+  return absl::StrCat("{", absl::StrJoin(members, ", "), "}");
+}
+
 double Percentile(std::vector<double>& values, double q) {
   if (values.empty()) return 0;
   const size_t index = static_cast<size_t>(q * static_cast<double>(values.size() - 1));
@@ -468,12 +505,12 @@ int Run() {
   window.end = window.measure_from + absl::Seconds(absl::GetFlag(FLAGS_duration_seconds));
   Tally tally;
   auto checker = std::make_unique<ReferenceChecker>(&tally);
-  BackendTimes before;
+  ServerTimes before;
   std::thread scraper;
   if (!metrics_target.empty()) {
     scraper = std::thread([&] {
       absl::SleepFor(window.measure_from - absl::Now());
-      before = ScrapeBackendTimes(metrics_target).value_or(BackendTimes{});
+      before = ScrapeServerTimes(metrics_target).value_or(ServerTimes{});
     });
   }
   std::vector<std::thread> threads;
@@ -489,10 +526,10 @@ int Run() {
     });
   }
   for (std::thread& thread : threads) thread.join();
-  BackendTimes after;
+  ServerTimes after;
   if (scraper.joinable()) {
     scraper.join();
-    after = ScrapeBackendTimes(metrics_target).value_or(BackendTimes{});
+    after = ScrapeServerTimes(metrics_target).value_or(ServerTimes{});
   }
   for (auto& stream : streams) stream->session().Close().IgnoreError();
   checker.reset();  // finishes the reference checks already waiting
@@ -518,20 +555,40 @@ int Run() {
               latency.size() / seconds, tally.rows / seconds, p50, p90, p99, max,
               static_cast<long long>(tally.structure_checked),
               static_cast<long long>(tally.oracle_checked), static_cast<long long>(tally.errors));
+  double mean = 0;
+  for (double value : latency) mean += value;
+  if (!latency.empty()) mean /= static_cast<double>(latency.size());
   std::string backend_json = "{}";
+  std::string stages_json = "{}";
   if (!metrics_target.empty()) {
-    backend_json = "{";
-    for (const auto& [path, totals] : after) {
-      const double count = totals.count - before[path].count;
-      if (count <= 0) continue;
-      const double mean_us = (totals.sum - before[path].sum) / count * 1e6;
-      std::printf("server backend time, %s: mean %.1f us over %.0f selections\n", path.c_str(),
-                  mean_us, count);
-      absl::StrAppend(
-          &backend_json, backend_json.size() > 1 ? ", " : "",
-          absl::StrFormat("\"%s\": {\"mean_us\": %.2f, \"count\": %.0f}", path, mean_us, count));
+    std::vector<std::string> paths;
+    for (const auto& [path, totals] : after.backend) paths.push_back(path);
+    const std::vector<SeriesMean> backend = MeansBetween(before.backend, after.backend, paths);
+    for (const SeriesMean& path : backend) {
+      std::printf("server backend time, %s: mean %.1f us over %.0f selections\n", path.name.c_str(),
+                  path.mean_us, path.count);
     }
-    backend_json += "}";
+    backend_json = MeansJson(backend);
+    // The server's stages of the answers in the window, and what is left
+    // of the mean round trip: the client and the wire.
+    const std::vector<SeriesMean> stages =
+        MeansBetween(before.stages, after.stages,
+                     std::vector<std::string>(kSelectStageNames.begin(), kSelectStageNames.end()));
+    double server_us = 0;
+    std::vector<std::string> terms;
+    for (const SeriesMean& stage : stages) {
+      server_us += stage.mean_us;
+      terms.push_back(absl::StrFormat("%s %.1f", stage.name, stage.mean_us));
+    }
+    if (!stages.empty()) {
+      std::printf("server stages, mean us: %s = %.1f\n", absl::StrJoin(terms, " + ").c_str(),
+                  server_us);
+      std::printf("round trip mean %.1f us = server %.1f + client and wire %.1f\n", mean, server_us,
+                  mean - server_us);
+    }
+    stages_json =
+        MeansJson(stages, absl::StrFormat("\"server_total_us\": %.2f, \"client_and_wire_us\": %.2f",
+                                          server_us, mean - server_us));
   }
   if (tally.errors > 0) std::printf("first error: %s\n", tally.first_error.c_str());
   const std::string json_path = absl::GetFlag(FLAGS_json_out);
@@ -540,11 +597,12 @@ int Run() {
     json << absl::StrFormat(
         "{\"mode\": \"%s\", \"streams\": %d, \"shape\": \"%s\", \"seconds\": %.1f, "
         "\"batches\": %d, \"batches_per_second\": %.1f, \"rows_per_second\": %.1f, "
-        "\"latency_us\": {\"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, \"max\": %.1f}, "
-        "\"checked\": %d, \"reference_checked\": %d, \"errors\": %d, \"backend\": %s}\n",
+        "\"latency_us\": {\"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, \"max\": %.1f, "
+        "\"mean\": %.1f}, \"checked\": %d, \"reference_checked\": %d, \"errors\": %d, "
+        "\"backend\": %s, \"stages\": %s}\n",
         mode, concurrency, shape, seconds, latency.size(), latency.size() / seconds,
-        tally.rows / seconds, p50, p90, p99, max, tally.structure_checked, tally.oracle_checked,
-        tally.errors, backend_json);
+        tally.rows / seconds, p50, p90, p99, max, mean, tally.structure_checked,
+        tally.oracle_checked, tally.errors, backend_json, stages_json);
   }
   return tally.errors == 0 && !latency.empty() ? 0 : 1;
 }

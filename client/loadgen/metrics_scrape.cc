@@ -51,16 +51,15 @@ absl::StatusOr<std::string> HttpGet(const std::string& host_port, const std::str
 
 }  // namespace
 
-absl::StatusOr<BackendTimes> ScrapeBackendTimes(const std::string& host_port) {
-  absl::StatusOr<std::string> text = HttpGet(host_port, "/metrics");
-  if (!text.ok()) return text.status();
-  constexpr absl::string_view kSum = "blocksel_backend_duration_seconds_sum{path=\"";
-  constexpr absl::string_view kCount = "blocksel_backend_duration_seconds_count{path=\"";
-  BackendTimes times;
-  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
-    const bool sum = absl::StartsWith(line, kSum);
-    if (!sum && !absl::StartsWith(line, kCount)) continue;
-    line.remove_prefix(sum ? kSum.size() : kCount.size());
+HistogramTotals ParseHistogram(absl::string_view text, absl::string_view name,
+                               absl::string_view label) {
+  const std::string sum_prefix = absl::StrCat(name, "_sum{", label, "=\"");
+  const std::string count_prefix = absl::StrCat(name, "_count{", label, "=\"");
+  HistogramTotals totals;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    const bool sum = absl::StartsWith(line, sum_prefix);
+    if (!sum && !absl::StartsWith(line, count_prefix)) continue;
+    line.remove_prefix(sum ? sum_prefix.size() : count_prefix.size());
     const size_t quote = line.find('"');
     const size_t space = line.rfind(' ');
     double value = 0;
@@ -68,12 +67,21 @@ absl::StatusOr<BackendTimes> ScrapeBackendTimes(const std::string& host_port) {
         !absl::SimpleAtod(line.substr(space + 1), &value)) {
       continue;
     }
-    PathTotals& totals = times[std::string(line.substr(0, quote))];
-    (sum ? totals.sum : totals.count) = value;
+    SeriesTotals& series = totals[std::string(line.substr(0, quote))];
+    (sum ? series.sum : series.count) = value;
   }
-  if (times.empty()) {
+  return totals;
+}
+
+absl::StatusOr<ServerTimes> ScrapeServerTimes(const std::string& host_port) {
+  absl::StatusOr<std::string> text = HttpGet(host_port, "/metrics");
+  if (!text.ok()) return text.status();
+  ServerTimes times;
+  times.backend = ParseHistogram(*text, "blocksel_backend_duration_seconds", "path");
+  times.stages = ParseHistogram(*text, "blocksel_select_stage_seconds", "stage");
+  if (times.backend.empty() || times.stages.empty()) {
     return absl::UnavailableError(
-        absl::StrCat("no backend metrics at http://", host_port, "/metrics"));
+        absl::StrCat("no blocksel timing metrics at http://", host_port, "/metrics"));
   }
   return times;
 }

@@ -1,5 +1,5 @@
-// Reads the server's backend time from its Prometheus endpoint, so the load
-// generator can put the server's own time beside the round trips it saw.
+// Reads the server's own timings from its Prometheus endpoint, so the load
+// generator can put them beside the round trips it saw.
 #ifndef BLOCKSEL_CLIENT_LOADGEN_METRICS_SCRAPE_H_
 #define BLOCKSEL_CLIENT_LOADGEN_METRICS_SCRAPE_H_
 
@@ -7,19 +7,31 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace blocksel {
 
-// blocksel_backend_duration_seconds _sum and _count of one path label.
-struct PathTotals {
+// _sum and _count of one series of a histogram.
+struct SeriesTotals {
   double sum = 0;
   double count = 0;
 };
-using BackendTimes = std::map<std::string, PathTotals>;
+// The series of one histogram, by the value of one label.
+using HistogramTotals = std::map<std::string, SeriesTotals>;
+
+// The metrics the load generator reads.
+struct ServerTimes {
+  HistogramTotals backend;  // blocksel_backend_duration_seconds by path
+  HistogramTotals stages;   // blocksel_select_stage_seconds by stage
+};
+
+// The series of histogram `name` by label `label`, from a scrape's text.
+HistogramTotals ParseHistogram(absl::string_view text, absl::string_view name,
+                               absl::string_view label);
 
 // One plain HTTP/1.0 GET of http://host_port/metrics. UNAVAILABLE when the
-// endpoint cannot be reached or answers without metrics.
-absl::StatusOr<BackendTimes> ScrapeBackendTimes(const std::string& host_port);
+// endpoint cannot be reached or answers without blocksel's metrics.
+absl::StatusOr<ServerTimes> ScrapeServerTimes(const std::string& host_port);
 
 }  // namespace blocksel
 

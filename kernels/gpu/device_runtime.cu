@@ -83,6 +83,39 @@ KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, voi
                               static_cast<gpuStream_t>(stream)));
 }
 
+KernelStatus EventCreate(void** event) {
+  gpuEvent_t created;
+  const KernelStatus status = Check(gpuEventCreate(&created));
+  *event = status == KernelStatus::kOk ? created : nullptr;
+  return status;
+}
+
+void EventDestroy(void* event) {
+  if (event != nullptr) (void)gpuEventDestroy(static_cast<gpuEvent_t>(event));
+}
+
+KernelStatus EventRecord(void* event, void* stream) {
+  return Check(gpuEventRecord(static_cast<gpuEvent_t>(event), static_cast<gpuStream_t>(stream)));
+}
+
+KernelStatus EventQuery(void* event, bool* done) {
+  const gpuError_t error = gpuEventQuery(static_cast<gpuEvent_t>(event));
+  *done = error == gpuSuccess;
+  if (error == gpuErrorNotReady) {
+    (void)gpuGetLastError();  // not an error: the work is still running
+    return KernelStatus::kOk;
+  }
+  return Check(error);
+}
+
+KernelStatus EventElapsedSeconds(void* start, void* end, double* seconds) {
+  float milliseconds = 0;
+  const KernelStatus status = Check(gpuEventElapsedTime(
+      &milliseconds, static_cast<gpuEvent_t>(start), static_cast<gpuEvent_t>(end)));
+  *seconds = static_cast<double>(milliseconds) * 1e-3;
+  return status;
+}
+
 CapturedGraph::~CapturedGraph() {
   if (exec_ != nullptr) (void)gpuGraphExecDestroy(static_cast<gpuGraphExec_t>(exec_));
   if (graph_ != nullptr) (void)gpuGraphDestroy(static_cast<gpuGraph_t>(graph_));

@@ -40,6 +40,16 @@ KernelStatus StreamSynchronize(void* stream);
 KernelStatus CopyHostToDevice(void* device, const void* host, int64_t bytes, void* stream);
 KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, void* stream);
 
+// Events mark points in a stream; created with timing, so two that have
+// completed give the device time between them.
+KernelStatus EventCreate(void** event);
+void EventDestroy(void* event);
+KernelStatus EventRecord(void* event, void* stream);
+// *done: whether the work before the event has completed. Never blocks.
+KernelStatus EventQuery(void* event, bool* done);
+// Device time from start to end, both completed.
+KernelStatus EventElapsedSeconds(void* start, void* end, double* seconds);
+
 // A captured sequence of launches on one stream, replayed as one graph.
 class CapturedGraph {
  public:

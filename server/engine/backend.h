@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "kernels/selection_types.h"
 
@@ -37,6 +38,15 @@ struct KeyRead {
 // How a backend ran a selection.
 enum class LaunchMode { kDirect, kGraph };
 
+// What a backend reports about one selection it ran.
+struct SelectionReport {
+  LaunchMode mode = LaunchMode::kDirect;
+  // Staging the inputs on the host and copying them to the device (zero on
+  // the CPU), then the selection itself.
+  absl::Duration upload;
+  absl::Duration compute;
+};
+
 // Storage for keys. Separate from Backend so the cache can be tested with a
 // plain in-memory store.
 class KeyStore {
@@ -60,8 +70,9 @@ class Backend : public KeyStore {
   // Runs one selection over sparse layer layer_index. batch.key_pool and
   // batch.num_pages are ignored: the backend uses its own storage. Block
   // tables and queries are host memory; block_ids is host memory. Says
-  // whether it replayed a captured graph.
-  virtual absl::StatusOr<LaunchMode> Select(int32_t layer_index, const SelectionBatch& batch) = 0;
+  // whether it replayed a captured graph and how long its parts took.
+  virtual absl::StatusOr<SelectionReport> Select(int32_t layer_index,
+                                                 const SelectionBatch& batch) = 0;
 };
 
 // Maps a kernel result to a status; context names the failing operation.

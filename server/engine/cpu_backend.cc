@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 namespace blocksel {
 
@@ -56,14 +57,18 @@ absl::Status CpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<LaunchMode> CpuBackend::Select(int32_t layer_index, const SelectionBatch& batch) {
+absl::StatusOr<SelectionReport> CpuBackend::Select(int32_t layer_index,
+                                                   const SelectionBatch& batch) {
   SelectionBatch local = batch;
   local.key_pool = layers_[layer_index].get();
   local.num_pages = num_pages_;
+  const absl::Time started = absl::Now();
   absl::Status status =
       KernelStatusToStatus(selector_.Select(config_.shape(), local), "cpu selection");
   if (!status.ok()) return status;
-  return LaunchMode::kDirect;
+  SelectionReport report;
+  report.compute = absl::Now() - started;
+  return report;
 }
 
 }  // namespace blocksel

@@ -25,7 +25,7 @@ class CpuBackend final : public Backend {
   std::string detail() const override;
   absl::Status WriteKeys(absl::Span<const KeyWrite> writes) override;
   absl::Status ReadKeys(absl::Span<const KeyRead> reads) override;
-  absl::StatusOr<LaunchMode> Select(int32_t layer_index, const SelectionBatch& batch) override;
+  absl::StatusOr<SelectionReport> Select(int32_t layer_index, const SelectionBatch& batch) override;
 
  private:
   CpuBackend(const ModelConfig& config, int64_t num_pages, int num_threads,

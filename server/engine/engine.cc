@@ -196,6 +196,7 @@ void Engine::SelectMany(absl::Span<SelectCall> calls) {
     for (const PlannedSpan& span : plan->spans) {
       if (span.sequence_id != 0) launch_sequences.insert(span.sequence_id);
     }
+    if (call.times != nullptr) call.times->planned = absl::Now();
     launch_has_scores = call.request->return_block_scores();
     launch.push_back({&call, std::move(*plan)});
   }
@@ -251,24 +252,31 @@ void Engine::Launch(absl::Span<PreparedCall> launch) {
   EngineObserver* const observer = options_.observer;
   if (observer != nullptr) observer->OnBackendRunning(+1);
   const absl::Time started = absl::Now();
-  const absl::StatusOr<LaunchMode> mode = backend_->Select(launch.front().plan.layer_index, batch);
+  const absl::StatusOr<SelectionReport> report =
+      backend_->Select(launch.front().plan.layer_index, batch);
+  const absl::Time downloaded = absl::Now();
   select_launches_.fetch_add(1, std::memory_order_relaxed);
   if (observer != nullptr) {
     observer->OnBackendRunning(-1);
-    if (mode.ok()) {
+    if (report.ok()) {
       const SelectPath path = launch.front().call->request->has_prefill() ? SelectPath::kPrefill
-                              : *mode == LaunchMode::kGraph               ? SelectPath::kDecodeGraph
-                                                            : SelectPath::kDecodeDirect;
-      observer->OnBackendSelect(path, absl::Now() - started, static_cast<int64_t>(launch.size()),
+                              : report->mode == LaunchMode::kGraph        ? SelectPath::kDecodeGraph
+                                                                   : SelectPath::kDecodeDirect;
+      observer->OnBackendSelect(path, downloaded - started, static_cast<int64_t>(launch.size()),
                                 total_rows);
     }
   }
-  const absl::Status status = mode.status();
+  const absl::Status status = report.status();
 
   int32_t first_row = 0;
   for (PreparedCall& prepared : launch) {
     SelectCall& call = *prepared.call;
     call.status = status;
+    if (status.ok() && call.times != nullptr) {
+      call.times->upload = report->upload;
+      call.times->compute = report->compute;
+      call.times->downloaded = downloaded;
+    }
     if (status.ok()) {
       FillBlockIds(model, head_major.data(), total_rows, first_row, prepared.plan.total_rows,
                    call.request->layout(), call.selection);

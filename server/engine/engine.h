@@ -17,6 +17,7 @@
 #include "server/engine/key_cache.h"
 #include "server/engine/model_config.h"
 #include "server/engine/select_plan.h"
+#include "server/engine/select_times.h"
 #include "server/engine/snapshot.h"
 
 namespace blocksel {
@@ -39,6 +40,8 @@ struct SelectCall {
   const v1::SelectRequest* request = nullptr;
   v1::Selection* selection = nullptr;  // complete on OK, untouched otherwise
   absl::Status status;
+  // Optional: the engine sets planned, upload, compute and downloaded.
+  SelectTimes* times = nullptr;
 };
 
 // Every operation validates its request completely before it changes any

@@ -5,6 +5,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/common/status_macros.h"
 
 namespace blocksel {
 namespace {
@@ -35,6 +37,11 @@ absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelConfig
   if (gpu::StreamCreate(&backend->stream_) != KernelStatus::kOk) {
     return backend->DeviceStatus(KernelStatus::kDeviceError, "creating a stream");
   }
+  for (void*& event : backend->stage_events_) {
+    if (gpu::EventCreate(&event) != KernelStatus::kOk) {
+      return backend->DeviceStatus(KernelStatus::kDeviceError, "creating an event");
+    }
+  }
   const int64_t pool_bytes = num_pages * config.PageBytes();
   if (gpu::DeviceAlloc(&backend->pool_, pool_bytes) != KernelStatus::kOk) {
     return absl::ResourceExhaustedError(
@@ -63,6 +70,7 @@ GpuBackend::~GpuBackend() {
   gpu::DeviceFree(graph_workspace_.data);
   gpu::PinnedFree(staging_.data);
   gpu::PinnedFree(results_.data);
+  for (void* event : stage_events_) gpu::EventDestroy(event);
   gpu::StreamDestroy(stream_);
 }
 
@@ -230,20 +238,39 @@ gpu::CapturedGraph* GpuBackend::FindGraph(const SelectionBatch& batch, int32_t* 
   return it == graphs_.end() ? nullptr : it->second.get();
 }
 
-absl::StatusOr<LaunchMode> GpuBackend::Select(int32_t layer_index, const SelectionBatch& batch) {
+absl::StatusOr<SelectionReport> GpuBackend::Select(int32_t layer_index,
+                                                   const SelectionBatch& batch) {
+  const absl::Time entered = absl::Now();
   int32_t bucket = 0;
   int32_t tokens = 0;
   gpu::CapturedGraph* graph = FindGraph(batch, &bucket, &tokens);
+  absl::Time staged;
   absl::Status status = graph != nullptr
-                            ? SelectWithGraph(layer_index, batch, graph, bucket, tokens)
-                            : SelectDirect(layer_index, batch);
+                            ? SelectWithGraph(layer_index, batch, graph, bucket, tokens, &staged)
+                            : SelectDirect(layer_index, batch, &staged);
   if (!status.ok()) return status;
-  return graph != nullptr ? LaunchMode::kGraph : LaunchMode::kDirect;
+  // The events have completed: the stream was synchronized.
+  double upload_seconds = 0;
+  double compute_seconds = 0;
+  for (KernelStatus timed :
+       {gpu::EventElapsedSeconds(stage_events_[0], stage_events_[1], &upload_seconds),
+        gpu::EventElapsedSeconds(stage_events_[1], stage_events_[2], &compute_seconds)}) {
+    if (timed != KernelStatus::kOk) return DeviceStatus(timed, "timing a selection");
+  }
+  SelectionReport report;
+  report.mode = graph != nullptr ? LaunchMode::kGraph : LaunchMode::kDirect;
+  report.upload = (staged - entered) + absl::Seconds(upload_seconds);
+  report.compute = absl::Seconds(compute_seconds);
+  return report;
+}
+
+absl::Status GpuBackend::MarkStage(int stage) {
+  return DeviceStatus(gpu::EventRecord(stage_events_[stage], stream_), "recording an event");
 }
 
 absl::Status GpuBackend::SelectWithGraph(int32_t layer_index, const SelectionBatch& batch,
-                                         gpu::CapturedGraph* graph, int32_t bucket,
-                                         int32_t tokens) {
+                                         gpu::CapturedGraph* graph, int32_t bucket, int32_t tokens,
+                                         absl::Time* staged) {
   const SelectionShape shape = config_.shape();
   // Host image of graph_inputs_ up to the end of the used table: the key
   // pool pointer, bucket spans (padding past the batch), queries, table.
@@ -276,10 +303,14 @@ absl::Status GpuBackend::SelectWithGraph(int32_t layer_index, const SelectionBat
   }
   std::memcpy(staging + graph_layout_.queries, batch.queries,
               static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.head_dim * 2);
+  *staged = absl::Now();
+  BLOCKSEL_RETURN_IF_ERROR(MarkStage(0));
   KernelStatus status = gpu::CopyHostToDevice(graph_inputs_.data, staging, upload, stream_);
   if (status != KernelStatus::kOk) return DeviceStatus(status, "uploading a batch");
+  BLOCKSEL_RETURN_IF_ERROR(MarkStage(1));
   status = graph->Replay(stream_);
   if (status != KernelStatus::kOk) return DeviceStatus(status, "replaying a decode graph");
+  BLOCKSEL_RETURN_IF_ERROR(MarkStage(2));
   const int64_t bucket_rows = int64_t{bucket} * tokens;
   const int64_t output_bytes = bucket_rows * shape.num_heads * shape.topk * 4;
   reserved = Reserve(&results_, output_bytes, true);
@@ -299,7 +330,8 @@ absl::Status GpuBackend::SelectWithGraph(int32_t layer_index, const SelectionBat
   return absl::OkStatus();
 }
 
-absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch& batch) {
+absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch& batch,
+                                      absl::Time* staged) {
   const SelectionShape shape = config_.shape();
   // Pack spans, the block tables they need, and the queries into one upload.
   std::vector<gpu::DeviceSpan> spans;
@@ -335,8 +367,11 @@ absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch&
   std::memcpy(staging, spans.data(), spans.size() * sizeof(gpu::DeviceSpan));
   std::memcpy(staging + spans_bytes, table.data(), table.size() * 4);
   std::memcpy(staging + spans_bytes + table_bytes, batch.queries, query_bytes);
+  *staged = absl::Now();
+  BLOCKSEL_RETURN_IF_ERROR(MarkStage(0));
   KernelStatus status = gpu::CopyHostToDevice(inputs_.data, staging, input_bytes, stream_);
   if (status != KernelStatus::kOk) return DeviceStatus(status, "uploading a batch");
+  BLOCKSEL_RETURN_IF_ERROR(MarkStage(1));
 
   auto* inputs = static_cast<unsigned char*>(inputs_.data);
   gpu::DeviceBatch device_batch;
@@ -365,6 +400,7 @@ absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch&
     status = gpu::LaunchPrefill(shape, device_batch, max_rows, key_splits, stream_);
   }
   if (status != KernelStatus::kOk) return DeviceStatus(status, "selection kernel");
+  BLOCKSEL_RETURN_IF_ERROR(MarkStage(2));
   const int64_t score_bytes =
       batch.block_scores == nullptr
           ? 0

@@ -2,6 +2,7 @@
 #ifndef BLOCKSEL_SERVER_ENGINE_GPU_BACKEND_H_
 #define BLOCKSEL_SERVER_ENGINE_GPU_BACKEND_H_
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -52,7 +53,7 @@ class GpuBackend final : public Backend {
   std::string detail() const override;
   absl::Status WriteKeys(absl::Span<const KeyWrite> writes) override;
   absl::Status ReadKeys(absl::Span<const KeyRead> reads) override;
-  absl::StatusOr<LaunchMode> Select(int32_t layer_index, const SelectionBatch& batch) override;
+  absl::StatusOr<SelectionReport> Select(int32_t layer_index, const SelectionBatch& batch) override;
 
  private:
   // A device or pinned buffer that grows to the largest size asked for.
@@ -77,9 +78,14 @@ class GpuBackend final : public Backend {
   gpu::DeviceBatch GraphBatch(int32_t bucket, int32_t tokens) const;
   // The graph for this batch, or nullptr when it must be launched directly.
   gpu::CapturedGraph* FindGraph(const SelectionBatch& batch, int32_t* bucket, int32_t* tokens);
+  // Both set *staged once the inputs are staged on the host, and record
+  // stage_events_ around the upload and the kernels.
   absl::Status SelectWithGraph(int32_t layer_index, const SelectionBatch& batch,
-                               gpu::CapturedGraph* graph, int32_t bucket, int32_t tokens);
-  absl::Status SelectDirect(int32_t layer_index, const SelectionBatch& batch);
+                               gpu::CapturedGraph* graph, int32_t bucket, int32_t tokens,
+                               absl::Time* staged);
+  absl::Status SelectDirect(int32_t layer_index, const SelectionBatch& batch, absl::Time* staged);
+  // Records stage_events_[stage] on the stream.
+  absl::Status MarkStage(int stage);
   const void* LayerPool(int32_t layer_index) const;
 
   const ModelConfig config_;
@@ -93,6 +99,8 @@ class GpuBackend final : public Backend {
   Buffer outputs_;        // device: block ids
   Buffer workspace_;      // device: decode partial top-k lists
   Buffer scores_;         // device: block scores, when a batch asks for them
+  // Recorded before the upload, after it, and after the kernels.
+  std::array<void*, 3> stage_events_{};
   // Captured decode graphs and their persistent buffers.
   const GpuGraphOptions graph_options_;
   GraphLayout graph_layout_;

@@ -86,10 +86,12 @@ void SelectBatcher::RunTasks(Engine* engine, std::vector<SelectTask> tasks) {
   std::vector<absl::Status> statuses(tasks.size());
   std::vector<SelectCall> calls;
   std::vector<size_t> admitted;
+  const absl::Time started = absl::Now();
   for (size_t i = 0; i < tasks.size(); ++i) {
     if (tasks[i].admit) statuses[i] = tasks[i].admit();
     if (!statuses[i].ok()) continue;
-    calls.push_back({tasks[i].request, tasks[i].selection, absl::OkStatus()});
+    if (tasks[i].times != nullptr) tasks[i].times->started = started;
+    calls.push_back({tasks[i].request, tasks[i].selection, absl::OkStatus(), tasks[i].times});
     admitted.push_back(i);
   }
   engine->SelectMany(absl::MakeSpan(calls));

@@ -31,6 +31,9 @@ struct SelectTask {
   absl::AnyInvocable<absl::Status()> admit;
   // Called once, on the engine's thread, with the request's status.
   absl::AnyInvocable<void(absl::Status)> done;
+  // Optional: stage times; the batcher sets started, the engine the rest of
+  // its part. Must stay valid until done has been called.
+  SelectTimes* times = nullptr;
 };
 
 // Decode batches without block scores are grouped per layer: the first one

@@ -31,6 +31,13 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
           0.025,  0.05, 0.1,  0.25,   0.5,  1,    2.5,    5,    10};
 }
 
+// Bucket bounds in seconds of one stage of a selection: from a microsecond
+// (handing a request to the queue) to seconds (a long CPU prefill).
+prometheus::Histogram::BucketBoundaries StageBuckets() {
+  return {1e-6, 2.5e-6, 5e-6,  1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,
+          5e-3, 0.01,   0.025, 0.05, 0.1,    0.25, 0.5,  1,      2.5,  5,    10};
+}
+
 }  // namespace
 
 ServerMetrics::ServerMetrics(const std::map<std::string, std::string>& static_labels)
@@ -65,6 +72,16 @@ ServerMetrics::ServerMetrics(const std::map<std::string, std::string>& static_la
                                .Register(*registry_);
   for (int p = 0; p < kSelectPaths; ++p) {
     backend_duration_[p] = &backend_duration.Add({{"path", kPathNames[p]}}, LatencyBuckets());
+  }
+  auto& stage_duration =
+      prometheus::BuildHistogram()
+          .Name(metric_names::kSelectStageDuration)
+          .Help(
+              "Time one answered selection spent in each stage, from its arrival to its answer "
+              "written: receive, queue, plan, upload, compute, download, respond")
+          .Register(*registry_);
+  for (int s = 0; s < kSelectStages; ++s) {
+    stage_duration_[s] = &stage_duration.Add({{"stage", kSelectStageNames[s]}}, StageBuckets());
   }
   backend_batch_requests_ =
       &prometheus::BuildHistogram()
@@ -133,6 +150,13 @@ void ServerMetrics::OnBackendSelect(SelectPath path, absl::Duration elapsed, int
   backend_duration_[static_cast<int>(path)]->Observe(absl::ToDoubleSeconds(elapsed));
   backend_batch_requests_->Observe(static_cast<double>(requests));
   selected_rows_->Increment(static_cast<double>(rows));
+}
+
+void ServerMetrics::OnSelectStages(const SelectTimes& times) {
+  const std::array<absl::Duration, kSelectStages> stages = times.Stages();
+  for (int s = 0; s < kSelectStages; ++s) {
+    stage_duration_[s]->Observe(absl::ToDoubleSeconds(stages[s]));
+  }
 }
 
 void ServerMetrics::OnCacheChanged(const CacheStats& stats) {

@@ -17,6 +17,7 @@
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "server/engine/engine_observer.h"
+#include "server/engine/select_times.h"
 
 namespace blocksel {
 
@@ -60,6 +61,8 @@ class ServerMetrics final : public EngineObserver {
   // `elapsed`, with its request and response sizes.
   void OnRequest(RpcMethod method, int code, absl::Duration elapsed, int64_t received_bytes,
                  int64_t sent_bytes);
+  // The stages of one selection that was answered, times.written set.
+  void OnSelectStages(const SelectTimes& times);
   void OnStreamOpened() { open_streams_->Increment(); }
   void OnStreamClosed() { open_streams_->Decrement(); }
 
@@ -84,6 +87,7 @@ class ServerMetrics final : public EngineObserver {
   std::array<std::array<prometheus::Counter*, kStatusCodes>, kRpcMethods> requests_{};
   prometheus::Histogram* queue_wait_ = nullptr;
   std::array<prometheus::Histogram*, kSelectPaths> backend_duration_{};
+  std::array<prometheus::Histogram*, kSelectStages> stage_duration_{};
   prometheus::Histogram* backend_batch_requests_ = nullptr;
   prometheus::Counter* appended_keys_ = nullptr;
   prometheus::Counter* selected_rows_ = nullptr;

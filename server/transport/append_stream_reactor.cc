@@ -36,13 +36,14 @@ void AppendStreamReactor::Apply(absl::Time arrived) {
                   : engine_->AppendKeys(incoming_);
   metrics_->OnRequest(RpcMethod::kStreamAppendKeys, static_cast<int>(appended.status().code()),
                       absl::Now() - arrived, received_bytes, 0);
-  HandOffToGrpc(this);
   if (!appended.ok()) {
+    HandOffToGrpc(this);
     Finish(ToGrpcStatus(appended.status()));
     return;
   }
   tokens_appended_ += appended->tokens_appended();
   incoming_.Clear();
+  HandOffToGrpc(this);  // after the last write of a member gRPC's next reaction reads
   StartRead(&incoming_);
 }
 

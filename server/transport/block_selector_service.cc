@@ -1,6 +1,7 @@
 #include "server/transport/block_selector_service.h"
 
 #include <chrono>
+#include <memory>
 #include <utility>
 
 #include "server/transport/append_stream_reactor.h"
@@ -118,17 +119,25 @@ grpc::ServerUnaryReactor* BlockSelectorService::Select(grpc::CallbackServerConte
                                                        const v1::SelectRequest* request,
                                                        v1::SelectResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const absl::Time arrived = absl::Now();
+  auto times = std::make_shared<SelectTimes>();
+  times->received = absl::Now();
   response->set_request_id(request->request_id());
   SelectTask task;
   task.request = request;
   task.selection = response->mutable_selection();
+  task.times = times.get();
   task.admit = [context] { return StillWanted(context); };
-  task.done = [this, reactor, arrived, request, response](absl::Status status) {
-    FinishUnary(reactor, RpcMethod::kSelect, arrived, status, *request, *response);
+  task.done = [this, reactor, times, request, response](absl::Status status) {
+    // A unary answer counts as written once it is handed to gRPC.
+    times->written = absl::Now();
+    if (status.ok()) metrics_->OnSelectStages(*times);
+    FinishUnary(reactor, RpcMethod::kSelect, times->received, status, *request, *response);
   };
+  times->queued = absl::Now();
   absl::Status queued = batcher_->Submit(std::move(task), /*order=*/nullptr);
-  if (!queued.ok()) FinishUnary(reactor, RpcMethod::kSelect, arrived, queued, *request, *response);
+  if (!queued.ok()) {
+    FinishUnary(reactor, RpcMethod::kSelect, times->received, queued, *request, *response);
+  }
   return reactor;
 }
 

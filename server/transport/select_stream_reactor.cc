@@ -30,6 +30,7 @@ SelectStreamReactor::SelectStreamReactor(SelectBatcher* batcher, ServerMetrics* 
 
 void SelectStreamReactor::OnReadDone(bool ok) {
   GrpcCallbackScope scope(this);
+  const absl::Time received = absl::Now();
   Actions actions;
   {
     absl::MutexLock lock(&mutex_);
@@ -38,14 +39,16 @@ void SelectStreamReactor::OnReadDone(bool ok) {
       reads_done_ = true;
     } else {
       // The request and its response live in the task until done.
-      auto request = std::make_shared<v1::SelectRequest>(std::move(incoming_));
-      auto response = std::make_shared<v1::SelectResponse>();
+      auto exchange = std::make_shared<Exchange>();
+      exchange->request = std::move(incoming_);
       incoming_.Clear();
-      response->set_request_id(request->request_id());
+      exchange->response.set_request_id(exchange->request.request_id());
+      exchange->times.received = received;
       ++inflight_;
       SelectTask task;
-      task.request = request.get();
-      task.selection = response->mutable_selection();
+      task.request = &exchange->request;
+      task.selection = exchange->response.mutable_selection();
+      task.times = &exchange->times;
       // A request still queued when its stream is cancelled is skipped:
       // nobody is left to read its answer. `this` outlives the task, since
       // Finish waits for inflight_ to reach 0.
@@ -54,17 +57,19 @@ void SelectStreamReactor::OnReadDone(bool ok) {
         return cancelled_ ? absl::CancelledError("the stream was cancelled while this waited")
                           : absl::OkStatus();
       };
-      const absl::Time arrived = absl::Now();
-      task.done = [this, request, response, arrived](absl::Status status) {
-        if (!status.ok()) SetError(status, response.get());
-        Record(*request, *response, status, arrived);
-        Complete(std::move(*response));
+      task.done = [this, exchange](absl::Status status) {
+        if (!status.ok()) SetError(status, &exchange->response);
+        Record(*exchange, status);
+        Outgoing outgoing{std::move(exchange->response), std::nullopt};
+        if (status.ok()) outgoing.times = exchange->times;
+        Complete(std::move(outgoing));
       };
+      exchange->times.queued = absl::Now();
       absl::Status queued = batcher_->Submit(std::move(task), &order_);
       if (!queued.ok()) {
-        SetError(queued, response.get());
-        Record(*request, *response, queued, arrived);
-        outgoing_.push_back(std::move(*response));
+        SetError(queued, &exchange->response);
+        Record(*exchange, queued);
+        outgoing_.push_back({std::move(exchange->response), std::nullopt});
       }
     }
     PlanLocked(&actions);
@@ -72,14 +77,14 @@ void SelectStreamReactor::OnReadDone(bool ok) {
   Perform(actions);
 }
 
-void SelectStreamReactor::Complete(v1::SelectResponse response) {
+void SelectStreamReactor::Complete(Outgoing outgoing) {
   Actions actions;
   {
     absl::MutexLock lock(&mutex_);
     if (cancelled_) {
       --inflight_;  // nobody to write to
     } else {
-      outgoing_.push_back(std::move(response));
+      outgoing_.push_back(std::move(outgoing));
     }
     PlanLocked(&actions);
   }
@@ -117,12 +122,11 @@ void SelectStreamReactor::OnDone() {
   delete this;
 }
 
-void SelectStreamReactor::Record(const v1::SelectRequest& request,
-                                 const v1::SelectResponse& response, const absl::Status& status,
-                                 absl::Time arrived) {
+void SelectStreamReactor::Record(const Exchange& exchange, const absl::Status& status) {
   metrics_->OnRequest(RpcMethod::kStreamSelect, static_cast<int>(status.code()),
-                      absl::Now() - arrived, static_cast<int64_t>(request.ByteSizeLong()),
-                      static_cast<int64_t>(response.ByteSizeLong()));
+                      absl::Now() - exchange.times.received,
+                      static_cast<int64_t>(exchange.request.ByteSizeLong()),
+                      static_cast<int64_t>(exchange.response.ByteSizeLong()));
 }
 
 void SelectStreamReactor::PlanLocked(Actions* actions) {
@@ -135,7 +139,8 @@ void SelectStreamReactor::PlanLocked(Actions* actions) {
   } else {
     if (!writing_ && !outgoing_.empty()) {
       writing_ = true;
-      actions->write = &outgoing_.front();
+      actions->write = &outgoing_.front().response;
+      actions->write_times = outgoing_.front().times;
     }
     if (!reading_ && !reads_done_ && inflight_ < max_inflight_) {
       reading_ = true;
@@ -153,7 +158,15 @@ void SelectStreamReactor::PlanLocked(Actions* actions) {
 
 void SelectStreamReactor::Perform(const Actions& actions) {
   if (actions.write != nullptr || actions.read || actions.finish) HandOffToGrpc(this);
-  if (actions.write != nullptr) StartWrite(actions.write);
+  if (actions.write != nullptr) {
+    StartWrite(actions.write);
+    // Written: handed to gRPC, which serializes it and starts sending.
+    if (actions.write_times.has_value()) {
+      SelectTimes times = *actions.write_times;
+      times.written = absl::Now();
+      metrics_->OnSelectStages(times);
+    }
+  }
   if (actions.read) StartRead(&incoming_);
   if (actions.finish) Finish(actions.finish_status);
 }

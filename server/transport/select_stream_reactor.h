@@ -3,11 +3,13 @@
 #define BLOCKSEL_SERVER_TRANSPORT_SELECT_STREAM_REACTOR_H_
 
 #include <deque>
+#include <optional>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "blocksel/v1/block_selector.grpc.pb.h"
 #include "server/engine/select_batcher.h"
+#include "server/engine/select_times.h"
 #include "server/metrics/server_metrics.h"
 
 namespace blocksel {
@@ -43,14 +45,27 @@ class SelectStreamReactor final
   struct Actions {
     bool read = false;
     const v1::SelectResponse* write = nullptr;
+    std::optional<SelectTimes> write_times;  // the stage times of the response to write
     bool finish = false;
     grpc::Status finish_status;
   };
 
-  void Complete(v1::SelectResponse response);
+  // A request and its answer while they are in flight.
+  struct Exchange {
+    v1::SelectRequest request;
+    v1::SelectResponse response;
+    SelectTimes times;
+  };
+  // An answer waiting to be written, with its stage times when it is a
+  // selection.
+  struct Outgoing {
+    v1::SelectResponse response;
+    std::optional<SelectTimes> times;
+  };
+
+  void Complete(Outgoing outgoing);
   // Counts one answered request in the metrics.
-  void Record(const v1::SelectRequest& request, const v1::SelectResponse& response,
-              const absl::Status& status, absl::Time arrived);
+  void Record(const Exchange& exchange, const absl::Status& status);
   void PlanLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void Perform(const Actions& actions);
 
@@ -68,7 +83,7 @@ class SelectStreamReactor final
   bool cancelled_ ABSL_GUARDED_BY(mutex_) = false;
   bool finished_ ABSL_GUARDED_BY(mutex_) = false;
   // Responses ready to write; front() is being written while writing_.
-  std::deque<v1::SelectResponse> outgoing_ ABSL_GUARDED_BY(mutex_);
+  std::deque<Outgoing> outgoing_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace blocksel

@@ -83,6 +83,37 @@ TEST_F(ServerMetricsTest, EngineEventsMoveTheirSeries) {
   EXPECT_EQ(Sample(text, "blocksel_open_streams"), 1);
 }
 
+// One answered selection: each stage observed once, with the duration
+// between its two points (download takes what upload and compute leave of
+// the backend's span).
+TEST_F(ServerMetricsTest, SelectStagesSplitTheTimeInTheServer) {
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  SelectTimes times;
+  times.received = t0;
+  times.queued = t0 + absl::Microseconds(2);
+  times.started = t0 + absl::Microseconds(12);
+  times.planned = t0 + absl::Microseconds(15);
+  times.upload = absl::Microseconds(4);
+  times.compute = absl::Microseconds(40);
+  times.downloaded = t0 + absl::Microseconds(65);
+  times.written = t0 + absl::Microseconds(70);
+  metrics_.OnSelectStages(times);
+  const std::string text = metrics_.Text();
+  const std::map<std::string, double> expected_us = {
+      {"receive", 2},  {"queue", 10},   {"plan", 3},   {"upload", 4},
+      {"compute", 40}, {"download", 6}, {"respond", 5}};
+  double total = 0;
+  for (const auto& [stage, micros] : expected_us) {
+    EXPECT_EQ(Sample(text, "blocksel_select_stage_seconds_count{stage=\"" + stage + "\"}"), 1)
+        << stage;
+    const double seconds =
+        Sample(text, "blocksel_select_stage_seconds_sum{stage=\"" + stage + "\"}");
+    EXPECT_NEAR(seconds, micros * 1e-6, 1e-12) << stage;
+    total += seconds;
+  }
+  EXPECT_NEAR(total, 70e-6, 1e-12);  // the stages cover received -> written
+}
+
 TEST_F(ServerMetricsTest, ServesOnAFreePortAndRefusesABusyOne) {
   ASSERT_TRUE(metrics_.Serve("127.0.0.1:0").ok());
   ASSERT_GT(metrics_.port(), 0);

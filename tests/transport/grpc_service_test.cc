@@ -16,6 +16,7 @@
 #include "blocksel/v1/block_selector.grpc.pb.h"
 #include "client/blocksel_client.h"
 #include "client/encoding.h"
+#include "client/loadgen/metrics_scrape.h"
 #include "client/reference_selection.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -26,6 +27,7 @@
 #include "grpcpp/support/stub_options.h"
 #include "gtest/gtest.h"
 #include "server/blocksel_server.h"
+#include "server/engine/select_times.h"
 #include "tests/support/test_model.h"
 #include "tests/transport/service_test_fixture.h"
 
@@ -384,6 +386,38 @@ TEST_F(GrpcServiceTest, StreamSelectAnswersPipelinedRequestsInOrder) {
     EXPECT_EQ(result->block_ids, batch.expected) << "request " << batch.request.request_id();
   }
   EXPECT_TRUE((*session)->Close().ok());
+}
+
+// Every answered selection, streamed or unary, is timed stage by stage; an
+// in-band error is not. The stages add up to no more than the whole round
+// trip the client saw.
+TEST_F(GrpcServiceTest, AnsweredSelectionsAreTimedStageByStage) {
+  const uint64_t id = Open();
+  ASSERT_TRUE(AppendRandom(id, kFirstSparseLayer, 0, 700).ok());
+  const absl::Time start = absl::Now();
+  Batch batch = Decode(1, kFirstSparseLayer, {{id, 700}});
+  absl::StatusOr<std::unique_ptr<SelectSession>> session = client_->StartSelectSession();
+  ASSERT_TRUE(session.ok()) << session.status();
+  ASSERT_TRUE((*session)->Call(batch.request).ok());
+  v1::SelectRequest bad = batch.request;
+  bad.set_layer(0);  // dense: an in-band error
+  EXPECT_FALSE((*session)->Call(bad).ok());
+  EXPECT_TRUE((*session)->Close().ok());
+  ASSERT_TRUE(client_->Select(batch.request).ok());
+  const double elapsed = absl::ToDoubleSeconds(absl::Now() - start);
+
+  const HistogramTotals stages =
+      ParseHistogram(server_->metrics().Text(), "blocksel_select_stage_seconds", "stage");
+  ASSERT_EQ(stages.size(), static_cast<size_t>(kSelectStages));
+  double total = 0;
+  for (const char* stage : kSelectStageNames) {
+    ASSERT_TRUE(stages.contains(stage)) << stage;
+    EXPECT_EQ(stages.at(stage).count, 2) << stage;
+    EXPECT_GE(stages.at(stage).sum, 0) << stage;
+    total += stages.at(stage).sum;
+  }
+  EXPECT_GT(stages.at("compute").sum, 0);
+  EXPECT_LT(total, elapsed);
 }
 
 // The client library turns an in-band error into a status; the wire
