@@ -5,8 +5,10 @@
 // The server answers every request with a fixed response (no selection).
 // Variants:
 //   api      callback: grpc::ServerBidiReactor (gRPC's callback API)
-//            cq:       AsyncService with threads of their own polling a
-//                      completion queue each
+//            cq:       AsyncService with threads of their own, each
+//                      blocking in its completion queue's Next
+//            cqspin:   the same, each thread polling its queue without
+//                      blocking (AsyncNext with a deadline of now)
 //   handoff  inline:   the reaction writes the response itself
 //            wait:     the request goes to a separate "engine" thread
 //                      that sleeps on a condition variable when idle, and
@@ -14,8 +16,13 @@
 //            spin:     the same, with the engine thread spinning
 //                      --spin_us before it sleeps
 //   target   tcp (127.0.0.1) and unix (a socket file)
-// The client is blocksel's SelectSession shape: a synchronous
-// ClientReaderWriter, one request in flight, closed loop.
+//   client   sync:     a synchronous ClientReaderWriter (SelectSession's
+//                      shape): Write, then Read
+//            cq:       the async API on a completion queue of the caller's:
+//                      the write and the read outstanding together, the
+//                      caller blocking in Next
+//            cqspin:   the same, the caller polling without blocking
+// One request in flight, closed loop.
 //
 // Example: transport_bench --requests=20000 --request_bytes=8192
 //          --response_bytes=2048
@@ -41,12 +48,15 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "blocksel/v1/block_selector.grpc.pb.h"
+#include "grpc/support/time.h"
+#include "grpcpp/completion_queue.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
 
-ABSL_FLAG(std::string, apis, "callback,cq", "Server APIs to measure: callback, cq");
+ABSL_FLAG(std::string, apis, "callback,cq,cqspin", "Server APIs to measure: callback, cq, cqspin");
+ABSL_FLAG(std::string, clients, "sync,cq,cqspin", "Clients to measure: sync, cq, cqspin");
 ABSL_FLAG(std::string, handoffs, "inline,wait,spin", "Hand-offs to measure: inline, wait, spin");
 ABSL_FLAG(std::string, targets, "tcp,unix", "Transports to measure: tcp, unix");
 ABSL_FLAG(int, requests, 20000, "Measured round trips per variant (after 10% warm-up)");
@@ -236,7 +246,7 @@ class CqEcho {
 // ----------------------------------------------------------------- harness
 
 struct Result {
-  std::string api, handoff, target;
+  std::string api, handoff, client, target;
   double p50 = 0, p90 = 0, p99 = 0, mean = 0;
 };
 
@@ -246,34 +256,96 @@ double Percentile(std::vector<double> values, double fraction) {
   return values[index];
 }
 
+// Waits for `tag` on cq, blocking in Next or polling AsyncNext.
+bool AwaitTag(grpc::CompletionQueue* cq, bool spin, void* tag) {
+  void* got = nullptr;
+  bool ok = false;
+  if (spin) {
+    for (;;) {
+      const auto status = cq->AsyncNext(&got, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));
+      if (status == grpc::CompletionQueue::GOT_EVENT) break;
+      if (status == grpc::CompletionQueue::SHUTDOWN) return false;
+    }
+  } else if (!cq->Next(&got, &ok)) {
+    return false;
+  }
+  return ok && got == tag;
+}
+
 // Closed-loop round trips over one stream.
-std::vector<double> RunClient(const std::string& target, int requests, int request_bytes) {
+std::vector<double> RunClient(const std::string& target, const std::string& client, int requests,
+                              int request_bytes) {
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(64 << 20);
   auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), arguments);
   auto stub = v1::BlockSelector::NewStub(channel);
   grpc::ClientContext context;
-  auto stream = stub->StreamSelect(&context);
   Request request;
   request.set_queries(std::string(static_cast<size_t>(request_bytes), '\2'));
   Response response;
   std::vector<double> latency_us;
   const int warmup = requests / 10;
+  if (client == "sync") {
+    auto stream = stub->StreamSelect(&context);
+    for (int i = 0; i < warmup + requests; ++i) {
+      request.set_request_id(static_cast<uint64_t>(i));
+      const absl::Time sent = absl::Now();
+      if (!stream->Write(request) || !stream->Read(&response)) {
+        std::fprintf(stderr, "stream broke after %d round trips\n", i);
+        break;
+      }
+      if (i >= warmup) latency_us.push_back(absl::ToDoubleMicroseconds(absl::Now() - sent));
+    }
+    stream->WritesDone();
+    (void)stream->Finish();
+    return latency_us;
+  }
+  const bool spin = client == "cqspin";
+  grpc::CompletionQueue cq;
+  int start_tag = 0, write_tag = 0, read_tag = 0, finish_tag = 0;
+  auto stream = stub->PrepareAsyncStreamSelect(&context, &cq);
+  stream->StartCall(&start_tag);
+  if (!AwaitTag(&cq, spin, &start_tag)) return latency_us;
   for (int i = 0; i < warmup + requests; ++i) {
     request.set_request_id(static_cast<uint64_t>(i));
     const absl::Time sent = absl::Now();
-    if (!stream->Write(request) || !stream->Read(&response)) {
+    stream->Write(request, &write_tag);
+    stream->Read(&response, &read_tag);
+    // Both complete, in either order.
+    bool ok = true;
+    for (int pending = 2; pending > 0 && ok; --pending) {
+      void* got = nullptr;
+      bool op_ok = false;
+      if (spin) {
+        while (cq.AsyncNext(&got, &op_ok, gpr_time_0(GPR_CLOCK_MONOTONIC)) !=
+               grpc::CompletionQueue::GOT_EVENT) {
+        }
+      } else {
+        cq.Next(&got, &op_ok);
+      }
+      ok = op_ok;
+    }
+    if (!ok) {
       std::fprintf(stderr, "stream broke after %d round trips\n", i);
       break;
     }
     if (i >= warmup) latency_us.push_back(absl::ToDoubleMicroseconds(absl::Now() - sent));
   }
-  stream->WritesDone();
-  (void)stream->Finish();
+  grpc::Status status;
+  stream->WritesDone(&write_tag);
+  AwaitTag(&cq, spin, &write_tag);
+  stream->Finish(&status, &finish_tag);
+  AwaitTag(&cq, spin, &finish_tag);
+  cq.Shutdown();
+  void* got = nullptr;
+  bool ok = false;
+  while (cq.Next(&got, &ok)) {
+  }
   return latency_us;
 }
 
-Result Measure(const std::string& api, const std::string& handoff, const std::string& target_kind) {
+Result Measure(const std::string& api, const std::string& handoff, const std::string& client,
+               const std::string& target_kind) {
   const Response response = MakeResponse(absl::GetFlag(FLAGS_response_bytes));
   std::unique_ptr<EngineThread> engine;
   if (handoff != "inline") {
@@ -295,6 +367,7 @@ Result Measure(const std::string& api, const std::string& handoff, const std::st
   CallbackService callback_service(engine.get(), response);
   v1::BlockSelector::AsyncService async_service;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;
+  const bool spin_poll = api == "cqspin";
   if (api == "callback") {
     builder.RegisterService(&callback_service);
   } else {
@@ -308,20 +381,28 @@ Result Measure(const std::string& api, const std::string& handoff, const std::st
   std::vector<std::thread> pollers;
   for (auto& cq : cqs) {
     new CqEcho(&async_service, cq.get(), engine.get(), response);
-    pollers.emplace_back([cq = cq.get()] {
+    pollers.emplace_back([cq = cq.get(), spin_poll] {
       void* tag = nullptr;
       bool ok = false;
-      while (cq->Next(&tag, &ok)) static_cast<CqEcho*>(tag)->Proceed(ok);
+      if (!spin_poll) {
+        while (cq->Next(&tag, &ok)) static_cast<CqEcho*>(tag)->Proceed(ok);
+        return;
+      }
+      for (;;) {
+        const auto status = cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));
+        if (status == grpc::CompletionQueue::SHUTDOWN) return;
+        if (status == grpc::CompletionQueue::GOT_EVENT) static_cast<CqEcho*>(tag)->Proceed(ok);
+      }
     });
   }
   std::vector<double> latency =
-      RunClient(target, absl::GetFlag(FLAGS_requests), absl::GetFlag(FLAGS_request_bytes));
+      RunClient(target, client, absl::GetFlag(FLAGS_requests), absl::GetFlag(FLAGS_request_bytes));
   server->Shutdown();
   for (auto& cq : cqs) cq->Shutdown();
   for (std::thread& poller : pollers) poller.join();
   engine.reset();
   unlink(socket.c_str());
-  Result result{api, handoff, target_kind};
+  Result result{api, handoff, client, target_kind};
   if (latency.empty()) return result;
   result.p50 = Percentile(latency, 0.5);
   result.p90 = Percentile(latency, 0.9);
@@ -337,16 +418,21 @@ int Run() {
   std::printf("round trip of a %d-byte request and a %d-byte response, one stream, %u cores\n",
               absl::GetFlag(FLAGS_request_bytes), absl::GetFlag(FLAGS_response_bytes),
               std::thread::hardware_concurrency());
-  std::printf("| api | hand-off | transport | p50 us | p90 us | p99 us | mean us |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| server api | hand-off | client | transport | p50 us | p90 us | p99 us | mean us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
   for (absl::string_view api : absl::StrSplit(absl::GetFlag(FLAGS_apis), ',')) {
     for (absl::string_view handoff : absl::StrSplit(absl::GetFlag(FLAGS_handoffs), ',')) {
-      for (absl::string_view target : absl::StrSplit(absl::GetFlag(FLAGS_targets), ',')) {
-        const Result r = Measure(std::string(api), std::string(handoff), std::string(target));
-        std::printf("| %s | %s | %s | %.1f | %.1f | %.1f | %.1f |\n", r.api.c_str(),
-                    r.handoff.c_str(), r.target.c_str(), r.p50, r.p90, r.p99, r.mean);
-        std::fflush(stdout);
-        results.push_back(r);
+      for (absl::string_view client : absl::StrSplit(absl::GetFlag(FLAGS_clients), ',')) {
+        for (absl::string_view target : absl::StrSplit(absl::GetFlag(FLAGS_targets), ',')) {
+          const Result r = Measure(std::string(api), std::string(handoff), std::string(client),
+                                   std::string(target));
+          std::printf("| %s | %s | %s | %s | %.1f | %.1f | %.1f | %.1f |\n", r.api.c_str(),
+                      r.handoff.c_str(), r.client.c_str(), r.target.c_str(), r.p50, r.p90, r.p99,
+                      r.mean);
+          std::fflush(stdout);
+          results.push_back(r);
+        }
       }
     }
   }
@@ -360,10 +446,11 @@ int Run() {
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       std::fprintf(json,
-                   "%s{\"api\": \"%s\", \"handoff\": \"%s\", \"transport\": \"%s\", "
-                   "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"mean_us\": %.1f}",
-                   i == 0 ? "" : ", ", r.api.c_str(), r.handoff.c_str(), r.target.c_str(), r.p50,
-                   r.p90, r.p99, r.mean);
+                   "%s{\"api\": \"%s\", \"handoff\": \"%s\", \"client\": \"%s\", "
+                   "\"transport\": \"%s\", \"p50_us\": %.1f, \"p90_us\": %.1f, "
+                   "\"p99_us\": %.1f, \"mean_us\": %.1f}",
+                   i == 0 ? "" : ", ", r.api.c_str(), r.handoff.c_str(), r.client.c_str(),
+                   r.target.c_str(), r.p50, r.p90, r.p99, r.mean);
     }
     std::fprintf(json, "]}\n");
     std::fclose(json);

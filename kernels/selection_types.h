@@ -54,6 +54,11 @@ struct RowSpan {
   int32_t first_position = 0;
   int32_t num_rows = 0;
   int32_t first_row = 0;  // index of the span's first row in the batch
+  // The sequence's handle in the caller's table store (stable while the
+  // sequence lives; -1 for padding). A backend may keep its own copy of the
+  // block table under it (a GPU keeps one in device memory) and upload only
+  // the entries it lacks, since tables only ever grow at the end.
+  int32_t table_slot = -1;
 };
 
 // One selection launch over one layer of the paged key cache.

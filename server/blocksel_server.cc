@@ -35,7 +35,13 @@ absl::Status ServerConfig::Validate() const {
   if (max_inflight_per_stream < 1) {
     problems.push_back("max inflight per stream must be >= 1");
   }
+  if (stream_threads < 1 || stream_threads > 64) {
+    problems.push_back("stream threads must be in [1, 64]");
+  }
   if (queue_capacity < 1) problems.push_back("queue capacity must be >= 1");
+  if (engine_idle_spin < absl::ZeroDuration() || engine_idle_spin > absl::Milliseconds(10)) {
+    problems.push_back("engine idle spin must be in [0, 10000] microseconds");
+  }
   if (batch_window < absl::ZeroDuration() || batch_window > absl::Milliseconds(100)) {
     problems.push_back("batch window must be in [0, 100000] microseconds");
   }
@@ -93,11 +99,14 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   executor_options.queue_capacity = config.queue_capacity;
   Engine* engine = server->engine_.get();
   executor_options.periodic = [engine] { engine->ReleaseExpired(); };
+  executor_options.poll = [engine] { return engine->FinishSelections(/*wait=*/false); };
+  executor_options.idle_spin = config.engine_idle_spin;
   executor_options.observer = server->metrics_.get();
   server->executor_ = std::make_unique<Executor>(std::move(executor_options));
 
   ServiceOptions service_options;
   service_options.max_inflight_per_stream = config.max_inflight_per_stream;
+  service_options.stream_threads = config.stream_threads;
   service_options.max_message_bytes = config.max_message_bytes;
   service_options.server_version = kBlockselVersion;
   service_options.snapshot_path = config.snapshot_path;
@@ -130,6 +139,9 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
   builder.RegisterService(server->service_.get());
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues;
+  for (int i = 0; i < config.stream_threads; ++i) queues.push_back(builder.AddCompletionQueue());
+  server->poller_ = std::make_unique<CompletionQueuePoller>(std::move(queues));
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || first_tcp_port == 0) {
     return absl::UnavailableError(
@@ -137,6 +149,12 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
                      " (address in use, or not an address gRPC accepts)"));
   }
   server->port_ = first_tcp_port < 0 ? 0 : first_tcp_port;
+  server->stream_select_ = {server->service_.get(), server->batcher_.get(), server->metrics_.get(),
+                            config.max_inflight_per_stream};
+  for (const auto& queue : server->poller_->queues()) {
+    SelectStreamCall::Accept(&server->stream_select_, queue.get());
+  }
+  server->poller_->Start();
   // Listening starts only once the backend, the cache and the decode graphs
   // exist, so the server is ready as soon as it can be reached: liveness
   // ("") and readiness (the service's name) both answer SERVING.
@@ -161,8 +179,10 @@ absl::StatusOr<SnapshotSummary> BlockselServer::Shutdown(absl::Duration grace) {
   }
   shut_down_ = true;
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
-  // Every call has finished, so no reactor can queue more work, and once
-  // the executor has stopped the engine is single-threaded again.
+  // Every call has finished, so no reactor can queue more work; the queues
+  // are drained of the calls still waiting to be accepted; and once the
+  // executor has stopped the engine is single-threaded again.
+  poller_->Stop();
   executor_->Stop();
   if (snapshot_path_.empty()) return absl::NotFoundError("no --snapshot_path");
   return engine_->WriteSnapshot(snapshot_path_);

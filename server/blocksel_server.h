@@ -16,6 +16,8 @@
 #include "server/engine/select_batcher.h"
 #include "server/metrics/server_metrics.h"
 #include "server/transport/block_selector_service.h"
+#include "server/transport/completion_queue_poller.h"
+#include "server/transport/select_stream_call.h"
 
 namespace blocksel {
 
@@ -36,7 +38,10 @@ struct ServerConfig {
   std::vector<std::string> listen_addresses = {kDefaultListenAddress};
   int64_t max_message_bytes = ServiceOptions{}.max_message_bytes;
   int max_inflight_per_stream = ServiceOptions{}.max_inflight_per_stream;
+  int stream_threads = ServiceOptions{}.stream_threads;
   int64_t queue_capacity = Executor::Options{}.queue_capacity;
+  // How long the idle engine thread checks for work before it sleeps.
+  absl::Duration engine_idle_spin = Executor::Options{}.idle_spin;
   // Cross-stream batching of decode selections (see SelectBatcher); a zero
   // window turns it off.
   absl::Duration batch_window = SelectBatcher::Options{}.window;
@@ -102,6 +107,11 @@ class BlockselServer {
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<SelectBatcher> batcher_;
   std::unique_ptr<BlockSelectorService> service_;
+  // StreamSelect calls on completion queues: what they share, and the
+  // threads serving the queues (after the server in destruction, as gRPC
+  // wants the queues to outlive it).
+  SelectStreamCall::Context stream_select_;
+  std::unique_ptr<CompletionQueuePoller> poller_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::string backend_description_;

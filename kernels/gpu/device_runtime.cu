@@ -108,6 +108,10 @@ KernelStatus EventQuery(void* event, bool* done) {
   return Check(error);
 }
 
+KernelStatus EventSynchronize(void* event) {
+  return Check(gpuEventSynchronize(static_cast<gpuEvent_t>(event)));
+}
+
 KernelStatus EventElapsedSeconds(void* start, void* end, double* seconds) {
   float milliseconds = 0;
   const KernelStatus status = Check(gpuEventElapsedTime(

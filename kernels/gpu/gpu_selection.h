@@ -47,6 +47,8 @@ void EventDestroy(void* event);
 KernelStatus EventRecord(void* event, void* stream);
 // *done: whether the work before the event has completed. Never blocks.
 KernelStatus EventQuery(void* event, bool* done);
+// Waits until the work before the event has completed.
+KernelStatus EventSynchronize(void* event);
 // Device time from start to end, both completed.
 KernelStatus EventElapsedSeconds(void* start, void* end, double* seconds);
 
@@ -69,6 +71,21 @@ class CapturedGraph {
 };
 
 // ---------------------------------------------------------------- kernels
+
+// One run of bytes to move within device memory, from an upload buffer to
+// where it belongs. Addresses and bytes are multiples of 4 (16 runs
+// fastest).
+struct CopyRun {
+  uint64_t destination;
+  uint64_t source;
+  uint32_t bytes;
+  uint32_t reserved;
+};
+
+// Copies runs[0, *num_runs) in one launch; runs and num_runs are device
+// memory read by the kernel, so a captured launch serves any count. The
+// runs must not overlap one another's destinations.
+KernelStatus LaunchCopyRuns(const CopyRun* runs, const int32_t* num_runs, void* stream);
 
 // Rows [first_row, first_row + num_rows) of a batch belong to one sequence;
 // row i sits at first_position + i (negative: padding, all -1). Its logical

@@ -57,9 +57,19 @@ class KeyStore {
   virtual absl::Status WriteKeys(absl::Span<const KeyWrite> writes) = 0;
   // Copies stored keys out (snapshots). Reads are validated by the caller.
   virtual absl::Status ReadKeys(absl::Span<const KeyRead> reads) = 0;
+  // The sequence holding `table_slot` was released: a store keeping its
+  // own copy of the sequence's block table (see RowSpan::table_slot)
+  // forgets it, since the slot will name another sequence next.
+  virtual void ForgetBlockTable(int32_t /*table_slot*/) {}
 };
 
 // A selection backend. Created for one model config and page count.
+//
+// Selections are asynchronous: Start stages one and hands it to the device,
+// and FinishOldest completes the oldest one started. A GPU backend keeps a
+// few in flight, so the engine can plan and stage the next selection while
+// the device runs the last one; the CPU backend runs each in Start. Every
+// operation, keys included, takes effect in the order it was made.
 //
 // Thread-compatible: the engine calls it from one thread at a time.
 class Backend : public KeyStore {
@@ -67,12 +77,26 @@ class Backend : public KeyStore {
   virtual absl::string_view name() const = 0;  // "cpu", "cuda", "hip"
   virtual std::string detail() const = 0;      // ISA, device name, threads
 
-  // Runs one selection over sparse layer layer_index. batch.key_pool and
-  // batch.num_pages are ignored: the backend uses its own storage. Block
-  // tables and queries are host memory; block_ids is host memory. Says
-  // whether it replayed a captured graph and how long its parts took.
-  virtual absl::StatusOr<SelectionReport> Select(int32_t layer_index,
-                                                 const SelectionBatch& batch) = 0;
+  // Starts one selection over sparse layer layer_index, after writing
+  // `writes` (keys the batch's requests carry, validated and accounted by
+  // the cache) into the store. batch.key_pool and batch.num_pages are
+  // ignored: the backend uses its own storage. The batch's host inputs
+  // (spans, block tables, queries) and the writes' keys are read before
+  // Start returns; its block_ids and block_scores (host memory) are written
+  // by the time FinishOldest returns for it, and must stay valid until then.
+  // Needs pending() < max_pending(). On error nothing was started.
+  virtual absl::Status Start(int32_t layer_index, const SelectionBatch& batch,
+                             absl::Span<const KeyWrite> writes) = 0;
+  // Selections started and not finished.
+  virtual int pending() const = 0;
+  // How many may be pending at once.
+  virtual int max_pending() const = 0;
+  // Whether the oldest pending selection's device work is done, so that
+  // FinishOldest will not wait. Never blocks.
+  virtual bool OldestReady() = 0;
+  // Waits for the oldest pending selection, writes its outputs and says how
+  // it ran.
+  virtual absl::StatusOr<SelectionReport> FinishOldest() = 0;
 };
 
 // Maps a kernel result to a status; context names the failing operation.

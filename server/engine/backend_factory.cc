@@ -31,7 +31,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& opt
   if (wants_gpu || (options.kind == "auto" && gpu::DeviceCount() > 0)) {
     absl::StatusOr<std::unique_ptr<GpuBackend>> gpu_backend =
         GpuBackend::Create(model, num_pages, options.gpu_device,
-                           {options.gpu_graph_max_batch, options.gpu_graph_max_tokens});
+                           {options.gpu_graph_max_batch, options.gpu_graph_max_tokens, 0});
     if (gpu_backend.ok()) return std::unique_ptr<Backend>(std::move(*gpu_backend));
     // auto falls back to the CPU only where the GPU cannot serve this model.
     if (wants_gpu || !absl::IsFailedPrecondition(gpu_backend.status())) {

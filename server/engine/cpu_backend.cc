@@ -57,8 +57,13 @@ absl::Status CpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<SelectionReport> CpuBackend::Select(int32_t layer_index,
-                                                   const SelectionBatch& batch) {
+absl::Status CpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
+                               absl::Span<const KeyWrite> writes) {
+  if (finished_.has_value()) {
+    return absl::FailedPreconditionError("a selection is already pending on the cpu backend");
+  }
+  absl::Status written = WriteKeys(writes);
+  if (!written.ok()) return written;
   SelectionBatch local = batch;
   local.key_pool = layers_[layer_index].get();
   local.num_pages = num_pages_;
@@ -68,6 +73,16 @@ absl::StatusOr<SelectionReport> CpuBackend::Select(int32_t layer_index,
   if (!status.ok()) return status;
   SelectionReport report;
   report.compute = absl::Now() - started;
+  finished_ = report;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SelectionReport> CpuBackend::FinishOldest() {
+  if (!finished_.has_value()) {
+    return absl::FailedPreconditionError("no selection is pending on the cpu backend");
+  }
+  const SelectionReport report = *finished_;
+  finished_.reset();
   return report;
 }
 

@@ -3,6 +3,7 @@
 #define BLOCKSEL_SERVER_ENGINE_CPU_BACKEND_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,7 +26,14 @@ class CpuBackend final : public Backend {
   std::string detail() const override;
   absl::Status WriteKeys(absl::Span<const KeyWrite> writes) override;
   absl::Status ReadKeys(absl::Span<const KeyRead> reads) override;
-  absl::StatusOr<SelectionReport> Select(int32_t layer_index, const SelectionBatch& batch) override;
+  // Runs the whole selection in Start: one is pending at most, and always
+  // ready.
+  absl::Status Start(int32_t layer_index, const SelectionBatch& batch,
+                     absl::Span<const KeyWrite> writes) override;
+  int pending() const override { return finished_.has_value() ? 1 : 0; }
+  int max_pending() const override { return 1; }
+  bool OldestReady() override { return true; }
+  absl::StatusOr<SelectionReport> FinishOldest() override;
 
  private:
   CpuBackend(const ModelConfig& config, int64_t num_pages, int num_threads,
@@ -35,6 +43,7 @@ class CpuBackend final : public Backend {
   const int64_t num_pages_;
   std::vector<std::unique_ptr<uint8_t[]>> layers_;  // one pool per sparse layer
   cpu::CpuSelector selector_;
+  std::optional<SelectionReport> finished_;  // the selection Start ran
 };
 
 }  // namespace blocksel

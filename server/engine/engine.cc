@@ -163,17 +163,23 @@ absl::StatusOr<SelectPlan> Engine::PlanChecked(const v1::SelectRequest& request)
 
 absl::Status Engine::Select(const v1::SelectRequest& request, v1::Selection* selection) {
   SelectCall call{&request, selection, absl::OkStatus()};
-  SelectMany(absl::MakeSpan(&call, 1));
+  bool done = false;
+  SelectMany(absl::MakeSpan(&call, 1), [&done] { done = true; });
+  while (!done) FinishSelections(/*wait=*/true);
   return call.status;
 }
 
-void Engine::SelectMany(absl::Span<SelectCall> calls) {
+void Engine::SelectMany(absl::Span<SelectCall> calls, absl::AnyInvocable<void()> done) {
+  const uint64_t group = next_group_++;
+  groups_.push_back({group, 0, std::move(done)});
   std::vector<PreparedCall> launch;
+  std::vector<KeyWrite> writes;  // keys the launch's calls carry
   absl::flat_hash_set<uint64_t> launch_sequences;
   bool launch_has_scores = false;
   auto flush = [&] {
-    if (!launch.empty()) Launch(absl::MakeSpan(launch));
+    if (!launch.empty()) Launch(std::move(launch), writes, group);
     launch.clear();
+    writes.clear();
     launch_sequences.clear();
     launch_has_scores = false;
   };
@@ -190,7 +196,7 @@ void Engine::SelectMany(absl::Span<SelectCall> calls) {
     // The earlier calls must read their keys before this call's appends.
     if (conflicts) flush();
     if (!plan->appends.empty()) {
-      call.status = AppendToCache(plan->appends);
+      call.status = AppendToCache(plan->appends, &writes);
       if (!call.status.ok()) continue;
     }
     for (const PlannedSpan& span : plan->spans) {
@@ -201,20 +207,24 @@ void Engine::SelectMany(absl::Span<SelectCall> calls) {
     launch.push_back({&call, std::move(*plan)});
   }
   flush();
+  RunDueCallbacks();
 }
 
-void Engine::Launch(absl::Span<PreparedCall> launch) {
+void Engine::Launch(std::vector<PreparedCall> calls, absl::Span<const KeyWrite> writes,
+                    uint64_t group) {
   const ModelConfig& model = options_.model;
   const absl::Time now = options_.clock();
   // Block tables are resolved after every append of the launch, which may
   // have grown them.
   std::vector<RowSpan> spans;
   int32_t total_rows = 0;
-  for (const PreparedCall& prepared : launch) {
+  for (const PreparedCall& prepared : calls) {
     for (const PlannedSpan& planned : prepared.plan.spans) {
       RowSpan span;
       if (planned.sequence_id != 0) {  // 0: a padding request
-        span.block_table = cache_.Find(planned.sequence_id)->block_table.data();
+        const Sequence* sequence = cache_.Find(planned.sequence_id);
+        span.block_table = sequence->block_table.data();
+        span.table_slot = sequence->table_slot;
         cache_.Touch(planned.sequence_id, now);
       }
       span.first_position = planned.first_position;
@@ -227,65 +237,103 @@ void Engine::Launch(absl::Span<PreparedCall> launch) {
 
   // One request's queries are used in place; a merged launch packs them.
   std::string packed_queries;
-  const std::string* queries = &launch.front().call->request->queries();
-  if (launch.size() > 1) {
-    for (const PreparedCall& prepared : launch) packed_queries += prepared.call->request->queries();
+  const std::string* queries = &calls.front().call->request->queries();
+  if (calls.size() > 1) {
+    for (const PreparedCall& prepared : calls) packed_queries += prepared.call->request->queries();
     queries = &packed_queries;
   }
 
+  StartedLaunch started;
+  started.total_rows = total_rows;
+  started.prefill = calls.front().call->request->has_prefill();
   // Block scores only come from a launch of one call (see SelectMany).
-  const bool with_scores = launch.front().call->request->return_block_scores();
-  const int32_t max_blocks = with_scores ? MaxVisibleBlocks(launch.front().plan) : 0;
-  std::string block_scores(
-      with_scores ? size_t{4} * model.num_heads * total_rows * max_blocks : size_t{0}, '\0');
-  std::vector<int32_t> head_major(static_cast<size_t>(total_rows) * model.num_heads * model.topk);
+  if (calls.front().call->request->return_block_scores()) {
+    started.max_blocks = MaxVisibleBlocks(calls.front().plan);
+    started.block_scores.resize(size_t{4} * model.num_heads * total_rows * started.max_blocks);
+  }
+  started.head_major.resize(static_cast<size_t>(total_rows) * model.num_heads * model.topk);
   SelectionBatch batch;
   batch.spans = spans.data();
   batch.num_spans = static_cast<int32_t>(spans.size());
   batch.queries = reinterpret_cast<const uint16_t*>(queries->data());
   batch.total_rows = total_rows;
-  batch.block_ids = head_major.data();
-  if (with_scores) {
-    batch.block_scores = reinterpret_cast<float*>(block_scores.data());
-    batch.max_blocks = max_blocks;
+  batch.block_ids = started.head_major.data();
+  if (started.max_blocks > 0) {
+    batch.block_scores = reinterpret_cast<float*>(started.block_scores.data());
+    batch.max_blocks = started.max_blocks;
   }
-  EngineObserver* const observer = options_.observer;
-  if (observer != nullptr) observer->OnBackendRunning(+1);
-  const absl::Time started = absl::Now();
-  const absl::StatusOr<SelectionReport> report =
-      backend_->Select(launch.front().plan.layer_index, batch);
-  const absl::Time downloaded = absl::Now();
+  // The backend holds a few launches at most: the oldest makes room.
+  while (backend_->pending() >= backend_->max_pending()) FinishOldest();
+  if (options_.observer != nullptr) options_.observer->OnBackendRunning(+1);
+  started.started = absl::Now();
+  const absl::Status status = backend_->Start(calls.front().plan.layer_index, batch, writes);
   select_launches_.fetch_add(1, std::memory_order_relaxed);
+  if (!status.ok()) {
+    if (options_.observer != nullptr) options_.observer->OnBackendRunning(-1);
+    for (PreparedCall& prepared : calls) prepared.call->status = status;
+    return;
+  }
+  started.calls = std::move(calls);
+  started.group = group;
+  for (PendingGroup& pending : groups_) {
+    if (pending.id == group) ++pending.unfinished;
+  }
+  started_.push_back(std::move(started));
+}
+
+bool Engine::FinishSelections(bool wait) {
+  while (!started_.empty() && (wait || backend_->OldestReady())) FinishOldest();
+  RunDueCallbacks();
+  return !started_.empty();
+}
+
+void Engine::FinishOldest() {
+  const ModelConfig& model = options_.model;
+  StartedLaunch launch = std::move(started_.front());
+  started_.pop_front();
+  const absl::StatusOr<SelectionReport> report = backend_->FinishOldest();
+  const absl::Time downloaded = absl::Now();
+  EngineObserver* const observer = options_.observer;
   if (observer != nullptr) {
     observer->OnBackendRunning(-1);
     if (report.ok()) {
-      const SelectPath path = launch.front().call->request->has_prefill() ? SelectPath::kPrefill
-                              : report->mode == LaunchMode::kGraph        ? SelectPath::kDecodeGraph
+      const SelectPath path = launch.prefill                       ? SelectPath::kPrefill
+                              : report->mode == LaunchMode::kGraph ? SelectPath::kDecodeGraph
                                                                    : SelectPath::kDecodeDirect;
-      observer->OnBackendSelect(path, downloaded - started, static_cast<int64_t>(launch.size()),
-                                total_rows);
+      observer->OnBackendSelect(path, downloaded - launch.started,
+                                static_cast<int64_t>(launch.calls.size()), launch.total_rows);
     }
   }
   const absl::Status status = report.status();
-
   int32_t first_row = 0;
-  for (PreparedCall& prepared : launch) {
+  for (PreparedCall& prepared : launch.calls) {
     SelectCall& call = *prepared.call;
     call.status = status;
-    if (status.ok() && call.times != nullptr) {
-      call.times->upload = report->upload;
-      call.times->compute = report->compute;
-      call.times->downloaded = downloaded;
-    }
     if (status.ok()) {
-      FillBlockIds(model, head_major.data(), total_rows, first_row, prepared.plan.total_rows,
-                   call.request->layout(), call.selection);
-      if (with_scores) {
-        call.selection->set_max_blocks(max_blocks);
-        call.selection->set_block_scores(std::move(block_scores));
+      if (call.times != nullptr) {
+        call.times->upload = report->upload;
+        call.times->compute = report->compute;
+        call.times->downloaded = downloaded;
+      }
+      FillBlockIds(model, launch.head_major.data(), launch.total_rows, first_row,
+                   prepared.plan.total_rows, call.request->layout(), call.selection);
+      if (launch.max_blocks > 0) {
+        call.selection->set_max_blocks(launch.max_blocks);
+        call.selection->set_block_scores(std::move(launch.block_scores));
       }
     }
     first_row += prepared.plan.total_rows;
+  }
+  for (PendingGroup& pending : groups_) {
+    if (pending.id == launch.group) --pending.unfinished;
+  }
+}
+
+void Engine::RunDueCallbacks() {
+  while (!groups_.empty() && groups_.front().unfinished == 0) {
+    absl::AnyInvocable<void()> done = std::move(groups_.front().done);
+    groups_.pop_front();
+    if (done) done();
   }
 }
 
@@ -313,8 +361,9 @@ void Engine::ReportCache() const {
   if (options_.observer != nullptr) options_.observer->OnCacheChanged(cache_.stats());
 }
 
-absl::Status Engine::AppendToCache(absl::Span<const KeyRange> ranges) {
-  BLOCKSEL_RETURN_IF_ERROR(cache_.Append(ranges, options_.clock()));
+absl::Status Engine::AppendToCache(absl::Span<const KeyRange> ranges,
+                                   std::vector<KeyWrite>* deferred) {
+  BLOCKSEL_RETURN_IF_ERROR(cache_.Append(ranges, options_.clock(), deferred));
   if (options_.observer != nullptr) {
     int64_t keys = 0;
     for (const KeyRange& range : ranges) keys += range.num_tokens * range.num_layers;

@@ -4,9 +4,13 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -61,8 +65,8 @@ class Engine {
   absl::Status RenewLease(const v1::RenewLeaseRequest& request);
   absl::StatusOr<v1::AppendKeysResponse> AppendKeys(const v1::AppendKeysRequest& request);
 
-  // Applies the keys the batch carries, then selects; *selection is
-  // complete on OK and untouched otherwise.
+  // Applies the keys the batch carries, then selects, waiting for the
+  // answer; *selection is complete on OK and untouched otherwise.
   absl::Status Select(const v1::SelectRequest& request, v1::Selection* selection);
 
   // Runs every call as Select would, in order, with as few backend launches
@@ -70,7 +74,18 @@ class Engine {
   // reads a sequence already in the launch (its appends could change what
   // the earlier call sees) or asks for block scores (which come back per
   // launch). Each call is validated on its own, so a bad one fails alone.
-  void SelectMany(absl::Span<SelectCall> calls);
+  //
+  // Returns once every call is validated and its launch started; `done`
+  // runs (on this thread, from SelectMany or FinishSelections) once every
+  // call has its status and selection. The calls, their requests and
+  // selections must stay valid until then. The done callbacks of
+  // successive SelectMany calls run in the order of those calls.
+  void SelectMany(absl::Span<SelectCall> calls, absl::AnyInvocable<void()> done);
+
+  // Finishes the started launches whose device work is done (all of them,
+  // waiting, when wait is true), oldest first, and runs the done callbacks
+  // that are due. Returns whether launches remain unfinished.
+  bool FinishSelections(bool wait);
 
   // Backend selections run so far (a merged launch counts once).
   int64_t select_launches() const { return select_launches_.load(std::memory_order_relaxed); }
@@ -95,17 +110,47 @@ class Engine {
     SelectCall* call;
     SelectPlan plan;
   };
+  // A launch started on the backend and what finishing it needs.
+  struct StartedLaunch {
+    std::vector<PreparedCall> calls;
+    std::vector<int32_t> head_major;  // the backend writes [H, total_rows, topk]
+    std::string block_scores;         // [H, total_rows, max_blocks] when asked for
+    int32_t max_blocks = 0;
+    int32_t total_rows = 0;
+    bool prefill = false;
+    absl::Time started;
+    uint64_t group = 0;  // the SelectMany it belongs to
+  };
+  // One SelectMany and the launches of it not yet finished.
+  struct PendingGroup {
+    uint64_t id = 0;
+    int unfinished = 0;
+    absl::AnyInvocable<void()> done;
+  };
+
   // Validates a request; nothing changes.
   absl::StatusOr<SelectPlan> PlanChecked(const v1::SelectRequest& request) const;
-  // One backend selection over the prepared calls, whose keys are applied;
-  // sets every call's status and, on OK, its selection.
-  void Launch(absl::Span<PreparedCall> launch);
-  // Applies appends and tells the observer.
-  absl::Status AppendToCache(absl::Span<const KeyRange> ranges);
+  // Starts one backend selection over the prepared calls, whose cache
+  // bookkeeping is done and whose keys are `writes`; on failure sets every
+  // call's status.
+  void Launch(std::vector<PreparedCall> calls, absl::Span<const KeyWrite> writes, uint64_t group);
+  // Finishes the oldest started launch (waiting for it): statuses,
+  // selections, stage times, metrics.
+  void FinishOldest();
+  // Runs, in order, the done callbacks of the leading groups that are
+  // complete.
+  void RunDueCallbacks();
+  // Applies appends and tells the observer; with `deferred`, the keys are
+  // left for the launch that carries them.
+  absl::Status AppendToCache(absl::Span<const KeyRange> ranges,
+                             std::vector<KeyWrite>* deferred = nullptr);
 
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
   KeyCache cache_;
+  std::deque<StartedLaunch> started_;  // in the backend's order
+  std::deque<PendingGroup> groups_;    // in SelectMany order
+  uint64_t next_group_ = 1;
   // Written on the engine's thread, read by monitoring on any thread.
   std::atomic<int64_t> select_launches_{0};
 };

@@ -1,6 +1,7 @@
 #include "server/engine/gpu_backend.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <utility>
 
@@ -12,12 +13,36 @@ namespace blocksel {
 namespace {
 
 int64_t AlignUp(int64_t value) { return (value + 255) / 256 * 256; }
+int64_t AlignUp16(int64_t value) { return (value + 15) / 16 * 16; }
+
+// The first bytes of every upload.
+struct UploadHeader {
+  const void* key_pool;  // the layer's pages; read by captured graphs
+  int32_t num_runs;      // copy runs after the queries
+  int32_t reserved;
+};
+constexpr int64_t kHeaderBytes = 256;
+static_assert(sizeof(UploadHeader) <= kHeaderBytes);
+constexpr int64_t kNumRunsOffset = offsetof(UploadHeader, num_runs);
+
+// Blocks the last row of a span sees: the block-table entries it needs.
+int32_t SpanBlocks(const RowSpan& span) {
+  const int64_t last = int64_t{span.first_position} + span.num_rows - 1;
+  return last < 0 ? 0 : static_cast<int32_t>(last / kBlockSize + 1);
+}
+
+// Entries of the device table arena: every page can be one table entry,
+// each table may round up to twice its length, and each sequence's first
+// segment holds BlockTableArena::kMinSegment entries.
+int64_t ArenaCapacity(int64_t num_pages) {
+  return std::max<int64_t>(int64_t{1} << 16, num_pages * (2 + BlockTableArena::kMinSegment + 2));
+}
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelConfig& config,
                                                                int64_t num_pages, int device,
-                                                               GpuGraphOptions graphs) {
+                                                               GpuBackendOptions options) {
   if (gpu::DeviceCount() <= device) {
     return absl::FailedPreconditionError(
         absl::StrCat("no GPU device ", device, " (", gpu::DeviceCount(), " found)"));
@@ -33,44 +58,63 @@ absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelConfig
     return absl::FailedPreconditionError(
         absl::StrCat("GPU device ", device, " is not usable: ", gpu::LastErrorText()));
   }
-  std::unique_ptr<GpuBackend> backend(new GpuBackend(config, num_pages, info, graphs));
+  std::unique_ptr<GpuBackend> backend(new GpuBackend(config, num_pages, info, options));
   if (gpu::StreamCreate(&backend->stream_) != KernelStatus::kOk) {
     return backend->DeviceStatus(KernelStatus::kDeviceError, "creating a stream");
   }
-  for (void*& event : backend->stage_events_) {
-    if (gpu::EventCreate(&event) != KernelStatus::kOk) {
+  std::vector<void**> events = {&backend->append_uploaded_};
+  for (Slot& slot : backend->slots_) {
+    for (void*& event : slot.events) events.push_back(&event);
+  }
+  for (void** event : events) {
+    if (gpu::EventCreate(event) != KernelStatus::kOk) {
       return backend->DeviceStatus(KernelStatus::kDeviceError, "creating an event");
     }
   }
+  // Recorded once, so that the first append's wait on it returns at once.
+  BLOCKSEL_RETURN_IF_ERROR(backend->DeviceStatus(
+      gpu::EventRecord(backend->append_uploaded_, backend->stream_), "recording an event"));
   const int64_t pool_bytes = num_pages * config.PageBytes();
   if (gpu::DeviceAlloc(&backend->pool_, pool_bytes) != KernelStatus::kOk) {
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot allocate ", pool_bytes, " bytes of GPU memory for the key cache on ",
                      info.name, " (", info.total_memory, " bytes): lower --cache_mib"));
   }
-  absl::Status captured = backend->CaptureDecodeGraphs();
-  if (!captured.ok()) return captured;
+  const int64_t table_bytes = backend->tables_arena_.capacity() * 4;
+  if (gpu::DeviceAlloc(&backend->tables_, table_bytes) != KernelStatus::kOk) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "cannot allocate ", table_bytes, " bytes of GPU memory for the block tables on ", info.name,
+        ": lower --cache_mib"));
+  }
+  BLOCKSEL_RETURN_IF_ERROR(backend->CaptureDecodeGraphs());
   return backend;
 }
 
 GpuBackend::GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::DeviceInfo device,
-                       GpuGraphOptions graphs)
-    : config_(config), num_pages_(num_pages), device_(std::move(device)), graph_options_(graphs) {}
+                       GpuBackendOptions options)
+    : config_(config),
+      num_pages_(num_pages),
+      device_(std::move(device)),
+      tables_arena_(options.table_arena_entries > 0 ? options.table_arena_entries
+                                                    : ArenaCapacity(num_pages)),
+      options_(options) {}
 
 GpuBackend::~GpuBackend() {
   if (stream_ != nullptr) (void)gpu::StreamSynchronize(stream_);
-  gpu::DeviceFree(pool_);
-  gpu::DeviceFree(inputs_.data);
-  gpu::DeviceFree(outputs_.data);
-  gpu::DeviceFree(workspace_.data);
-  gpu::DeviceFree(scores_.data);
   graphs_.clear();
-  gpu::DeviceFree(graph_inputs_.data);
-  gpu::DeviceFree(graph_outputs_.data);
-  gpu::DeviceFree(graph_workspace_.data);
-  gpu::PinnedFree(staging_.data);
-  gpu::PinnedFree(results_.data);
-  for (void* event : stage_events_) gpu::EventDestroy(event);
+  for (Buffer* device : {&inputs_, &outputs_, &workspace_, &scores_, &append_inputs_,
+                         &graph_inputs_, &graph_outputs_, &graph_workspace_}) {
+    gpu::DeviceFree(device->data);
+  }
+  gpu::DeviceFree(pool_);
+  gpu::DeviceFree(tables_);
+  gpu::PinnedFree(append_staging_.data);
+  gpu::EventDestroy(append_uploaded_);
+  for (Slot& slot : slots_) {
+    gpu::PinnedFree(slot.staging.data);
+    gpu::PinnedFree(slot.results.data);
+    for (void* event : slot.events) gpu::EventDestroy(event);
+  }
   gpu::StreamDestroy(stream_);
 }
 
@@ -95,58 +139,94 @@ absl::Status GpuBackend::DeviceStatus(KernelStatus status, absl::string_view wha
   return absl::InternalError(absl::StrCat(what, ": ", gpu::LastErrorText()));
 }
 
-absl::Status GpuBackend::Reserve(Buffer* buffer, int64_t bytes, bool pinned) {
+absl::Status GpuBackend::ReservePinned(Buffer* buffer, int64_t bytes) {
   if (buffer->bytes >= bytes) return absl::OkStatus();
   const int64_t grown = std::max(bytes, buffer->bytes * 2);
-  if (pinned) {
-    gpu::PinnedFree(buffer->data);
-  } else {
-    gpu::DeviceFree(buffer->data);
-  }
+  gpu::PinnedFree(buffer->data);
   buffer->data = nullptr;
   buffer->bytes = 0;
-  const KernelStatus status =
-      pinned ? gpu::PinnedAlloc(&buffer->data, grown) : gpu::DeviceAlloc(&buffer->data, grown);
-  if (status != KernelStatus::kOk) {
+  if (gpu::PinnedAlloc(&buffer->data, grown) != KernelStatus::kOk) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("cannot allocate ", grown,
-                     pinned ? " bytes of pinned host memory" : " bytes of GPU memory"));
+        absl::StrCat("cannot allocate ", grown, " bytes of pinned host memory"));
   }
   buffer->bytes = grown;
   return absl::OkStatus();
 }
 
-absl::Status GpuBackend::WriteKeys(absl::Span<const KeyWrite> writes) {
-  const int64_t token_bytes = config_.TokenBytes();
-  int64_t total = 0;
-  for (const KeyWrite& write : writes) total += write.num_tokens * token_bytes;
-  absl::Status reserved = Reserve(&staging_, total, /*pinned=*/true);
-  if (!reserved.ok()) return reserved;
-  // Stage everything first, then issue the copies: the pinned bytes stay
-  // untouched until the stream has drained.
-  auto* staging = static_cast<unsigned char*>(staging_.data);
-  int64_t offset = 0;
-  const int64_t layer_bytes = num_pages_ * config_.LayerPageBytes();
-  for (const KeyWrite& write : writes) {
-    const int64_t bytes = write.num_tokens * token_bytes;
-    std::memcpy(staging + offset, write.keys, bytes);
-    void* destination = static_cast<unsigned char*>(pool_) + write.layer_index * layer_bytes +
-                        write.page * config_.LayerPageBytes() + write.first_slot * token_bytes;
-    const KernelStatus copied =
-        gpu::CopyHostToDevice(destination, staging + offset, bytes, stream_);
-    if (copied != KernelStatus::kOk) return DeviceStatus(copied, "copying keys to the GPU");
-    offset += bytes;
+absl::Status GpuBackend::ReserveDevice(Buffer* buffer, int64_t bytes) {
+  if (buffer->bytes >= bytes) return absl::OkStatus();
+  // Work in the stream may still read the old buffer. Growing is rare.
+  BLOCKSEL_RETURN_IF_ERROR(
+      DeviceStatus(gpu::StreamSynchronize(stream_), "waiting to grow a buffer"));
+  const int64_t grown = std::max(bytes, buffer->bytes * 2);
+  gpu::DeviceFree(buffer->data);
+  buffer->data = nullptr;
+  buffer->bytes = 0;
+  if (gpu::DeviceAlloc(&buffer->data, grown) != KernelStatus::kOk) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate ", grown, " bytes of GPU memory"));
   }
-  return DeviceStatus(gpu::StreamSynchronize(stream_), "copying keys to the GPU");
+  buffer->bytes = grown;
+  return absl::OkStatus();
+}
+
+void* GpuBackend::LayerPool(int32_t layer_index) const {
+  return static_cast<unsigned char*>(pool_) + layer_index * num_pages_ * config_.LayerPageBytes();
+}
+
+int64_t GpuBackend::KeyAddress(const KeyWrite& write) const {
+  return reinterpret_cast<int64_t>(LayerPool(write.layer_index)) +
+         write.page * config_.LayerPageBytes() + write.first_slot * config_.TokenBytes();
+}
+
+absl::Status GpuBackend::Record(Slot& slot, int event) {
+  return DeviceStatus(gpu::EventRecord(slot.events[event], stream_), "recording an event");
+}
+
+absl::Status GpuBackend::WriteKeys(absl::Span<const KeyWrite> writes) {
+  if (writes.empty()) return absl::OkStatus();
+  // [header][runs][keys]: one upload, one copy-run launch.
+  const int64_t runs = kHeaderBytes;
+  int64_t data = runs + AlignUp(static_cast<int64_t>(writes.size()) * sizeof(gpu::CopyRun));
+  int64_t end = data;
+  for (const KeyWrite& write : writes) end += AlignUp16(write.num_tokens * config_.TokenBytes());
+  // The last append's upload must be done reading the staging.
+  BLOCKSEL_RETURN_IF_ERROR(
+      DeviceStatus(gpu::EventSynchronize(append_uploaded_), "copying keys to the GPU"));
+  BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&append_staging_, end));
+  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&append_inputs_, end));
+  auto* staging = static_cast<unsigned char*>(append_staging_.data);
+  const auto device_base = reinterpret_cast<uint64_t>(append_inputs_.data);
+  UploadHeader header{};
+  header.num_runs = static_cast<int32_t>(writes.size());
+  std::memcpy(staging, &header, sizeof(header));
+  auto* run = reinterpret_cast<gpu::CopyRun*>(staging + runs);
+  for (const KeyWrite& write : writes) {
+    const int64_t bytes = write.num_tokens * config_.TokenBytes();
+    std::memcpy(staging + data, write.keys, bytes);
+    *run++ = {static_cast<uint64_t>(KeyAddress(write)), device_base + data,
+              static_cast<uint32_t>(bytes), 0};
+    data += AlignUp16(bytes);
+  }
+  KernelStatus status = gpu::CopyHostToDevice(append_inputs_.data, staging, end, stream_);
+  if (status == KernelStatus::kOk) status = gpu::EventRecord(append_uploaded_, stream_);
+  if (status == KernelStatus::kOk) {
+    auto* inputs = static_cast<unsigned char*>(append_inputs_.data);
+    status =
+        gpu::LaunchCopyRuns(reinterpret_cast<const gpu::CopyRun*>(inputs + runs),
+                            reinterpret_cast<const int32_t*>(inputs + kNumRunsOffset), stream_);
+  }
+  return DeviceStatus(status, "copying keys to the GPU");
 }
 
 absl::Status GpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
   const int64_t token_bytes = config_.TokenBytes();
   int64_t total = 0;
   for (const KeyRead& read : reads) total += read.num_tokens * token_bytes;
-  absl::Status reserved = Reserve(&staging_, total, /*pinned=*/true);
-  if (!reserved.ok()) return reserved;
-  auto* staging = static_cast<unsigned char*>(staging_.data);
+  BLOCKSEL_RETURN_IF_ERROR(
+      DeviceStatus(gpu::EventSynchronize(append_uploaded_), "copying keys from the GPU"));
+  BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&append_staging_, total));
+  auto* staging = static_cast<unsigned char*>(append_staging_.data);
   int64_t offset = 0;
   for (const KeyRead& read : reads) {
     const int64_t bytes = read.num_tokens * token_bytes;
@@ -158,8 +238,8 @@ absl::Status GpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
     if (copied != KernelStatus::kOk) return DeviceStatus(copied, "copying keys from the GPU");
     offset += bytes;
   }
-  const KernelStatus synced = gpu::StreamSynchronize(stream_);
-  if (synced != KernelStatus::kOk) return DeviceStatus(synced, "copying keys from the GPU");
+  BLOCKSEL_RETURN_IF_ERROR(
+      DeviceStatus(gpu::StreamSynchronize(stream_), "copying keys from the GPU"));
   offset = 0;
   for (const KeyRead& read : reads) {
     std::memcpy(read.keys, staging + offset, read.num_tokens * token_bytes);
@@ -168,19 +248,31 @@ absl::Status GpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
   return absl::OkStatus();
 }
 
-const void* GpuBackend::LayerPool(int32_t layer_index) const {
-  return static_cast<unsigned char*>(pool_) + layer_index * num_pages_ * config_.LayerPageBytes();
+GpuBackend::UploadLayout GpuBackend::GraphLayout(int32_t bucket, int32_t tokens) const {
+  const SelectionShape shape = config_.shape();
+  UploadLayout layout;
+  layout.spans = kHeaderBytes;
+  layout.queries = layout.spans + AlignUp(int64_t{bucket} * sizeof(gpu::DeviceSpan));
+  layout.runs =
+      layout.queries + AlignUp(int64_t{bucket} * tokens * shape.num_heads * shape.head_dim * 2);
+  // Per request: its keys, in at most tokens / kBlockSize + 2 pages, and
+  // its new block-table entries.
+  layout.run_capacity = bucket * (tokens / kBlockSize + 3);
+  layout.data = layout.runs + AlignUp(int64_t{layout.run_capacity} * sizeof(gpu::CopyRun));
+  layout.data_capacity = graph_inputs_.bytes - layout.data;
+  return layout;
 }
 
 gpu::DeviceBatch GpuBackend::GraphBatch(int32_t bucket, int32_t tokens) const {
+  const UploadLayout layout = GraphLayout(bucket, tokens);
   auto* inputs = static_cast<unsigned char*>(graph_inputs_.data);
   gpu::DeviceBatch batch;
   batch.key_pool_ref = reinterpret_cast<const void* const*>(inputs);
   batch.num_pages = num_pages_;
-  batch.spans = reinterpret_cast<const gpu::DeviceSpan*>(inputs + graph_layout_.spans);
+  batch.spans = reinterpret_cast<const gpu::DeviceSpan*>(inputs + layout.spans);
   batch.num_spans = bucket;
-  batch.queries = reinterpret_cast<const uint16_t*>(inputs + graph_layout_.queries);
-  batch.block_table = reinterpret_cast<const int32_t*>(inputs + graph_layout_.table);
+  batch.queries = reinterpret_cast<const uint16_t*>(inputs + layout.queries);
+  batch.block_table = static_cast<const int32_t*>(tables_);
   batch.total_rows = bucket * tokens;
   batch.block_ids = static_cast<int32_t*>(graph_outputs_.data);
   batch.workspace = graph_workspace_.data;
@@ -189,31 +281,36 @@ gpu::DeviceBatch GpuBackend::GraphBatch(int32_t bucket, int32_t tokens) const {
 
 absl::Status GpuBackend::CaptureDecodeGraphs() {
   const SelectionShape shape = config_.shape();
-  const int32_t max_batch = graph_options_.max_batch;
+  const int32_t max_batch = options_.graph_max_batch;
   const int32_t max_tokens =
-      std::min(graph_options_.max_tokens, gpu::kMaxDecodeQueries / shape.num_heads);
+      std::min(options_.graph_max_tokens, gpu::kMaxDecodeQueries / shape.num_heads);
   if (max_batch < 1 || max_tokens < 1 || shape.topk > 64) return absl::OkStatus();
   const int64_t max_blocks = (config_.max_positions + kBlockSize - 1) / kBlockSize;
-  graph_layout_.queries =
-      graph_layout_.spans + AlignUp(int64_t{max_batch} * sizeof(gpu::DeviceSpan));
-  graph_layout_.table = graph_layout_.queries + AlignUp(int64_t{max_batch} * max_tokens *
-                                                        shape.num_heads * shape.head_dim * 2);
-  graph_layout_.end = graph_layout_.table + int64_t{max_batch} * max_blocks * 4;
+  // Keys of every request and every table entry one batch can upload (a
+  // table entry is a page of one of the batch's sequences).
+  const int64_t data_capacity = int64_t{max_batch} * max_tokens * AlignUp16(config_.TokenBytes()) +
+                                std::min(num_pages_, int64_t{max_batch} * max_blocks) * 4 +
+                                int64_t{max_batch} * 16;
+  const int64_t largest = GraphLayout(max_batch, max_tokens).data;
   const int32_t splits = gpu::DecodeSplits(device_);
-  for (absl::Status reserved :
-       {Reserve(&graph_inputs_, graph_layout_.end, false),
-        Reserve(&graph_outputs_, int64_t{max_batch} * max_tokens * shape.num_heads * shape.topk * 4,
-                false),
-        Reserve(&graph_workspace_, gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, splits),
-                false)}) {
-    if (!reserved.ok()) return reserved;
-  }
+  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&graph_inputs_, largest + data_capacity));
+  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
+      &graph_outputs_, int64_t{max_batch} * max_tokens * shape.num_heads * shape.topk * 4));
+  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
+      &graph_workspace_, gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, splits)));
+  auto* inputs = static_cast<unsigned char*>(graph_inputs_.data);
   for (int32_t bucket = 1; bucket <= max_batch; bucket *= 2) {
     for (int32_t tokens = 1; tokens <= max_tokens; ++tokens) {
+      const UploadLayout layout = GraphLayout(bucket, tokens);
       auto graph = std::make_unique<gpu::CapturedGraph>();
       KernelStatus status = graph->BeginCapture(stream_);
       if (status == KernelStatus::kOk) {
-        status = gpu::LaunchDecode(shape, GraphBatch(bucket, tokens), tokens, splits, stream_);
+        status =
+            gpu::LaunchCopyRuns(reinterpret_cast<const gpu::CopyRun*>(inputs + layout.runs),
+                                reinterpret_cast<const int32_t*>(inputs + kNumRunsOffset), stream_);
+        if (status == KernelStatus::kOk) {
+          status = gpu::LaunchDecode(shape, GraphBatch(bucket, tokens), tokens, splits, stream_);
+        }
         const KernelStatus ended = graph->EndCapture(stream_);
         if (status == KernelStatus::kOk) status = ended;
       }
@@ -224,8 +321,8 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
   return absl::OkStatus();
 }
 
-gpu::CapturedGraph* GpuBackend::FindGraph(const SelectionBatch& batch, int32_t* bucket,
-                                          int32_t* tokens) {
+gpu::CapturedGraph* GpuBackend::FindGraph(const SelectionBatch& batch, int32_t runs,
+                                          int64_t data_bytes, int32_t* bucket, int32_t* tokens) {
   // Graphs return block ids only.
   if (graphs_.empty() || batch.num_spans < 1 || batch.block_scores != nullptr) return nullptr;
   *tokens = batch.spans[0].num_rows;
@@ -235,198 +332,280 @@ gpu::CapturedGraph* GpuBackend::FindGraph(const SelectionBatch& batch, int32_t* 
   *bucket = 1;
   while (*bucket < batch.num_spans) *bucket *= 2;
   auto it = graphs_.find({*bucket, *tokens});
-  return it == graphs_.end() ? nullptr : it->second.get();
+  if (it == graphs_.end()) return nullptr;
+  const UploadLayout layout = GraphLayout(*bucket, *tokens);
+  if (runs > layout.run_capacity || data_bytes > layout.data_capacity) return nullptr;
+  return it->second.get();
 }
 
-absl::StatusOr<SelectionReport> GpuBackend::Select(int32_t layer_index,
-                                                   const SelectionBatch& batch) {
-  const absl::Time entered = absl::Now();
-  int32_t bucket = 0;
-  int32_t tokens = 0;
-  gpu::CapturedGraph* graph = FindGraph(batch, &bucket, &tokens);
-  absl::Time staged;
-  absl::Status status = graph != nullptr
-                            ? SelectWithGraph(layer_index, batch, graph, bucket, tokens, &staged)
-                            : SelectDirect(layer_index, batch, &staged);
-  if (!status.ok()) return status;
-  // The events have completed: the stream was synchronized.
-  double upload_seconds = 0;
-  double compute_seconds = 0;
-  for (KernelStatus timed :
-       {gpu::EventElapsedSeconds(stage_events_[0], stage_events_[1], &upload_seconds),
-        gpu::EventElapsedSeconds(stage_events_[1], stage_events_[2], &compute_seconds)}) {
-    if (timed != KernelStatus::kOk) return DeviceStatus(timed, "timing a selection");
+absl::Status GpuBackend::PlaceTables(const SelectionBatch& batch, absl::Span<const KeyWrite> writes,
+                                     std::vector<BlockTableArena::Placement>* placements,
+                                     int32_t* runs, int64_t* data_bytes) {
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    placements->clear();
+    *runs = static_cast<int32_t>(writes.size());
+    *data_bytes = 0;
+    for (const KeyWrite& write : writes) {
+      *data_bytes += AlignUp16(write.num_tokens * config_.TokenBytes());
+    }
+    bool placed = true;
+    for (int32_t s = 0; s < batch.num_spans && placed; ++s) {
+      const RowSpan& span = batch.spans[s];
+      const int32_t blocks = SpanBlocks(span);
+      if (span.table_slot < 0 || blocks == 0) {
+        placements->push_back({0, blocks});  // nothing to read or to upload
+        continue;
+      }
+      const std::optional<BlockTableArena::Placement> placement =
+          tables_arena_.Place(span.table_slot, blocks);
+      placed = placement.has_value();
+      if (!placed) break;
+      placements->push_back(*placement);
+      if (placement->resident < blocks) {
+        ++*runs;
+        *data_bytes += AlignUp16(int64_t{blocks - placement->resident} * 4);
+      }
+    }
+    if (placed) return absl::OkStatus();
+    // Placed afresh, every table of this batch goes up whole.
+    tables_arena_.Reset();
   }
-  SelectionReport report;
-  report.mode = graph != nullptr ? LaunchMode::kGraph : LaunchMode::kDirect;
-  report.upload = (staged - entered) + absl::Seconds(upload_seconds);
-  report.compute = absl::Seconds(compute_seconds);
-  return report;
+  return absl::ResourceExhaustedError(
+      absl::StrCat("the block tables of this batch do not fit the GPU's table arena of ",
+                   tables_arena_.capacity(), " entries; send smaller batches"));
 }
 
-absl::Status GpuBackend::MarkStage(int stage) {
-  return DeviceStatus(gpu::EventRecord(stage_events_[stage], stream_), "recording an event");
-}
-
-absl::Status GpuBackend::SelectWithGraph(int32_t layer_index, const SelectionBatch& batch,
-                                         gpu::CapturedGraph* graph, int32_t bucket, int32_t tokens,
-                                         absl::Time* staged) {
+int64_t GpuBackend::StageUpload(const UploadLayout& layout, int32_t layer_index,
+                                const SelectionBatch& batch, int32_t bucket, int32_t tokens,
+                                absl::Span<const KeyWrite> writes,
+                                absl::Span<const BlockTableArena::Placement> placements,
+                                unsigned char* staging, const unsigned char* device_base) const {
   const SelectionShape shape = config_.shape();
-  // Host image of graph_inputs_ up to the end of the used table: the key
-  // pool pointer, bucket spans (padding past the batch), queries, table.
-  int64_t table_entries = 0;
-  for (int32_t s = 0; s < batch.num_spans; ++s) {
-    const RowSpan& span = batch.spans[s];
-    const int64_t last = static_cast<int64_t>(span.first_position) + span.num_rows - 1;
-    table_entries += last < 0 ? 0 : last / kBlockSize + 1;
-  }
-  const int64_t upload = graph_layout_.table + table_entries * 4;
-  absl::Status reserved = Reserve(&staging_, upload, true);
-  if (!reserved.ok()) return reserved;
-  auto* staging = static_cast<unsigned char*>(staging_.data);
-  const void* pool = LayerPool(layer_index);
-  std::memcpy(staging, &pool, sizeof(pool));
-  auto* spans = reinterpret_cast<gpu::DeviceSpan*>(staging + graph_layout_.spans);
-  auto* table = reinterpret_cast<int32_t*>(staging + graph_layout_.table);
-  int32_t table_offset = 0;
-  for (int32_t s = 0; s < bucket; ++s) {
-    if (s >= batch.num_spans) {
+  const auto base = reinterpret_cast<uint64_t>(device_base);
+  auto* spans = reinterpret_cast<gpu::DeviceSpan*>(staging + layout.spans);
+  const int32_t num_spans = std::max(bucket, batch.num_spans);
+  for (int32_t s = 0; s < num_spans; ++s) {
+    if (s >= batch.num_spans) {  // a graph's padding
       spans[s] = {-tokens, tokens, s * tokens, 0};
       continue;
     }
     const RowSpan& span = batch.spans[s];
-    const int64_t last = static_cast<int64_t>(span.first_position) + span.num_rows - 1;
-    const int32_t blocks = last < 0 ? 0 : static_cast<int32_t>(last / kBlockSize + 1);
-    spans[s] = {span.first_position, span.num_rows, s * tokens, table_offset};
-    std::memcpy(table + table_offset, span.block_table, blocks * 4);
-    table_offset += blocks;
+    spans[s] = {span.first_position, span.num_rows, span.first_row,
+                static_cast<int32_t>(placements[s].offset)};
   }
-  std::memcpy(staging + graph_layout_.queries, batch.queries,
+  std::memcpy(staging + layout.queries, batch.queries,
               static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.head_dim * 2);
-  *staged = absl::Now();
-  BLOCKSEL_RETURN_IF_ERROR(MarkStage(0));
-  KernelStatus status = gpu::CopyHostToDevice(graph_inputs_.data, staging, upload, stream_);
-  if (status != KernelStatus::kOk) return DeviceStatus(status, "uploading a batch");
-  BLOCKSEL_RETURN_IF_ERROR(MarkStage(1));
-  status = graph->Replay(stream_);
-  if (status != KernelStatus::kOk) return DeviceStatus(status, "replaying a decode graph");
-  BLOCKSEL_RETURN_IF_ERROR(MarkStage(2));
-  const int64_t bucket_rows = int64_t{bucket} * tokens;
-  const int64_t output_bytes = bucket_rows * shape.num_heads * shape.topk * 4;
-  reserved = Reserve(&results_, output_bytes, true);
-  if (!reserved.ok()) return reserved;
-  status = gpu::CopyDeviceToHost(results_.data, graph_outputs_.data, output_bytes, stream_);
-  if (status != KernelStatus::kOk) return DeviceStatus(status, "downloading block ids");
-  status = gpu::StreamSynchronize(stream_);
-  if (status != KernelStatus::kOk) return DeviceStatus(status, "decode graph");
-  // [H][bucket rows][topk] -> [H][batch rows][topk]: the first rows of
-  // each head are the batch's (spans were laid out in batch order).
-  const auto* results = static_cast<const int32_t*>(results_.data);
-  const int64_t row_ids = int64_t{batch.total_rows} * shape.topk;
-  for (int32_t head = 0; head < shape.num_heads; ++head) {
-    std::memcpy(batch.block_ids + head * row_ids, results + head * bucket_rows * shape.topk,
-                row_ids * 4);
+  auto* run = reinterpret_cast<gpu::CopyRun*>(staging + layout.runs);
+  int64_t data = layout.data;
+  auto add_run = [&](uint64_t destination, const void* bytes_from, int64_t bytes) {
+    std::memcpy(staging + data, bytes_from, bytes);
+    *run++ = {destination, base + data, static_cast<uint32_t>(bytes), 0};
+    data += AlignUp16(bytes);
+  };
+  for (const KeyWrite& write : writes) {
+    add_run(static_cast<uint64_t>(KeyAddress(write)), write.keys,
+            write.num_tokens * config_.TokenBytes());
   }
-  return absl::OkStatus();
+  for (int32_t s = 0; s < batch.num_spans; ++s) {
+    const RowSpan& span = batch.spans[s];
+    const BlockTableArena::Placement& placement = placements[s];
+    const int32_t blocks = SpanBlocks(span);
+    if (span.table_slot < 0 || placement.resident >= blocks) continue;
+    add_run(reinterpret_cast<uint64_t>(static_cast<int32_t*>(tables_) + placement.offset +
+                                       placement.resident),
+            span.block_table + placement.resident, int64_t{blocks - placement.resident} * 4);
+  }
+  UploadHeader header{};
+  header.key_pool = LayerPool(layer_index);
+  header.num_runs =
+      static_cast<int32_t>(run - reinterpret_cast<gpu::CopyRun*>(staging + layout.runs));
+  std::memcpy(staging, &header, sizeof(header));
+  return data;
 }
 
-absl::Status GpuBackend::SelectDirect(int32_t layer_index, const SelectionBatch& batch,
-                                      absl::Time* staged) {
+absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch& batch,
+                                      const UploadLayout& layout, int32_t runs) {
   const SelectionShape shape = config_.shape();
-  // Pack spans, the block tables they need, and the queries into one upload.
-  std::vector<gpu::DeviceSpan> spans;
-  spans.reserve(batch.num_spans);
-  std::vector<int32_t> table;
+  auto* inputs = static_cast<unsigned char*>(inputs_.data);
+  if (runs > 0) {
+    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
+        gpu::LaunchCopyRuns(reinterpret_cast<const gpu::CopyRun*>(inputs + layout.runs),
+                            reinterpret_cast<const int32_t*>(inputs + kNumRunsOffset), stream_),
+        "placing keys and block tables"));
+  }
   int32_t max_rows = 1;
   int32_t max_visible_blocks = 0;
   bool fits_decode = shape.topk <= 64;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     const RowSpan& span = batch.spans[s];
-    const int64_t last = static_cast<int64_t>(span.first_position) + span.num_rows - 1;
-    const int64_t blocks = last < 0 ? 0 : last / kBlockSize + 1;
-    spans.push_back(
-        {span.first_position, span.num_rows, span.first_row, static_cast<int32_t>(table.size())});
-    table.insert(table.end(), span.block_table, span.block_table + blocks);
     max_rows = std::max(max_rows, span.num_rows);
-    max_visible_blocks = std::max(max_visible_blocks, static_cast<int32_t>(blocks));
+    max_visible_blocks = std::max(max_visible_blocks, SpanBlocks(span));
     fits_decode = fits_decode && span.num_rows * shape.num_heads <= gpu::kMaxDecodeQueries;
   }
-  const int64_t spans_bytes = AlignUp(static_cast<int64_t>(spans.size()) * sizeof(gpu::DeviceSpan));
-  const int64_t table_bytes = AlignUp(static_cast<int64_t>(table.size()) * 4);
-  const int64_t query_bytes =
-      static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.head_dim * 2;
-  const int64_t input_bytes = spans_bytes + table_bytes + query_bytes;
   const int64_t output_bytes =
       static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.topk * 4;
-  for (absl::Status reserved :
-       {Reserve(&staging_, input_bytes, true), Reserve(&inputs_, input_bytes, false),
-        Reserve(&results_, output_bytes, true), Reserve(&outputs_, output_bytes, false)}) {
-    if (!reserved.ok()) return reserved;
-  }
-  auto* staging = static_cast<unsigned char*>(staging_.data);
-  std::memcpy(staging, spans.data(), spans.size() * sizeof(gpu::DeviceSpan));
-  std::memcpy(staging + spans_bytes, table.data(), table.size() * 4);
-  std::memcpy(staging + spans_bytes + table_bytes, batch.queries, query_bytes);
-  *staged = absl::Now();
-  BLOCKSEL_RETURN_IF_ERROR(MarkStage(0));
-  KernelStatus status = gpu::CopyHostToDevice(inputs_.data, staging, input_bytes, stream_);
-  if (status != KernelStatus::kOk) return DeviceStatus(status, "uploading a batch");
-  BLOCKSEL_RETURN_IF_ERROR(MarkStage(1));
-
-  auto* inputs = static_cast<unsigned char*>(inputs_.data);
+  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&outputs_, output_bytes));
   gpu::DeviceBatch device_batch;
   device_batch.key_pool = LayerPool(layer_index);
   device_batch.num_pages = num_pages_;
-  device_batch.spans = reinterpret_cast<const gpu::DeviceSpan*>(inputs);
+  device_batch.spans = reinterpret_cast<const gpu::DeviceSpan*>(inputs + layout.spans);
   device_batch.num_spans = batch.num_spans;
-  device_batch.block_table = reinterpret_cast<const int32_t*>(inputs + spans_bytes);
-  device_batch.queries = reinterpret_cast<const uint16_t*>(inputs + spans_bytes + table_bytes);
+  device_batch.block_table = static_cast<const int32_t*>(tables_);
+  device_batch.queries = reinterpret_cast<const uint16_t*>(inputs + layout.queries);
   device_batch.total_rows = batch.total_rows;
   device_batch.block_ids = static_cast<int32_t*>(outputs_.data);
+  KernelStatus status;
   if (fits_decode) {
     const int32_t splits = gpu::DecodeSplits(device_);
-    absl::Status reserved = Reserve(
-        &workspace_, gpu::DecodeWorkspaceBytes(shape, batch.num_spans, max_rows, splits), false);
-    if (!reserved.ok()) return reserved;
+    BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
+        &workspace_, gpu::DecodeWorkspaceBytes(shape, batch.num_spans, max_rows, splits)));
     device_batch.workspace = workspace_.data;
     status = gpu::LaunchDecode(shape, device_batch, max_rows, splits, stream_);
   } else {
     const int32_t key_splits =
         gpu::PrefillKeySplits(device_, shape, batch.num_spans, max_rows, max_visible_blocks);
-    absl::Status reserved = Reserve(
-        &workspace_, gpu::PrefillWorkspaceBytes(shape, batch.total_rows, key_splits), false);
-    if (!reserved.ok()) return reserved;
+    BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
+        &workspace_, gpu::PrefillWorkspaceBytes(shape, batch.total_rows, key_splits)));
     device_batch.workspace = workspace_.data;
     status = gpu::LaunchPrefill(shape, device_batch, max_rows, key_splits, stream_);
   }
-  if (status != KernelStatus::kOk) return DeviceStatus(status, "selection kernel");
-  BLOCKSEL_RETURN_IF_ERROR(MarkStage(2));
-  const int64_t score_bytes =
-      batch.block_scores == nullptr
-          ? 0
-          : static_cast<int64_t>(shape.num_heads) * batch.total_rows * batch.max_blocks * 4;
-  if (score_bytes > 0) {
-    for (absl::Status reserved : {Reserve(&scores_, score_bytes, false),
-                                  Reserve(&results_, output_bytes + score_bytes, true)}) {
-      if (!reserved.ok()) return reserved;
-    }
-    status = gpu::LaunchBlockScores(shape, device_batch, max_rows,
-                                    static_cast<float*>(scores_.data), batch.max_blocks, stream_);
-    if (status != KernelStatus::kOk) return DeviceStatus(status, "block score kernel");
-    status = gpu::CopyDeviceToHost(static_cast<unsigned char*>(results_.data) + output_bytes,
-                                   scores_.data, score_bytes, stream_);
-    if (status != KernelStatus::kOk) return DeviceStatus(status, "downloading block scores");
-  }
-  status = gpu::CopyDeviceToHost(results_.data, outputs_.data, output_bytes, stream_);
-  if (status != KernelStatus::kOk) return DeviceStatus(status, "downloading block ids");
-  status = gpu::StreamSynchronize(stream_);
-  if (status != KernelStatus::kOk) return DeviceStatus(status, "selection");
-  std::memcpy(batch.block_ids, results_.data, output_bytes);
-  if (score_bytes > 0) {
-    std::memcpy(batch.block_scores, static_cast<unsigned char*>(results_.data) + output_bytes,
-                score_bytes);
+  BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(status, "selection kernel"));
+  if (batch.block_scores != nullptr) {
+    const int64_t score_bytes =
+        static_cast<int64_t>(shape.num_heads) * batch.total_rows * batch.max_blocks * 4;
+    BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&scores_, score_bytes));
+    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
+        gpu::LaunchBlockScores(shape, device_batch, max_rows, static_cast<float*>(scores_.data),
+                               batch.max_blocks, stream_),
+        "block score kernel"));
   }
   return absl::OkStatus();
+}
+
+absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
+                               absl::Span<const KeyWrite> writes) {
+  if (pending_ >= kMaxPending) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the GPU backend already has ", kMaxPending, " selections pending"));
+  }
+  const SelectionShape shape = config_.shape();
+  Slot& slot = slots_[(oldest_ + pending_) % kMaxPending];
+  slot.entered = absl::Now();
+  std::vector<BlockTableArena::Placement> placements;
+  int32_t runs = 0;
+  int64_t data_bytes = 0;
+  BLOCKSEL_RETURN_IF_ERROR(PlaceTables(batch, writes, &placements, &runs, &data_bytes));
+  int32_t bucket = 0;
+  int32_t tokens = 0;
+  gpu::CapturedGraph* graph = FindGraph(batch, runs, data_bytes, &bucket, &tokens);
+  UploadLayout layout;
+  unsigned char* device_inputs = nullptr;
+  if (graph != nullptr) {
+    layout = GraphLayout(bucket, tokens);
+    device_inputs = static_cast<unsigned char*>(graph_inputs_.data);
+  } else {
+    bucket = 0;
+    tokens = 0;
+    layout.spans = kHeaderBytes;
+    layout.queries = layout.spans + AlignUp(int64_t{batch.num_spans} * sizeof(gpu::DeviceSpan));
+    layout.runs =
+        layout.queries + AlignUp(int64_t{batch.total_rows} * shape.num_heads * shape.head_dim * 2);
+    layout.run_capacity = runs;
+    layout.data = layout.runs + AlignUp(int64_t{runs} * sizeof(gpu::CopyRun));
+    layout.data_capacity = data_bytes;
+    BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&inputs_, layout.data + data_bytes));
+    device_inputs = static_cast<unsigned char*>(inputs_.data);
+  }
+  BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&slot.staging, layout.data + data_bytes));
+  auto* staging = static_cast<unsigned char*>(slot.staging.data);
+  const int64_t upload_bytes = StageUpload(layout, layer_index, batch, bucket, tokens, writes,
+                                           placements, staging, device_inputs);
+  slot.staged = absl::Now();
+
+  BLOCKSEL_RETURN_IF_ERROR(Record(slot, 0));
+  BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
+      gpu::CopyHostToDevice(device_inputs, staging, upload_bytes, stream_), "uploading a batch"));
+  BLOCKSEL_RETURN_IF_ERROR(Record(slot, 1));
+  if (graph != nullptr) {
+    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(graph->Replay(stream_), "replaying a decode graph"));
+  } else {
+    BLOCKSEL_RETURN_IF_ERROR(LaunchDirect(layer_index, batch, layout, runs));
+  }
+  BLOCKSEL_RETURN_IF_ERROR(Record(slot, 2));
+  slot.rows = batch.total_rows;
+  slot.device_rows = graph != nullptr ? bucket * tokens : batch.total_rows;
+  const int64_t id_bytes = int64_t{slot.device_rows} * shape.num_heads * shape.topk * 4;
+  slot.score_bytes = batch.block_scores == nullptr ? 0
+                                                   : static_cast<int64_t>(shape.num_heads) *
+                                                         batch.total_rows * batch.max_blocks * 4;
+  BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&slot.results, id_bytes + slot.score_bytes));
+  auto* results = static_cast<unsigned char*>(slot.results.data);
+  BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
+      gpu::CopyDeviceToHost(results, graph != nullptr ? graph_outputs_.data : outputs_.data,
+                            id_bytes, stream_),
+      "downloading block ids"));
+  if (slot.score_bytes > 0) {
+    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
+        gpu::CopyDeviceToHost(results + id_bytes, scores_.data, slot.score_bytes, stream_),
+        "downloading block scores"));
+  }
+  BLOCKSEL_RETURN_IF_ERROR(Record(slot, 3));
+  for (int32_t s = 0; s < batch.num_spans; ++s) {
+    if (batch.spans[s].table_slot >= 0) {
+      tables_arena_.MarkResident(batch.spans[s].table_slot, SpanBlocks(batch.spans[s]));
+    }
+  }
+  slot.block_ids = batch.block_ids;
+  slot.block_scores = batch.block_scores;
+  slot.mode = graph != nullptr ? LaunchMode::kGraph : LaunchMode::kDirect;
+  ++pending_;
+  return absl::OkStatus();
+}
+
+bool GpuBackend::OldestReady() {
+  if (pending_ == 0) return false;
+  bool done = false;
+  // An error counts as ready: FinishOldest reports it.
+  return gpu::EventQuery(slots_[oldest_].events[3], &done) != KernelStatus::kOk || done;
+}
+
+absl::StatusOr<SelectionReport> GpuBackend::FinishOldest() {
+  if (pending_ == 0) {
+    return absl::FailedPreconditionError("no selection is pending on the GPU backend");
+  }
+  Slot& slot = slots_[oldest_];
+  oldest_ = (oldest_ + 1) % kMaxPending;
+  --pending_;
+  // Spinning: the answer's latency is what the engine waits for.
+  for (bool done = false; !done;) {
+    BLOCKSEL_RETURN_IF_ERROR(
+        DeviceStatus(gpu::EventQuery(slot.events[3], &done), "waiting for a selection"));
+  }
+  double upload_seconds = 0;
+  double compute_seconds = 0;
+  BLOCKSEL_RETURN_IF_ERROR(
+      DeviceStatus(gpu::EventElapsedSeconds(slot.events[0], slot.events[1], &upload_seconds),
+                   "timing a selection"));
+  BLOCKSEL_RETURN_IF_ERROR(
+      DeviceStatus(gpu::EventElapsedSeconds(slot.events[1], slot.events[2], &compute_seconds),
+                   "timing a selection"));
+  const SelectionShape shape = config_.shape();
+  // [H][device rows][topk] -> [H][rows][topk]: a graph's padding rows
+  // follow the batch's in each head.
+  const auto* results = static_cast<const int32_t*>(slot.results.data);
+  const int64_t row_ids = int64_t{slot.rows} * shape.topk;
+  const int64_t device_row_ids = int64_t{slot.device_rows} * shape.topk;
+  for (int32_t head = 0; head < shape.num_heads; ++head) {
+    std::memcpy(slot.block_ids + head * row_ids, results + head * device_row_ids, row_ids * 4);
+  }
+  if (slot.score_bytes > 0) {
+    std::memcpy(slot.block_scores, results + shape.num_heads * device_row_ids, slot.score_bytes);
+  }
+  SelectionReport report;
+  report.mode = slot.mode;
+  report.upload = (slot.staged - slot.entered) + absl::Seconds(upload_seconds);
+  report.compute = absl::Seconds(compute_seconds);
+  return report;
 }
 
 }  // namespace blocksel

@@ -11,49 +11,69 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "kernels/gpu/gpu_selection.h"
 #include "server/engine/backend.h"
+#include "server/engine/block_table_arena.h"
 #include "server/engine/model_config.h"
 
 namespace blocksel {
 
-// Decode batches served by captured graphs: batch sizes are bucketed to
-// powers of two up to max_batch, Q up to max_tokens.
-struct GpuGraphOptions {
-  int32_t max_batch = 256;
-  int32_t max_tokens = 4;
+struct GpuBackendOptions {
+  // Decode batches served by captured graphs: batch sizes are bucketed to
+  // powers of two up to graph_max_batch, Q up to graph_max_tokens.
+  int32_t graph_max_batch = 256;
+  int32_t graph_max_tokens = 4;
+  // Entries of the device block-table arena; 0 sizes it from the page
+  // count so that it never needs a reset (tests set it small).
+  int64_t table_arena_entries = 0;
 };
 
 // Owns one device allocation holding num_pages pages of every sparse layer,
-// pinned host staging for uploads and results, and one stream. Appended
-// keys are copied into pinned staging, then to the device with async
-// copies on the stream. A selection uploads its spans, block tables and
-// queries in one copy, runs the decode kernels (few rows per sequence) or
-// the prefill kernel, and copies the block ids back.
+// the sequences' block tables in device memory (BlockTableArena), and one
+// stream on which everything runs in order.
+//
+// A selection is one upload and one download. Start stages, in one pinned
+// buffer, the batch's spans, its queries, the keys its requests carry and
+// the block-table entries the device lacks; copies it up in one copy; a
+// kernel moves keys and table entries into place; then the selection runs
+// (a captured decode graph, or direct launches for prefill and anything no
+// graph fits) and the block ids come back in one copy. Start returns
+// without waiting: up to kMaxPending selections are in flight, each with
+// its own pinned staging and results, and FinishOldest polls the oldest's
+// completion event.
 //
 // At creation it captures one decode graph per (batch bucket, Q) over
-// persistent device buffers; a decode batch whose requests all have the same
-// Q <= max_tokens and whose size fits a bucket is padded to the bucket with
-// padding requests and replayed, and anything else is launched directly.
-// The graphs read the layer's key pool pointer from device memory, so one
-// graph serves every layer.
+// persistent device buffers; a decode batch whose requests all have the
+// same Q <= max_tokens and whose size fits a bucket is padded to the bucket
+// with padding requests and replayed. A graph reads the layer's key pool
+// pointer and its number of copy runs from device memory, so one graph
+// serves every layer.
 //
 // Thread-compatible: the engine's executor is its only caller.
 class GpuBackend final : public Backend {
  public:
+  static constexpr int kMaxPending = 4;
+
   // FAILED_PRECONDITION without a usable device or for a head_dim the
   // kernels do not support; RESOURCE_EXHAUSTED when the device memory for
   // the cache cannot be allocated.
   static absl::StatusOr<std::unique_ptr<GpuBackend>> Create(const ModelConfig& config,
                                                             int64_t num_pages, int device,
-                                                            GpuGraphOptions graphs);
+                                                            GpuBackendOptions options);
   ~GpuBackend() override;
 
   absl::string_view name() const override;
   std::string detail() const override;
   absl::Status WriteKeys(absl::Span<const KeyWrite> writes) override;
   absl::Status ReadKeys(absl::Span<const KeyRead> reads) override;
-  absl::StatusOr<SelectionReport> Select(int32_t layer_index, const SelectionBatch& batch) override;
+  void ForgetBlockTable(int32_t table_slot) override { tables_arena_.Forget(table_slot); }
+  absl::Status Start(int32_t layer_index, const SelectionBatch& batch,
+                     absl::Span<const KeyWrite> writes) override;
+  int pending() const override { return pending_; }
+  int max_pending() const override { return kMaxPending; }
+  bool OldestReady() override;
+  absl::StatusOr<SelectionReport> FinishOldest() override;
 
  private:
   // A device or pinned buffer that grows to the largest size asked for.
@@ -62,48 +82,89 @@ class GpuBackend final : public Backend {
     int64_t bytes = 0;
   };
 
-  // Offsets into graph_inputs_: [key pool pointer][spans][queries][table].
-  struct GraphLayout {
-    int64_t spans = 256;
+  // Where the parts of one upload go, as offsets from its start. The
+  // header holds the key pool pointer (read by graphs) and the run count.
+  struct UploadLayout {
+    int64_t spans = 0;
     int64_t queries = 0;
-    int64_t table = 0;
-    int64_t end = 0;
+    int64_t runs = 0;
+    int64_t data = 0;  // keys and table entries the runs copy
+    int32_t run_capacity = 0;
+    int64_t data_capacity = 0;
+  };
+
+  // One selection in flight: what it uploaded from and downloads into, and
+  // what finishing it needs.
+  struct Slot {
+    Buffer staging;  // pinned: the upload image
+    Buffer results;  // pinned: block ids, then block scores
+    // Before the upload, after it, after the kernels, after the download.
+    std::array<void*, 4> events{};
+    int32_t* block_ids = nullptr;  // the batch's, host
+    float* block_scores = nullptr;
+    int64_t score_bytes = 0;
+    int32_t rows = 0;         // the batch's rows
+    int32_t device_rows = 0;  // rows the device computed (a graph's bucket)
+    LaunchMode mode = LaunchMode::kDirect;
+    absl::Time entered;
+    absl::Time staged;
   };
 
   GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::DeviceInfo device,
-             GpuGraphOptions graphs);
-  absl::Status Reserve(Buffer* buffer, int64_t bytes, bool pinned);
+             GpuBackendOptions options);
   absl::Status DeviceStatus(KernelStatus status, absl::string_view what) const;
+  // Grows a pinned buffer; the caller ensures no copy from it is pending.
+  absl::Status ReservePinned(Buffer* buffer, int64_t bytes);
+  // Grows a device buffer, first waiting for the stream when selections
+  // that may read it are in flight.
+  absl::Status ReserveDevice(Buffer* buffer, int64_t bytes);
   absl::Status CaptureDecodeGraphs();
+  // The layout of graph (bucket, tokens)'s inputs in graph_inputs_.
+  UploadLayout GraphLayout(int32_t bucket, int32_t tokens) const;
   gpu::DeviceBatch GraphBatch(int32_t bucket, int32_t tokens) const;
   // The graph for this batch, or nullptr when it must be launched directly.
-  gpu::CapturedGraph* FindGraph(const SelectionBatch& batch, int32_t* bucket, int32_t* tokens);
-  // Both set *staged once the inputs are staged on the host, and record
-  // stage_events_ around the upload and the kernels.
-  absl::Status SelectWithGraph(int32_t layer_index, const SelectionBatch& batch,
-                               gpu::CapturedGraph* graph, int32_t bucket, int32_t tokens,
-                               absl::Time* staged);
-  absl::Status SelectDirect(int32_t layer_index, const SelectionBatch& batch, absl::Time* staged);
-  // Records stage_events_[stage] on the stream.
-  absl::Status MarkStage(int stage);
-  const void* LayerPool(int32_t layer_index) const;
+  gpu::CapturedGraph* FindGraph(const SelectionBatch& batch, int32_t runs, int64_t data_bytes,
+                                int32_t* bucket, int32_t* tokens);
+  // Places every span's block table in the arena (resetting it once if it
+  // is full) and counts the runs and data bytes of the upload.
+  absl::Status PlaceTables(const SelectionBatch& batch, absl::Span<const KeyWrite> writes,
+                           std::vector<BlockTableArena::Placement>* placements, int32_t* runs,
+                           int64_t* data_bytes);
+  // Writes the upload image into staging: header, spans, queries, and the
+  // runs with their data, whose sources are relative to device_base.
+  // Returns its size.
+  int64_t StageUpload(const UploadLayout& layout, int32_t layer_index, const SelectionBatch& batch,
+                      int32_t bucket, int32_t tokens, absl::Span<const KeyWrite> writes,
+                      absl::Span<const BlockTableArena::Placement> placements,
+                      unsigned char* staging, const unsigned char* device_base) const;
+  // Enqueues the direct launches of a staged selection.
+  absl::Status LaunchDirect(int32_t layer_index, const SelectionBatch& batch,
+                            const UploadLayout& layout, int32_t runs);
+  absl::Status Record(Slot& slot, int event);
+  void* LayerPool(int32_t layer_index) const;
+  int64_t KeyAddress(const KeyWrite& write) const;
 
   const ModelConfig config_;
   const int64_t num_pages_;
   const gpu::DeviceInfo device_;
   void* stream_ = nullptr;
-  void* pool_ = nullptr;  // [sparse layers][num_pages][kBlockSize][D]
-  Buffer staging_;        // pinned: keys to append, batch inputs
-  Buffer results_;        // pinned: block ids
-  Buffer inputs_;         // device: spans, block table, queries
-  Buffer outputs_;        // device: block ids
-  Buffer workspace_;      // device: decode partial top-k lists
-  Buffer scores_;         // device: block scores, when a batch asks for them
-  // Recorded before the upload, after it, and after the kernels.
-  std::array<void*, 3> stage_events_{};
+  void* pool_ = nullptr;    // [sparse layers][num_pages][kBlockSize][D]
+  void* tables_ = nullptr;  // int32 [tables_arena_.capacity()]: resident block tables
+  BlockTableArena tables_arena_;
+  std::array<Slot, kMaxPending> slots_;
+  int oldest_ = 0;
+  int pending_ = 0;
+  // Direct launches (shared by the slots: the stream orders their use).
+  Buffer inputs_;     // device: the upload
+  Buffer outputs_;    // device: block ids
+  Buffer workspace_;  // device: partial top-k lists
+  Buffer scores_;     // device: block scores, when a batch asks for them
+  // Appends outside a selection: one upload and one copy-run launch each.
+  Buffer append_staging_;            // pinned
+  Buffer append_inputs_;             // device
+  void* append_uploaded_ = nullptr;  // event: append_staging_ may be reused
   // Captured decode graphs and their persistent buffers.
-  const GpuGraphOptions graph_options_;
-  GraphLayout graph_layout_;
+  const GpuBackendOptions options_;
   Buffer graph_inputs_;
   Buffer graph_outputs_;
   Buffer graph_workspace_;

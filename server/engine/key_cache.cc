@@ -38,6 +38,12 @@ absl::StatusOr<uint64_t> KeyCache::Open(uint64_t requested_id, absl::Duration le
   }
   Sequence& sequence = sequences_[id];
   sequence.id = id;
+  if (free_table_slots_.empty()) {
+    sequence.table_slot = next_table_slot_++;
+  } else {
+    sequence.table_slot = free_table_slots_.back();
+    free_table_slots_.pop_back();
+  }
   sequence.layer_fill.assign(config_.num_sparse_layers(), 0);
   sequence.lease = lease;
   sequence.last_used = now;
@@ -48,6 +54,8 @@ bool KeyCache::Release(uint64_t id) {
   auto it = sequences_.find(id);
   if (it == sequences_.end()) return false;
   pool_.Free(it->second.block_table);
+  store_->ForgetBlockTable(it->second.table_slot);
+  free_table_slots_.push_back(it->second.table_slot);
   sequences_.erase(it);
   return true;
 }
@@ -132,7 +140,8 @@ absl::Status KeyCache::ValidateRanges(absl::Span<const KeyRange> ranges,
   return absl::OkStatus();
 }
 
-absl::Status KeyCache::Append(absl::Span<const KeyRange> ranges, absl::Time now) {
+absl::Status KeyCache::Append(absl::Span<const KeyRange> ranges, absl::Time now,
+                              std::vector<KeyWrite>* deferred) {
   int64_t pages_needed = 0;
   absl::Status valid = ValidateRanges(ranges, &pages_needed);
   if (!valid.ok()) return valid;
@@ -167,6 +176,10 @@ absl::Status KeyCache::Append(absl::Span<const KeyRange> ranges, absl::Time now)
       sequence.layer_fill[range.first_layer_index + l] = end;
     }
     sequence.last_used = now;
+  }
+  if (deferred != nullptr) {
+    deferred->insert(deferred->end(), writes.begin(), writes.end());
+    return absl::OkStatus();
   }
   return store_->WriteKeys(writes);
 }

@@ -21,6 +21,9 @@ namespace blocksel {
 // block b of any layer lives in page block_table[b].
 struct Sequence {
   uint64_t id = 0;
+  // In [0, max_sequences), unique among open sequences; reused after a
+  // release (the store is told: KeyStore::ForgetBlockTable).
+  int32_t table_slot = 0;
   std::vector<int32_t> block_table;
   std::vector<int64_t> layer_fill;  // tokens present, per sparse layer index
   absl::Duration lease;
@@ -65,7 +68,11 @@ class KeyCache {
   // NOT_FOUND (sequence), FAILED_PRECONDITION (a range starts past a layer's
   // fill), RESOURCE_EXHAUSTED (not enough free pages). Ranges apply in
   // order; each sets its layers' fill to start_position + num_tokens.
-  absl::Status Append(absl::Span<const KeyRange> ranges, absl::Time now);
+  // The keys go to the store, or, with `deferred`, are appended there for
+  // the caller to hand to the store with its next operation (a selection
+  // that carries its keys); the ranges' bytes must then outlive that.
+  absl::Status Append(absl::Span<const KeyRange> ranges, absl::Time now,
+                      std::vector<KeyWrite>* deferred = nullptr);
 
   // The open sequence with this id, or nullptr. Valid until the next
   // non-const call.
@@ -92,6 +99,8 @@ class KeyCache {
   PagePool pool_;
   absl::flat_hash_map<uint64_t, Sequence> sequences_;
   uint64_t next_id_ = 1;
+  std::vector<int32_t> free_table_slots_;  // released slots, reused first
+  int32_t next_table_slot_ = 0;
 };
 
 }  // namespace blocksel

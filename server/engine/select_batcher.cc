@@ -1,5 +1,7 @@
 #include "server/engine/select_batcher.h"
 
+#include <algorithm>
+#include <memory>
 #include <utility>
 
 namespace blocksel {
@@ -70,33 +72,57 @@ absl::Status SelectBatcher::Submit(SelectTask task, OrderToken* order) {
 }
 
 void SelectBatcher::RunGroup(const std::shared_ptr<Group>& group, uint32_t layer) {
+  // The window is waited out in short steps, finishing the engine's
+  // launches in between, so that their answers do not wait for it too.
+  constexpr absl::Duration kFinishEvery = absl::Microseconds(5);
+  const absl::Time close_at = group->opened + options_.window;
   std::vector<SelectTask> tasks;
-  {
-    absl::MutexLock lock(&mutex_);
-    mutex_.AwaitWithDeadline(absl::Condition(&group->full), group->opened + options_.window);
-    auto open = open_groups_.find(layer);
-    if (open != open_groups_.end() && open->second == group) open_groups_.erase(open);
-    tasks = std::move(group->tasks);
-    ++stats_.groups;
+  for (;;) {
+    {
+      absl::MutexLock lock(&mutex_);
+      const bool full = mutex_.AwaitWithDeadline(absl::Condition(&group->full),
+                                                 std::min(close_at, absl::Now() + kFinishEvery));
+      if (full || absl::Now() >= close_at) {
+        auto open = open_groups_.find(layer);
+        if (open != open_groups_.end() && open->second == group) open_groups_.erase(open);
+        tasks = std::move(group->tasks);
+        ++stats_.groups;
+        break;
+      }
+    }
+    engine_->FinishSelections(/*wait=*/false);
   }
   RunTasks(engine_, std::move(tasks));
 }
 
 void SelectBatcher::RunTasks(Engine* engine, std::vector<SelectTask> tasks) {
-  std::vector<absl::Status> statuses(tasks.size());
-  std::vector<SelectCall> calls;
-  std::vector<size_t> admitted;
+  // What the engine works on until the launch's answers are all in; owned
+  // by the completion callback.
+  struct Run {
+    std::vector<SelectTask> tasks;
+    std::vector<absl::Status> statuses;
+    std::vector<SelectCall> calls;
+    std::vector<size_t> admitted;  // the task of each call
+  };
+  auto run = std::make_unique<Run>();
+  run->tasks = std::move(tasks);
+  run->statuses.resize(run->tasks.size());
   const absl::Time started = absl::Now();
-  for (size_t i = 0; i < tasks.size(); ++i) {
-    if (tasks[i].admit) statuses[i] = tasks[i].admit();
-    if (!statuses[i].ok()) continue;
-    if (tasks[i].times != nullptr) tasks[i].times->started = started;
-    calls.push_back({tasks[i].request, tasks[i].selection, absl::OkStatus(), tasks[i].times});
-    admitted.push_back(i);
+  for (size_t i = 0; i < run->tasks.size(); ++i) {
+    SelectTask& task = run->tasks[i];
+    if (task.admit) run->statuses[i] = task.admit();
+    if (!run->statuses[i].ok()) continue;
+    if (task.times != nullptr) task.times->started = started;
+    run->calls.push_back({task.request, task.selection, absl::OkStatus(), task.times});
+    run->admitted.push_back(i);
   }
-  engine->SelectMany(absl::MakeSpan(calls));
-  for (size_t j = 0; j < calls.size(); ++j) statuses[admitted[j]] = calls[j].status;
-  for (size_t i = 0; i < tasks.size(); ++i) tasks[i].done(statuses[i]);
+  const absl::Span<SelectCall> calls = absl::MakeSpan(run->calls);
+  engine->SelectMany(calls, [run = std::move(run)] {
+    for (size_t j = 0; j < run->calls.size(); ++j) {
+      run->statuses[run->admitted[j]] = run->calls[j].status;
+    }
+    for (size_t i = 0; i < run->tasks.size(); ++i) run->tasks[i].done(run->statuses[i]);
+  });
 }
 
 SelectBatcher::Stats SelectBatcher::stats() const {

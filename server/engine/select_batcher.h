@@ -29,7 +29,9 @@ struct SelectTask {
   // answer (the call was cancelled or its deadline passed while it waited)
   // skips the request and goes to done. May be empty.
   absl::AnyInvocable<absl::Status()> admit;
-  // Called once, on the engine's thread, with the request's status.
+  // Called once, on the engine's thread, with the request's status, once
+  // the selection is finished. Tasks of one order token are done in the
+  // order they were submitted.
   absl::AnyInvocable<void(absl::Status)> done;
   // Optional: stage times; the batcher sets started, the engine the rest of
   // its part. Must stay valid until done has been called.
@@ -48,7 +50,8 @@ struct SelectTask {
 // joins a group whose task is queued after the caller's previous one.
 //
 // Thread-safe. The engine thread waits out at most one window per group,
-// so the window bounds the latency batching adds.
+// so the window bounds the latency batching adds; while it waits it keeps
+// finishing the engine's launches, whose answers so do not wait with it.
 class SelectBatcher {
  public:
   struct Options {

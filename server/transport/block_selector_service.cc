@@ -5,7 +5,6 @@
 #include <utility>
 
 #include "server/transport/append_stream_reactor.h"
-#include "server/transport/select_stream_reactor.h"
 #include "server/transport/status_conversion.h"
 
 namespace blocksel {
@@ -139,11 +138,6 @@ grpc::ServerUnaryReactor* BlockSelectorService::Select(grpc::CallbackServerConte
     FinishUnary(reactor, RpcMethod::kSelect, times->received, queued, *request, *response);
   }
   return reactor;
-}
-
-grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>* BlockSelectorService::StreamSelect(
-    grpc::CallbackServerContext* /*context*/) {
-  return new SelectStreamReactor(batcher_, metrics_, options_.max_inflight_per_stream);
 }
 
 grpc::ServerUnaryReactor* BlockSelectorService::WriteSnapshot(

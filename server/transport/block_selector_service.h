@@ -16,15 +16,31 @@ namespace blocksel {
 
 struct ServiceOptions {
   int max_inflight_per_stream = 4;
+  // Threads serving StreamSelect on completion queues, one queue each.
+  int stream_threads = 2;
   int64_t max_message_bytes = kDefaultMaxMessageBytes;  // reported by GetInfo
   std::string server_version;
   std::string snapshot_path;  // empty: WriteSnapshot is FAILED_PRECONDITION
 };
 
+// The service's methods: StreamSelect, the hot path, on gRPC's async API
+// (SelectStreamCall, served by the server's own completion-queue threads),
+// the others on its callback API.
+using BlockSelectorServiceBase = v1::BlockSelector::WithCallbackMethod_GetInfo<
+    v1::BlockSelector::WithCallbackMethod_OpenSequence<
+        v1::BlockSelector::WithCallbackMethod_ReleaseSequence<
+            v1::BlockSelector::WithCallbackMethod_RenewLease<
+                v1::BlockSelector::WithCallbackMethod_AppendKeys<
+                    v1::BlockSelector::WithCallbackMethod_StreamAppendKeys<
+                        v1::BlockSelector::WithCallbackMethod_Select<
+                            v1::BlockSelector::WithAsyncMethod_StreamSelect<
+                                v1::BlockSelector::WithCallbackMethod_WriteSnapshot<
+                                    v1::BlockSelector::Service>>>>>>>>>;
+
 // Every engine operation runs on the executor, selections through the
 // batcher; the reactors only decode, queue and answer. Status codes pass
 // through unchanged.
-class BlockSelectorService final : public v1::BlockSelector::CallbackService {
+class BlockSelectorService final : public BlockSelectorServiceBase {
  public:
   // metrics records every request and stream.
   BlockSelectorService(Engine* engine, Executor* executor, SelectBatcher* batcher,
@@ -50,8 +66,6 @@ class BlockSelectorService final : public v1::BlockSelector::CallbackService {
   grpc::ServerUnaryReactor* Select(grpc::CallbackServerContext* context,
                                    const v1::SelectRequest* request,
                                    v1::SelectResponse* response) override;
-  grpc::ServerBidiReactor<v1::SelectRequest, v1::SelectResponse>* StreamSelect(
-      grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* WriteSnapshot(grpc::CallbackServerContext* context,
                                           const v1::WriteSnapshotRequest* request,
                                           v1::WriteSnapshotResponse* response) override;

@@ -26,7 +26,9 @@ TEST(ServerFlagsTest, UnsetFlagsGiveTheDefaultConfig) {
   EXPECT_EQ(flags.listen_addresses, defaults.listen_addresses);
   EXPECT_EQ(flags.max_message_bytes, defaults.max_message_bytes);
   EXPECT_EQ(flags.max_inflight_per_stream, defaults.max_inflight_per_stream);
+  EXPECT_EQ(flags.stream_threads, defaults.stream_threads);
   EXPECT_EQ(flags.queue_capacity, defaults.queue_capacity);
+  EXPECT_EQ(flags.engine_idle_spin, defaults.engine_idle_spin);
   EXPECT_EQ(flags.batch_window, defaults.batch_window);
   EXPECT_EQ(flags.batch_max_rows, defaults.batch_max_rows);
   EXPECT_EQ(flags.snapshot_path, defaults.snapshot_path);

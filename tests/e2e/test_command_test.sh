@@ -7,7 +7,7 @@ set -euo pipefail
 source_dir=$1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-git -C "$source_dir" ls-files -z | (cd "$source_dir" && xargs -0 cp --parents -t "$work")
+git -C "$source_dir" ls-files -z --cached --others --exclude-standard | (cd "$source_dir" && xargs -0 cp --parents -t "$work")
 cd "$work"
 cmake --preset release -DBLOCKSEL_BUILD_TESTS=OFF -DBLOCKSEL_BUILD_BENCH=OFF \
   -DBLOCKSEL_GPU=NONE >configure.log 2>&1 || { cat configure.log; exit 1; }

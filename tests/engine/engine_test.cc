@@ -51,6 +51,15 @@ class EngineTest : public ::testing::Test {
     return RandomBf16(rows * model_.num_heads * model_.head_dim);
   }
 
+  // SelectMany, then every launch finished; whether its callback ran.
+  bool SelectManyAndWait(absl::Span<SelectCall> calls) {
+    bool done = false;
+    engine_->SelectMany(calls, [&done] { done = true; });
+    while (engine_->FinishSelections(/*wait=*/true)) {
+    }
+    return done;
+  }
+
   uint64_t Open(uint64_t id = 0, uint32_t lease_seconds = 0) {
     v1::OpenSequenceRequest request;
     request.set_sequence_id(id);
@@ -495,7 +504,7 @@ TEST_F(EngineTest, SelectManyMergesIndependentCallsIntoOneLaunch) {
     calls.push_back({&requests[i], &selections[i], absl::OkStatus()});
   }
   const int64_t launches = engine_->select_launches();
-  engine_->SelectMany(absl::MakeSpan(calls));
+  EXPECT_TRUE(SelectManyAndWait(absl::MakeSpan(calls)));
   EXPECT_EQ(engine_->select_launches(), launches + 1);
 
   ASSERT_TRUE(calls[0].status.ok()) << calls[0].status;
@@ -534,7 +543,7 @@ TEST_F(EngineTest, SelectManyRunsCallsOfOneSequenceInOrder) {
   std::vector<SelectCall> calls = {{&requests[0], &selections[0], absl::OkStatus()},
                                    {&requests[1], &selections[1], absl::OkStatus()}};
   const int64_t launches = engine_->select_launches();
-  engine_->SelectMany(absl::MakeSpan(calls));
+  EXPECT_TRUE(SelectManyAndWait(absl::MakeSpan(calls)));
   EXPECT_EQ(engine_->select_launches(), launches + 2);
   ASSERT_TRUE(calls[0].status.ok()) << calls[0].status;
   ASSERT_TRUE(calls[1].status.ok()) << calls[1].status;

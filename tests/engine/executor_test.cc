@@ -209,5 +209,47 @@ TEST(ExecutorTest, NoPeriodicTaskIsFine) {
   EXPECT_TRUE(ran.WaitForNotificationWithTimeout(kWaitLimit));
 }
 
+// Background work a task leaves pending is polled for on the worker, also
+// while no task comes, until the poll reports none left; tasks still run in
+// between.
+TEST(ExecutorTest, PendingWorkIsPolledUntilDoneWithTasksInBetween) {
+  constexpr int kPendingPolls = 50;
+  std::atomic<int> left{0};
+  std::atomic<int> polls_while_pending{0};
+  Executor::Options options;
+  options.poll = [&] {
+    if (left.load() == 0) return false;
+    polls_while_pending.fetch_add(1);
+    return left.fetch_sub(1) > 1;
+  };
+  Executor executor(std::move(options));
+  absl::Notification started;
+  ASSERT_TRUE(executor
+                  .Submit([&] {
+                    left.store(kPendingPolls);
+                    started.Notify();
+                  })
+                  .ok());
+  ASSERT_TRUE(started.WaitForNotificationWithTimeout(kWaitLimit));
+  absl::Notification between;
+  ASSERT_TRUE(executor.Submit([&] { between.Notify(); }).ok());
+  ASSERT_TRUE(between.WaitForNotificationWithTimeout(kWaitLimit));
+  const absl::Time give_up = absl::Now() + kWaitLimit;
+  while (left.load() > 0 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_EQ(left.load(), 0);
+  EXPECT_EQ(polls_while_pending.load(), kPendingPolls);
+}
+
+// Stop waits for what the queued tasks left pending.
+TEST(ExecutorTest, StopFinishesPendingWork) {
+  std::atomic<int> left{0};
+  Executor::Options options;
+  options.poll = [&] { return left.load() > 0 && left.fetch_sub(1) > 1; };
+  auto executor = std::make_unique<Executor>(std::move(options));
+  ASSERT_TRUE(executor->Submit([&] { left.store(1000); }).ok());
+  executor->Stop();
+  EXPECT_EQ(left.load(), 0);
+}
+
 }  // namespace
 }  // namespace blocksel

@@ -178,13 +178,18 @@ TEST_P(GoldenEngineTest, ReproducesEveryCase) {
       queries += r.queries;
     }
     select.set_queries(queries);
-    select.set_return_block_scores(true);
-    v1::Selection selection;
-    ASSERT_TRUE(engine.Select(select, &selection).ok());
-    auto ids = DecodeBlockIds(selection);
-    ASSERT_TRUE(ids.ok());
-    EXPECT_EQ(*ids, golden.ExpectedBatch());
-    ExpectReferenceBlockScores(golden, selection);
+    // With block scores (direct launches), then ids alone (a captured
+    // decode graph where one fits).
+    for (bool scores : {true, false}) {
+      SCOPED_TRACE(scores ? "with block scores" : "ids only");
+      select.set_return_block_scores(scores);
+      v1::Selection selection;
+      ASSERT_TRUE(engine.Select(select, &selection).ok());
+      auto ids = DecodeBlockIds(selection);
+      ASSERT_TRUE(ids.ok());
+      EXPECT_EQ(*ids, golden.ExpectedBatch());
+      if (scores) ExpectReferenceBlockScores(golden, selection);
+    }
   }
 }
 
