@@ -7,6 +7,8 @@ set -euo pipefail
 out=$1
 shift
 mkdir -p "$out/bin" "$out/lib"
+# The commit the binaries were built from, for the results they produce.
+git -C "$(dirname "$0")" describe --always --dirty >"$out/COMMIT" 2>/dev/null || echo unknown >"$out/COMMIT"
 base='^(linux-vdso|ld-linux-x86-64|libc|libm|libdl|librt|libpthread|libresolv|libgcc_s|libstdc\+\+|libcuda|libcublas|libcublasLt)\.so'
 for binary in "$@"; do
   cp -f "$binary" "$out/bin/"

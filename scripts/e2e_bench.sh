@@ -12,7 +12,9 @@
 #   scripts/e2e_bench.sh BIN_DIR OUT_DIR [BACKEND]
 #   BIN_DIR holds blocksel-server and blocksel-loadgen (a build's, or a
 #   bundle's bin/ with LD_LIBRARY_PATH set); BACKEND: cpu, cuda, ... (auto).
-#   SECONDS_EACH (default 8) is the measured time of each run.
+#   SECONDS_EACH (default 8) is the measured time of each run. The runs are
+#   also collected in OUT_DIR/e2e_results.json with the card, date and
+#   commit (BIN_DIR/../COMMIT, written by scripts/bundle_libs.sh, or git's).
 set -euo pipefail
 bin=$1
 out=$2
@@ -66,3 +68,15 @@ start_server server_batching.log --batch_window_us="$window"
 run decode_b8_x8_unix "$unix" --concurrency=8 --batch=8 --oracle_every=400
 stop_server
 echo "server: $(grep -m1 'backend ' "$out/server.log")"
+
+commit=$(cat "$bin/../COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+python3 - "$out" "$commit" "${card:-$(nproc) CPU cores}" "$backend" <<'PY'
+import datetime, glob, json, os, sys
+out, commit, card, backend = sys.argv[1:5]
+runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(out + "/*.json"))
+        if not p.endswith("e2e_results.json")}
+json.dump({"card": card, "date": datetime.date.today().isoformat(), "commit": commit,
+           "backend": backend, "host_cores": os.cpu_count(), "runs": runs},
+          open(out + "/e2e_results.json", "w"), indent=1)
+PY

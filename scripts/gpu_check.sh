@@ -51,6 +51,7 @@ for s in "${steps[@]}"; do
     tests)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$logs/device.txt"
       step gpu_selector_test "$bundle/bin/gpu_selector_test"
+      step gpu_engine_test "$bundle/bin/gpu_engine_test"
       step golden_test "$bundle/bin/golden_test"
       step snapshot_test "$bundle/bin/snapshot_test"
       ;;
@@ -64,6 +65,11 @@ for s in "${steps[@]}"; do
         "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
       step racecheck "$cuda/bin/compute-sanitizer" --tool racecheck --error-exitcode 1 \
         "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
+      # The GPU backend's uploads, copy runs, graphs and resident tables.
+      step memcheck_engine "$cuda/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \
+        "$bundle/bin/gpu_engine_test"
+      step memcheck_golden "$cuda/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \
+        "$bundle/bin/golden_test"
       ;;
     bench)
       step gpu_selection_bench "$bundle/bin/gpu_selection_bench" ${BENCH_FILTER:+"$BENCH_FILTER"}
