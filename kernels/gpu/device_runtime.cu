@@ -51,7 +51,11 @@ void DeviceFree(void* pointer) {
 }
 
 KernelStatus PinnedAlloc(void** pointer, int64_t bytes) {
-  return Check(gpuMallocHost(pointer, static_cast<size_t>(bytes)));
+  return Check(gpuHostAlloc(pointer, static_cast<size_t>(bytes), gpuHostAllocMapped));
+}
+
+KernelStatus DevicePointerOf(void* pinned, void** device) {
+  return Check(gpuHostGetDevicePointer(device, pinned, 0));
 }
 
 void PinnedFree(void* pointer) {

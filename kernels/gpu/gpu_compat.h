@@ -22,7 +22,9 @@ using gpuGraphExec_t = hipGraphExec_t;
 #define gpuGetDeviceProperties hipGetDeviceProperties
 #define gpuDeviceProp_t hipDeviceProp_t
 #define gpuMalloc hipMalloc
-#define gpuMallocHost hipHostMalloc
+#define gpuHostAlloc hipHostMalloc
+#define gpuHostAllocMapped hipHostMallocMapped
+#define gpuHostGetDevicePointer hipHostGetDevicePointer
 #define gpuFree hipFree
 #define gpuFreeHost hipHostFree
 #define gpuMemcpyAsync hipMemcpyAsync
@@ -67,7 +69,9 @@ using gpuGraphExec_t = cudaGraphExec_t;
 #define gpuGetDeviceProperties cudaGetDeviceProperties
 #define gpuDeviceProp_t cudaDeviceProp
 #define gpuMalloc cudaMalloc
-#define gpuMallocHost cudaMallocHost
+#define gpuHostAlloc cudaHostAlloc
+#define gpuHostAllocMapped cudaHostAllocMapped
+#define gpuHostGetDevicePointer cudaHostGetDevicePointer
 #define gpuFree cudaFree
 #define gpuFreeHost cudaFreeHost
 #define gpuMemcpyAsync cudaMemcpyAsync

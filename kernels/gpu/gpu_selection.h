@@ -32,8 +32,11 @@ const char* LastErrorText();
 
 KernelStatus DeviceAlloc(void** pointer, int64_t bytes);
 void DeviceFree(void* pointer);
+// Pinned host memory, which kernels may also read and write (zero-copy).
 KernelStatus PinnedAlloc(void** pointer, int64_t bytes);
 void PinnedFree(void* pointer);
+// The address under which kernels reach pinned host memory.
+KernelStatus DevicePointerOf(void* pinned, void** device);
 KernelStatus StreamCreate(void** stream);
 void StreamDestroy(void* stream);
 KernelStatus StreamSynchronize(void* stream);

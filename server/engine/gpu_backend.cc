@@ -24,6 +24,10 @@ struct UploadHeader {
 constexpr int64_t kHeaderBytes = 256;
 static_assert(sizeof(UploadHeader) <= kHeaderBytes);
 constexpr int64_t kNumRunsOffset = offsetof(UploadHeader, num_runs);
+// Runs are cut into pieces of at most this, so that the copy kernel's
+// blocks share a long copy (those of a graph read host memory, where one
+// block alone would wait on every load).
+constexpr int64_t kPieceBytes = 4096;
 
 // Blocks the last row of a span sees: the block-table entries it needs.
 int32_t SpanBlocks(const RowSpan& span) {
@@ -101,9 +105,9 @@ GpuBackend::GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::Device
 
 GpuBackend::~GpuBackend() {
   if (stream_ != nullptr) (void)gpu::StreamSynchronize(stream_);
-  graphs_.clear();
+  for (Slot& slot : slots_) slot.graphs.clear();
   for (Buffer* device : {&inputs_, &outputs_, &workspace_, &scores_, &append_inputs_,
-                         &graph_inputs_, &graph_outputs_, &graph_workspace_}) {
+                         &graph_inputs_, &graph_workspace_}) {
     gpu::DeviceFree(device->data);
   }
   gpu::DeviceFree(pool_);
@@ -111,8 +115,9 @@ GpuBackend::~GpuBackend() {
   gpu::PinnedFree(append_staging_.data);
   gpu::EventDestroy(append_uploaded_);
   for (Slot& slot : slots_) {
-    gpu::PinnedFree(slot.staging.data);
-    gpu::PinnedFree(slot.results.data);
+    for (Buffer* pinned : {&slot.staging, &slot.results, &slot.graph_upload, &slot.graph_results}) {
+      gpu::PinnedFree(pinned->data);
+    }
     for (void* event : slot.events) gpu::EventDestroy(event);
   }
   gpu::StreamDestroy(stream_);
@@ -255,15 +260,16 @@ GpuBackend::UploadLayout GpuBackend::GraphLayout(int32_t bucket, int32_t tokens)
   layout.queries = layout.spans + AlignUp(int64_t{bucket} * sizeof(gpu::DeviceSpan));
   layout.runs =
       layout.queries + AlignUp(int64_t{bucket} * tokens * shape.num_heads * shape.head_dim * 2);
-  // Per request: its keys, in at most tokens / kBlockSize + 2 pages, and
-  // its new block-table entries.
-  layout.run_capacity = bucket * (tokens / kBlockSize + 3);
+  // Per request its keys, in at most tokens / kBlockSize + 2 pages, and its
+  // new block-table entries; then the pieces of everything.
+  layout.run_capacity = static_cast<int32_t>(
+      bucket * (tokens / kBlockSize + 3) + (layout.runs + graph_data_capacity_) / kPieceBytes + 1);
   layout.data = layout.runs + AlignUp(int64_t{layout.run_capacity} * sizeof(gpu::CopyRun));
-  layout.data_capacity = graph_inputs_.bytes - layout.data;
+  layout.data_capacity = graph_data_capacity_;
   return layout;
 }
 
-gpu::DeviceBatch GpuBackend::GraphBatch(int32_t bucket, int32_t tokens) const {
+gpu::DeviceBatch GpuBackend::GraphBatch(int32_t bucket, int32_t tokens, int32_t* block_ids) const {
   const UploadLayout layout = GraphLayout(bucket, tokens);
   auto* inputs = static_cast<unsigned char*>(graph_inputs_.data);
   gpu::DeviceBatch batch;
@@ -274,7 +280,7 @@ gpu::DeviceBatch GpuBackend::GraphBatch(int32_t bucket, int32_t tokens) const {
   batch.queries = reinterpret_cast<const uint16_t*>(inputs + layout.queries);
   batch.block_table = static_cast<const int32_t*>(tables_);
   batch.total_rows = bucket * tokens;
-  batch.block_ids = static_cast<int32_t*>(graph_outputs_.data);
+  batch.block_ids = block_ids;
   batch.workspace = graph_workspace_.data;
   return batch;
 }
@@ -288,53 +294,70 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
   const int64_t max_blocks = (config_.max_positions + kBlockSize - 1) / kBlockSize;
   // Keys of every request and every table entry one batch can upload (a
   // table entry is a page of one of the batch's sequences).
-  const int64_t data_capacity = int64_t{max_batch} * max_tokens * AlignUp16(config_.TokenBytes()) +
-                                std::min(num_pages_, int64_t{max_batch} * max_blocks) * 4 +
-                                int64_t{max_batch} * 16;
-  const int64_t largest = GraphLayout(max_batch, max_tokens).data;
+  graph_data_capacity_ = int64_t{max_batch} * max_tokens * AlignUp16(config_.TokenBytes()) +
+                         std::min(num_pages_, int64_t{max_batch} * max_blocks) * 4 +
+                         int64_t{max_batch} * 16;
+  const UploadLayout largest = GraphLayout(max_batch, max_tokens);
   const int32_t splits = gpu::DecodeSplits(device_);
-  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&graph_inputs_, largest + data_capacity));
-  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
-      &graph_outputs_, int64_t{max_batch} * max_tokens * shape.num_heads * shape.topk * 4));
+  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&graph_inputs_, largest.runs));
   BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
       &graph_workspace_, gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, splits)));
-  auto* inputs = static_cast<unsigned char*>(graph_inputs_.data);
-  for (int32_t bucket = 1; bucket <= max_batch; bucket *= 2) {
-    for (int32_t tokens = 1; tokens <= max_tokens; ++tokens) {
-      const UploadLayout layout = GraphLayout(bucket, tokens);
-      auto graph = std::make_unique<gpu::CapturedGraph>();
-      KernelStatus status = graph->BeginCapture(stream_);
-      if (status == KernelStatus::kOk) {
-        status =
-            gpu::LaunchCopyRuns(reinterpret_cast<const gpu::CopyRun*>(inputs + layout.runs),
-                                reinterpret_cast<const int32_t*>(inputs + kNumRunsOffset), stream_);
+  for (Slot& slot : slots_) {
+    BLOCKSEL_RETURN_IF_ERROR(
+        ReservePinned(&slot.graph_upload, largest.data + largest.data_capacity));
+    BLOCKSEL_RETURN_IF_ERROR(ReservePinned(
+        &slot.graph_results, int64_t{max_batch} * max_tokens * shape.num_heads * shape.topk * 4));
+    // The graphs reach the pinned buffers at their device addresses.
+    void* results = nullptr;
+    BLOCKSEL_RETURN_IF_ERROR(
+        DeviceStatus(gpu::DevicePointerOf(slot.graph_upload.data, &slot.graph_upload_device),
+                     "mapping pinned memory"));
+    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(gpu::DevicePointerOf(slot.graph_results.data, &results),
+                                          "mapping pinned memory"));
+    auto* runs_base = static_cast<unsigned char*>(slot.graph_upload_device);
+    for (int32_t bucket = 1; bucket <= max_batch; bucket *= 2) {
+      for (int32_t tokens = 1; tokens <= max_tokens; ++tokens) {
+        const UploadLayout layout = GraphLayout(bucket, tokens);
+        auto graph = std::make_unique<gpu::CapturedGraph>();
+        KernelStatus status = graph->BeginCapture(stream_);
         if (status == KernelStatus::kOk) {
-          status = gpu::LaunchDecode(shape, GraphBatch(bucket, tokens), tokens, splits, stream_);
+          status = gpu::LaunchCopyRuns(
+              reinterpret_cast<const gpu::CopyRun*>(runs_base + layout.runs),
+              reinterpret_cast<const int32_t*>(runs_base + kNumRunsOffset), stream_);
+          if (status == KernelStatus::kOk) {
+            status =
+                gpu::LaunchDecode(shape, GraphBatch(bucket, tokens, static_cast<int32_t*>(results)),
+                                  tokens, splits, stream_);
+          }
+          const KernelStatus ended = graph->EndCapture(stream_);
+          if (status == KernelStatus::kOk) status = ended;
         }
-        const KernelStatus ended = graph->EndCapture(stream_);
-        if (status == KernelStatus::kOk) status = ended;
+        if (status != KernelStatus::kOk) return DeviceStatus(status, "capturing a decode graph");
+        slot.graphs[{bucket, tokens}] = std::move(graph);
       }
-      if (status != KernelStatus::kOk) return DeviceStatus(status, "capturing a decode graph");
-      graphs_[{bucket, tokens}] = std::move(graph);
     }
   }
   return absl::OkStatus();
 }
 
-gpu::CapturedGraph* GpuBackend::FindGraph(const SelectionBatch& batch, int32_t runs,
+gpu::CapturedGraph* GpuBackend::FindGraph(Slot& slot, const SelectionBatch& batch, int32_t runs,
                                           int64_t data_bytes, int32_t* bucket, int32_t* tokens) {
   // Graphs return block ids only.
-  if (graphs_.empty() || batch.num_spans < 1 || batch.block_scores != nullptr) return nullptr;
+  if (slot.graphs.empty() || batch.num_spans < 1 || batch.block_scores != nullptr) {
+    return nullptr;
+  }
   *tokens = batch.spans[0].num_rows;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     if (batch.spans[s].num_rows != *tokens) return nullptr;
   }
   *bucket = 1;
   while (*bucket < batch.num_spans) *bucket *= 2;
-  auto it = graphs_.find({*bucket, *tokens});
-  if (it == graphs_.end()) return nullptr;
+  auto it = slot.graphs.find({*bucket, *tokens});
+  if (it == slot.graphs.end()) return nullptr;
   const UploadLayout layout = GraphLayout(*bucket, *tokens);
-  if (runs > layout.run_capacity || data_bytes > layout.data_capacity) return nullptr;
+  // Runs may be cut into pieces: count each piece.
+  const int64_t most_pieces = runs + (layout.runs + data_bytes) / kPieceBytes + 1;
+  if (most_pieces > layout.run_capacity || data_bytes > layout.data_capacity) return nullptr;
   return it->second.get();
 }
 
@@ -379,9 +402,10 @@ int64_t GpuBackend::StageUpload(const UploadLayout& layout, int32_t layer_index,
                                 const SelectionBatch& batch, int32_t bucket, int32_t tokens,
                                 absl::Span<const KeyWrite> writes,
                                 absl::Span<const BlockTableArena::Placement> placements,
-                                unsigned char* staging, const unsigned char* device_base) const {
+                                unsigned char* staging, const unsigned char* source_base,
+                                bool to_graph_inputs) const {
   const SelectionShape shape = config_.shape();
-  const auto base = reinterpret_cast<uint64_t>(device_base);
+  const auto source = reinterpret_cast<uint64_t>(source_base);
   auto* spans = reinterpret_cast<gpu::DeviceSpan*>(staging + layout.spans);
   const int32_t num_spans = std::max(bucket, batch.num_spans);
   for (int32_t s = 0; s < num_spans; ++s) {
@@ -395,30 +419,41 @@ int64_t GpuBackend::StageUpload(const UploadLayout& layout, int32_t layer_index,
   }
   std::memcpy(staging + layout.queries, batch.queries,
               static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.head_dim * 2);
-  auto* run = reinterpret_cast<gpu::CopyRun*>(staging + layout.runs);
+  auto* const first_run = reinterpret_cast<gpu::CopyRun*>(staging + layout.runs);
+  gpu::CopyRun* run = first_run;
+  // Bytes at `offset` of the image go to `destination`, in pieces.
+  auto add_run = [&](uint64_t destination, int64_t offset, int64_t bytes) {
+    for (int64_t done = 0; done < bytes; done += kPieceBytes) {
+      const int64_t piece = std::min(kPieceBytes, bytes - done);
+      *run++ = {destination + done, source + offset + done, static_cast<uint32_t>(piece), 0};
+    }
+  };
+  if (to_graph_inputs) {
+    add_run(reinterpret_cast<uint64_t>(graph_inputs_.data), 0,
+            layout.queries + int64_t{batch.total_rows} * shape.num_heads * shape.head_dim * 2);
+  }
   int64_t data = layout.data;
-  auto add_run = [&](uint64_t destination, const void* bytes_from, int64_t bytes) {
+  auto add_data = [&](uint64_t destination, const void* bytes_from, int64_t bytes) {
     std::memcpy(staging + data, bytes_from, bytes);
-    *run++ = {destination, base + data, static_cast<uint32_t>(bytes), 0};
+    add_run(destination, data, bytes);
     data += AlignUp16(bytes);
   };
   for (const KeyWrite& write : writes) {
-    add_run(static_cast<uint64_t>(KeyAddress(write)), write.keys,
-            write.num_tokens * config_.TokenBytes());
+    add_data(static_cast<uint64_t>(KeyAddress(write)), write.keys,
+             write.num_tokens * config_.TokenBytes());
   }
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     const RowSpan& span = batch.spans[s];
     const BlockTableArena::Placement& placement = placements[s];
     const int32_t blocks = SpanBlocks(span);
     if (span.table_slot < 0 || placement.resident >= blocks) continue;
-    add_run(reinterpret_cast<uint64_t>(static_cast<int32_t*>(tables_) + placement.offset +
-                                       placement.resident),
-            span.block_table + placement.resident, int64_t{blocks - placement.resident} * 4);
+    add_data(reinterpret_cast<uint64_t>(static_cast<int32_t*>(tables_) + placement.offset +
+                                        placement.resident),
+             span.block_table + placement.resident, int64_t{blocks - placement.resident} * 4);
   }
   UploadHeader header{};
   header.key_pool = LayerPool(layer_index);
-  header.num_runs =
-      static_cast<int32_t>(run - reinterpret_cast<gpu::CopyRun*>(staging + layout.runs));
+  header.num_runs = static_cast<int32_t>(run - first_run);
   std::memcpy(staging, &header, sizeof(header));
   return data;
 }
@@ -497,67 +532,68 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
   BLOCKSEL_RETURN_IF_ERROR(PlaceTables(batch, writes, &placements, &runs, &data_bytes));
   int32_t bucket = 0;
   int32_t tokens = 0;
-  gpu::CapturedGraph* graph = FindGraph(batch, runs, data_bytes, &bucket, &tokens);
-  UploadLayout layout;
-  unsigned char* device_inputs = nullptr;
+  gpu::CapturedGraph* graph = FindGraph(slot, batch, runs, data_bytes, &bucket, &tokens);
+  slot.rows = batch.total_rows;
+  slot.block_ids = batch.block_ids;
+  slot.block_scores = batch.block_scores;
   if (graph != nullptr) {
-    layout = GraphLayout(bucket, tokens);
-    device_inputs = static_cast<unsigned char*>(graph_inputs_.data);
+    // Everything in the one graph: it reads the pinned upload and writes
+    // the pinned results.
+    slot.mode = LaunchMode::kGraph;
+    slot.device_rows = bucket * tokens;
+    slot.score_bytes = 0;
+    StageUpload(GraphLayout(bucket, tokens), layer_index, batch, bucket, tokens, writes, placements,
+                static_cast<unsigned char*>(slot.graph_upload.data),
+                static_cast<const unsigned char*>(slot.graph_upload_device),
+                /*to_graph_inputs=*/true);
+    slot.staged = absl::Now();
+    BLOCKSEL_RETURN_IF_ERROR(Record(slot, 1));
+    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(graph->Replay(stream_), "replaying a decode graph"));
+    BLOCKSEL_RETURN_IF_ERROR(Record(slot, 3));
   } else {
-    bucket = 0;
-    tokens = 0;
+    slot.mode = LaunchMode::kDirect;
+    slot.device_rows = batch.total_rows;
+    UploadLayout layout;
     layout.spans = kHeaderBytes;
     layout.queries = layout.spans + AlignUp(int64_t{batch.num_spans} * sizeof(gpu::DeviceSpan));
     layout.runs =
         layout.queries + AlignUp(int64_t{batch.total_rows} * shape.num_heads * shape.head_dim * 2);
-    layout.run_capacity = runs;
-    layout.data = layout.runs + AlignUp(int64_t{runs} * sizeof(gpu::CopyRun));
+    layout.run_capacity = static_cast<int32_t>(runs + data_bytes / kPieceBytes + 1);
+    layout.data = layout.runs + AlignUp(int64_t{layout.run_capacity} * sizeof(gpu::CopyRun));
     layout.data_capacity = data_bytes;
     BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&inputs_, layout.data + data_bytes));
-    device_inputs = static_cast<unsigned char*>(inputs_.data);
-  }
-  BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&slot.staging, layout.data + data_bytes));
-  auto* staging = static_cast<unsigned char*>(slot.staging.data);
-  const int64_t upload_bytes = StageUpload(layout, layer_index, batch, bucket, tokens, writes,
-                                           placements, staging, device_inputs);
-  slot.staged = absl::Now();
-
-  BLOCKSEL_RETURN_IF_ERROR(Record(slot, 0));
-  BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
-      gpu::CopyHostToDevice(device_inputs, staging, upload_bytes, stream_), "uploading a batch"));
-  BLOCKSEL_RETURN_IF_ERROR(Record(slot, 1));
-  if (graph != nullptr) {
-    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(graph->Replay(stream_), "replaying a decode graph"));
-  } else {
-    BLOCKSEL_RETURN_IF_ERROR(LaunchDirect(layer_index, batch, layout, runs));
-  }
-  BLOCKSEL_RETURN_IF_ERROR(Record(slot, 2));
-  slot.rows = batch.total_rows;
-  slot.device_rows = graph != nullptr ? bucket * tokens : batch.total_rows;
-  const int64_t id_bytes = int64_t{slot.device_rows} * shape.num_heads * shape.topk * 4;
-  slot.score_bytes = batch.block_scores == nullptr ? 0
-                                                   : static_cast<int64_t>(shape.num_heads) *
-                                                         batch.total_rows * batch.max_blocks * 4;
-  BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&slot.results, id_bytes + slot.score_bytes));
-  auto* results = static_cast<unsigned char*>(slot.results.data);
-  BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
-      gpu::CopyDeviceToHost(results, graph != nullptr ? graph_outputs_.data : outputs_.data,
-                            id_bytes, stream_),
-      "downloading block ids"));
-  if (slot.score_bytes > 0) {
+    BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&slot.staging, layout.data + data_bytes));
+    auto* staging = static_cast<unsigned char*>(slot.staging.data);
+    const int64_t upload_bytes =
+        StageUpload(layout, layer_index, batch, 0, 0, writes, placements, staging,
+                    static_cast<const unsigned char*>(inputs_.data), /*to_graph_inputs=*/false);
+    slot.staged = absl::Now();
+    BLOCKSEL_RETURN_IF_ERROR(Record(slot, 0));
     BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
-        gpu::CopyDeviceToHost(results + id_bytes, scores_.data, slot.score_bytes, stream_),
-        "downloading block scores"));
+        gpu::CopyHostToDevice(inputs_.data, staging, upload_bytes, stream_), "uploading a batch"));
+    BLOCKSEL_RETURN_IF_ERROR(Record(slot, 1));
+    BLOCKSEL_RETURN_IF_ERROR(LaunchDirect(layer_index, batch, layout, runs));
+    BLOCKSEL_RETURN_IF_ERROR(Record(slot, 2));
+    const int64_t id_bytes = int64_t{batch.total_rows} * shape.num_heads * shape.topk * 4;
+    slot.score_bytes = batch.block_scores == nullptr ? 0
+                                                     : static_cast<int64_t>(shape.num_heads) *
+                                                           batch.total_rows * batch.max_blocks * 4;
+    BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&slot.results, id_bytes + slot.score_bytes));
+    auto* results = static_cast<unsigned char*>(slot.results.data);
+    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
+        gpu::CopyDeviceToHost(results, outputs_.data, id_bytes, stream_), "downloading block ids"));
+    if (slot.score_bytes > 0) {
+      BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
+          gpu::CopyDeviceToHost(results + id_bytes, scores_.data, slot.score_bytes, stream_),
+          "downloading block scores"));
+    }
+    BLOCKSEL_RETURN_IF_ERROR(Record(slot, 3));
   }
-  BLOCKSEL_RETURN_IF_ERROR(Record(slot, 3));
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     if (batch.spans[s].table_slot >= 0) {
       tables_arena_.MarkResident(batch.spans[s].table_slot, SpanBlocks(batch.spans[s]));
     }
   }
-  slot.block_ids = batch.block_ids;
-  slot.block_scores = batch.block_scores;
-  slot.mode = graph != nullptr ? LaunchMode::kGraph : LaunchMode::kDirect;
   ++pending_;
   return absl::OkStatus();
 }

@@ -33,21 +33,22 @@ struct GpuBackendOptions {
 // the sequences' block tables in device memory (BlockTableArena), and one
 // stream on which everything runs in order.
 //
-// A selection is one upload and one download. Start stages, in one pinned
-// buffer, the batch's spans, its queries, the keys its requests carry and
-// the block-table entries the device lacks; copies it up in one copy; a
-// kernel moves keys and table entries into place; then the selection runs
-// (a captured decode graph, or direct launches for prefill and anything no
-// graph fits) and the block ids come back in one copy. Start returns
-// without waiting: up to kMaxPending selections are in flight, each with
-// its own pinned staging and results, and FinishOldest polls the oldest's
-// completion event.
+// Start stages, in one pinned buffer, the batch's spans, its queries, the
+// keys its requests carry and the block-table entries the device lacks, and
+// a kernel moves each piece into place (a copy run). A decode batch that a
+// captured graph fits is then one graph launch and nothing else: the
+// graph's copy kernel reads the pinned upload directly and its last kernel
+// writes the block ids directly into pinned host memory, so no copy engine
+// is involved either way. Anything else (prefill, block scores, shapes no
+// graph covers) is one upload copy, direct launches and one download copy.
+// Start returns without waiting: up to kMaxPending selections are in
+// flight, each with its own pinned buffers (and graphs that use them), and
+// FinishOldest polls the oldest's completion event.
 //
-// At creation it captures one decode graph per (batch bucket, Q) over
-// persistent device buffers; a decode batch whose requests all have the
-// same Q <= max_tokens and whose size fits a bucket is padded to the bucket
-// with padding requests and replayed. A graph reads the layer's key pool
-// pointer and its number of copy runs from device memory, so one graph
+// At creation it captures, per slot, one decode graph per (batch bucket, Q);
+// a decode batch whose requests all have the same Q <= graph_max_tokens and
+// whose size fits a bucket is padded to the bucket with padding requests.
+// A graph reads the layer's key pool pointer from its upload, so one graph
 // serves every layer.
 //
 // Thread-compatible: the engine's executor is its only caller.
@@ -96,16 +97,22 @@ class GpuBackend final : public Backend {
   // One selection in flight: what it uploaded from and downloads into, and
   // what finishing it needs.
   struct Slot {
-    Buffer staging;  // pinned: the upload image
-    Buffer results;  // pinned: block ids, then block scores
+    Buffer staging;  // pinned: the upload image of direct launches
+    Buffer results;  // pinned: their block ids, then block scores
+    // The slot's decode graphs, which read its graph upload and write its
+    // graph results, both pinned and of a fixed size.
+    Buffer graph_upload;
+    Buffer graph_results;
+    void* graph_upload_device = nullptr;  // graph_upload as kernels address it
+    std::map<std::pair<int32_t, int32_t>, std::unique_ptr<gpu::CapturedGraph>> graphs;
     // Before the upload, after it, after the kernels, after the download.
     std::array<void*, 4> events{};
     int32_t* block_ids = nullptr;  // the batch's, host
     float* block_scores = nullptr;
     int64_t score_bytes = 0;
-    int32_t rows = 0;         // the batch's rows
-    int32_t device_rows = 0;  // rows the device computed (a graph's bucket)
-    LaunchMode mode = LaunchMode::kDirect;
+    int32_t rows = 0;                       // the batch's rows
+    int32_t device_rows = 0;                // rows the device computed (a graph's bucket)
+    LaunchMode mode = LaunchMode::kDirect;  // kGraph: no copies, two events
     absl::Time entered;
     absl::Time staged;
   };
@@ -119,24 +126,30 @@ class GpuBackend final : public Backend {
   // that may read it are in flight.
   absl::Status ReserveDevice(Buffer* buffer, int64_t bytes);
   absl::Status CaptureDecodeGraphs();
-  // The layout of graph (bucket, tokens)'s inputs in graph_inputs_.
+  // The layout of graph (bucket, tokens)'s upload (a slot's graph upload),
+  // whose header, spans and queries it copies to graph_inputs_.
   UploadLayout GraphLayout(int32_t bucket, int32_t tokens) const;
-  gpu::DeviceBatch GraphBatch(int32_t bucket, int32_t tokens) const;
-  // The graph for this batch, or nullptr when it must be launched directly.
-  gpu::CapturedGraph* FindGraph(const SelectionBatch& batch, int32_t runs, int64_t data_bytes,
-                                int32_t* bucket, int32_t* tokens);
+  // What graph (bucket, tokens) runs on, writing block_ids.
+  gpu::DeviceBatch GraphBatch(int32_t bucket, int32_t tokens, int32_t* block_ids) const;
+  // The slot's graph for this batch, or nullptr when it must be launched
+  // directly.
+  gpu::CapturedGraph* FindGraph(Slot& slot, const SelectionBatch& batch, int32_t runs,
+                                int64_t data_bytes, int32_t* bucket, int32_t* tokens);
   // Places every span's block table in the arena (resetting it once if it
   // is full) and counts the runs and data bytes of the upload.
   absl::Status PlaceTables(const SelectionBatch& batch, absl::Span<const KeyWrite> writes,
                            std::vector<BlockTableArena::Placement>* placements, int32_t* runs,
                            int64_t* data_bytes);
   // Writes the upload image into staging: header, spans, queries, and the
-  // runs with their data, whose sources are relative to device_base.
-  // Returns its size.
+  // runs with their data. A run reads its data at source_base + its offset
+  // in the image: the device copy of the image, or the image itself for a
+  // graph, whose runs then also copy the header, spans and queries to
+  // graph_inputs_. Returns the image's size.
   int64_t StageUpload(const UploadLayout& layout, int32_t layer_index, const SelectionBatch& batch,
                       int32_t bucket, int32_t tokens, absl::Span<const KeyWrite> writes,
                       absl::Span<const BlockTableArena::Placement> placements,
-                      unsigned char* staging, const unsigned char* device_base) const;
+                      unsigned char* staging, const unsigned char* source_base,
+                      bool to_graph_inputs) const;
   // Enqueues the direct launches of a staged selection.
   absl::Status LaunchDirect(int32_t layer_index, const SelectionBatch& batch,
                             const UploadLayout& layout, int32_t runs);
@@ -163,12 +176,12 @@ class GpuBackend final : public Backend {
   Buffer append_staging_;            // pinned
   Buffer append_inputs_;             // device
   void* append_uploaded_ = nullptr;  // event: append_staging_ may be reused
-  // Captured decode graphs and their persistent buffers.
+  // The decode graphs' device buffers, shared by the slots (the stream
+  // orders their use), and the data their uploads can carry.
   const GpuBackendOptions options_;
   Buffer graph_inputs_;
-  Buffer graph_outputs_;
   Buffer graph_workspace_;
-  std::map<std::pair<int32_t, int32_t>, std::unique_ptr<gpu::CapturedGraph>> graphs_;
+  int64_t graph_data_capacity_ = 0;
 };
 
 }  // namespace blocksel
