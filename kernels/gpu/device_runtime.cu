@@ -11,6 +11,9 @@ thread_local gpuError_t last_error = gpuSuccess;
 KernelStatus Check(gpuError_t error) {
   if (error == gpuSuccess) return KernelStatus::kOk;
   last_error = error;
+  // The runtime keeps a failed call's error as its "last error" too, which
+  // the next launch's check would report as its own: it is reported here.
+  (void)gpuGetLastError();
   return KernelStatus::kDeviceError;
 }
 

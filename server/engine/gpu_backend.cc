@@ -617,18 +617,24 @@ absl::StatusOr<SelectionReport> GpuBackend::FinishOldest() {
     BLOCKSEL_RETURN_IF_ERROR(
         DeviceStatus(gpu::EventQuery(slot.events[3], &done), "waiting for a selection"));
   }
+  // A graph's time is its whole replay, its copy kernel included; direct
+  // launches have their upload copy timed apart.
+  const bool graph = slot.mode == LaunchMode::kGraph;
   double upload_seconds = 0;
   double compute_seconds = 0;
-  BLOCKSEL_RETURN_IF_ERROR(
-      DeviceStatus(gpu::EventElapsedSeconds(slot.events[0], slot.events[1], &upload_seconds),
-                   "timing a selection"));
-  BLOCKSEL_RETURN_IF_ERROR(
-      DeviceStatus(gpu::EventElapsedSeconds(slot.events[1], slot.events[2], &compute_seconds),
-                   "timing a selection"));
+  if (!graph) {
+    BLOCKSEL_RETURN_IF_ERROR(
+        DeviceStatus(gpu::EventElapsedSeconds(slot.events[0], slot.events[1], &upload_seconds),
+                     "timing a selection"));
+  }
+  BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
+      gpu::EventElapsedSeconds(slot.events[1], slot.events[graph ? 3 : 2], &compute_seconds),
+      "timing a selection"));
   const SelectionShape shape = config_.shape();
   // [H][device rows][topk] -> [H][rows][topk]: a graph's padding rows
   // follow the batch's in each head.
-  const auto* results = static_cast<const int32_t*>(slot.results.data);
+  const auto* results =
+      static_cast<const int32_t*>(graph ? slot.graph_results.data : slot.results.data);
   const int64_t row_ids = int64_t{slot.rows} * shape.topk;
   const int64_t device_row_ids = int64_t{slot.device_rows} * shape.topk;
   for (int32_t head = 0; head < shape.num_heads; ++head) {
