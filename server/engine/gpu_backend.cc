@@ -144,32 +144,29 @@ absl::Status GpuBackend::DeviceStatus(KernelStatus status, absl::string_view wha
   return absl::InternalError(absl::StrCat(what, ": ", gpu::LastErrorText()));
 }
 
-absl::Status GpuBackend::ReservePinned(Buffer* buffer, int64_t bytes) {
+absl::Status GpuBackend::Reserve(Buffer* buffer, int64_t bytes, Memory memory) {
   if (buffer->bytes >= bytes) return absl::OkStatus();
-  const int64_t grown = std::max(bytes, buffer->bytes * 2);
-  gpu::PinnedFree(buffer->data);
-  buffer->data = nullptr;
-  buffer->bytes = 0;
-  if (gpu::PinnedAlloc(&buffer->data, grown) != KernelStatus::kOk) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("cannot allocate ", grown, " bytes of pinned host memory"));
+  // Work in the stream may still read an old device buffer (a pinned one
+  // is only grown while nothing reads it). Growing is rare.
+  if (memory == Memory::kDevice) {
+    BLOCKSEL_RETURN_IF_ERROR(
+        DeviceStatus(gpu::StreamSynchronize(stream_), "waiting to grow a buffer"));
   }
-  buffer->bytes = grown;
-  return absl::OkStatus();
-}
-
-absl::Status GpuBackend::ReserveDevice(Buffer* buffer, int64_t bytes) {
-  if (buffer->bytes >= bytes) return absl::OkStatus();
-  // Work in the stream may still read the old buffer. Growing is rare.
-  BLOCKSEL_RETURN_IF_ERROR(
-      DeviceStatus(gpu::StreamSynchronize(stream_), "waiting to grow a buffer"));
+  const bool pinned = memory == Memory::kPinned;
   const int64_t grown = std::max(bytes, buffer->bytes * 2);
-  gpu::DeviceFree(buffer->data);
+  if (pinned) {
+    gpu::PinnedFree(buffer->data);
+  } else {
+    gpu::DeviceFree(buffer->data);
+  }
   buffer->data = nullptr;
   buffer->bytes = 0;
-  if (gpu::DeviceAlloc(&buffer->data, grown) != KernelStatus::kOk) {
+  const KernelStatus status =
+      pinned ? gpu::PinnedAlloc(&buffer->data, grown) : gpu::DeviceAlloc(&buffer->data, grown);
+  if (status != KernelStatus::kOk) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("cannot allocate ", grown, " bytes of GPU memory"));
+        absl::StrCat("cannot allocate ", grown,
+                     pinned ? " bytes of pinned host memory" : " bytes of GPU memory"));
   }
   buffer->bytes = grown;
   return absl::OkStatus();
@@ -198,8 +195,8 @@ absl::Status GpuBackend::WriteKeys(absl::Span<const KeyWrite> writes) {
   // The last append's upload must be done reading the staging.
   BLOCKSEL_RETURN_IF_ERROR(
       DeviceStatus(gpu::EventSynchronize(append_uploaded_), "copying keys to the GPU"));
-  BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&append_staging_, end));
-  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&append_inputs_, end));
+  BLOCKSEL_RETURN_IF_ERROR(Reserve(&append_staging_, end, Memory::kPinned));
+  BLOCKSEL_RETURN_IF_ERROR(Reserve(&append_inputs_, end, Memory::kDevice));
   auto* staging = static_cast<unsigned char*>(append_staging_.data);
   const auto device_base = reinterpret_cast<uint64_t>(append_inputs_.data);
   UploadHeader header{};
@@ -230,7 +227,7 @@ absl::Status GpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
   for (const KeyRead& read : reads) total += read.num_tokens * token_bytes;
   BLOCKSEL_RETURN_IF_ERROR(
       DeviceStatus(gpu::EventSynchronize(append_uploaded_), "copying keys from the GPU"));
-  BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&append_staging_, total));
+  BLOCKSEL_RETURN_IF_ERROR(Reserve(&append_staging_, total, Memory::kPinned));
   auto* staging = static_cast<unsigned char*>(append_staging_.data);
   int64_t offset = 0;
   for (const KeyRead& read : reads) {
@@ -299,14 +296,16 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
                          int64_t{max_batch} * 16;
   const UploadLayout largest = GraphLayout(max_batch, max_tokens);
   const int32_t splits = gpu::DecodeSplits(device_);
-  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&graph_inputs_, largest.runs));
-  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
-      &graph_workspace_, gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, splits)));
+  BLOCKSEL_RETURN_IF_ERROR(Reserve(&graph_inputs_, largest.runs, Memory::kDevice));
+  BLOCKSEL_RETURN_IF_ERROR(Reserve(&graph_workspace_,
+                                   gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, splits),
+                                   Memory::kDevice));
   for (Slot& slot : slots_) {
     BLOCKSEL_RETURN_IF_ERROR(
-        ReservePinned(&slot.graph_upload, largest.data + largest.data_capacity));
-    BLOCKSEL_RETURN_IF_ERROR(ReservePinned(
-        &slot.graph_results, int64_t{max_batch} * max_tokens * shape.num_heads * shape.topk * 4));
+        Reserve(&slot.graph_upload, largest.data + largest.data_capacity, Memory::kPinned));
+    BLOCKSEL_RETURN_IF_ERROR(Reserve(
+        &slot.graph_results, int64_t{max_batch} * max_tokens * shape.num_heads * shape.topk * 4,
+        Memory::kPinned));
     // The graphs reach the pinned buffers at their device addresses.
     void* results = nullptr;
     BLOCKSEL_RETURN_IF_ERROR(
@@ -479,7 +478,7 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
   }
   const int64_t output_bytes =
       static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.topk * 4;
-  BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&outputs_, output_bytes));
+  BLOCKSEL_RETURN_IF_ERROR(Reserve(&outputs_, output_bytes, Memory::kDevice));
   gpu::DeviceBatch device_batch;
   device_batch.key_pool = LayerPool(layer_index);
   device_batch.num_pages = num_pages_;
@@ -492,15 +491,17 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
   KernelStatus status;
   if (fits_decode) {
     const int32_t splits = gpu::DecodeSplits(device_);
-    BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
-        &workspace_, gpu::DecodeWorkspaceBytes(shape, batch.num_spans, max_rows, splits)));
+    BLOCKSEL_RETURN_IF_ERROR(
+        Reserve(&workspace_, gpu::DecodeWorkspaceBytes(shape, batch.num_spans, max_rows, splits),
+                Memory::kDevice));
     device_batch.workspace = workspace_.data;
     status = gpu::LaunchDecode(shape, device_batch, max_rows, splits, stream_);
   } else {
     const int32_t key_splits =
         gpu::PrefillKeySplits(device_, shape, batch.num_spans, max_rows, max_visible_blocks);
-    BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(
-        &workspace_, gpu::PrefillWorkspaceBytes(shape, batch.total_rows, key_splits)));
+    BLOCKSEL_RETURN_IF_ERROR(
+        Reserve(&workspace_, gpu::PrefillWorkspaceBytes(shape, batch.total_rows, key_splits),
+                Memory::kDevice));
     device_batch.workspace = workspace_.data;
     status = gpu::LaunchPrefill(shape, device_batch, max_rows, key_splits, stream_);
   }
@@ -508,7 +509,7 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
   if (batch.block_scores != nullptr) {
     const int64_t score_bytes =
         static_cast<int64_t>(shape.num_heads) * batch.total_rows * batch.max_blocks * 4;
-    BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&scores_, score_bytes));
+    BLOCKSEL_RETURN_IF_ERROR(Reserve(&scores_, score_bytes, Memory::kDevice));
     BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
         gpu::LaunchBlockScores(shape, device_batch, max_rows, static_cast<float*>(scores_.data),
                                batch.max_blocks, stream_),
@@ -561,8 +562,8 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
     layout.run_capacity = static_cast<int32_t>(runs + data_bytes / kPieceBytes + 1);
     layout.data = layout.runs + AlignUp(int64_t{layout.run_capacity} * sizeof(gpu::CopyRun));
     layout.data_capacity = data_bytes;
-    BLOCKSEL_RETURN_IF_ERROR(ReserveDevice(&inputs_, layout.data + data_bytes));
-    BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&slot.staging, layout.data + data_bytes));
+    BLOCKSEL_RETURN_IF_ERROR(Reserve(&inputs_, layout.data + data_bytes, Memory::kDevice));
+    BLOCKSEL_RETURN_IF_ERROR(Reserve(&slot.staging, layout.data + data_bytes, Memory::kPinned));
     auto* staging = static_cast<unsigned char*>(slot.staging.data);
     const int64_t upload_bytes =
         StageUpload(layout, layer_index, batch, 0, 0, writes, placements, staging,
@@ -578,7 +579,7 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
     slot.score_bytes = batch.block_scores == nullptr ? 0
                                                      : static_cast<int64_t>(shape.num_heads) *
                                                            batch.total_rows * batch.max_blocks * 4;
-    BLOCKSEL_RETURN_IF_ERROR(ReservePinned(&slot.results, id_bytes + slot.score_bytes));
+    BLOCKSEL_RETURN_IF_ERROR(Reserve(&slot.results, id_bytes + slot.score_bytes, Memory::kPinned));
     auto* results = static_cast<unsigned char*>(slot.results.data);
     BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
         gpu::CopyDeviceToHost(results, outputs_.data, id_bytes, stream_), "downloading block ids"));

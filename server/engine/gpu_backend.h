@@ -120,11 +120,11 @@ class GpuBackend final : public Backend {
   GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::DeviceInfo device,
              GpuBackendOptions options);
   absl::Status DeviceStatus(KernelStatus status, absl::string_view what) const;
-  // Grows a pinned buffer; the caller ensures no copy from it is pending.
-  absl::Status ReservePinned(Buffer* buffer, int64_t bytes);
-  // Grows a device buffer, first waiting for the stream when selections
-  // that may read it are in flight.
-  absl::Status ReserveDevice(Buffer* buffer, int64_t bytes);
+  enum class Memory { kPinned, kDevice };
+  // Grows a buffer to at least `bytes`. A device buffer is grown once the
+  // stream is idle, since selections in flight may read it; a pinned one
+  // must have no copy from it pending.
+  absl::Status Reserve(Buffer* buffer, int64_t bytes, Memory memory);
   absl::Status CaptureDecodeGraphs();
   // The layout of graph (bucket, tokens)'s upload (a slot's graph upload),
   // whose header, spans and queries it copies to graph_inputs_.
