@@ -15,8 +15,10 @@ for _ in $(seq 100); do cli health >/dev/null 2>&1 && break; sleep 0.1; done
 
 [[ $(cli health) == SERVING ]]
 [[ $(cli health --service=) == SERVING ]]
-cli info | grep -q "head_dim: 16"
-cli info --json | grep -q '"topk": 4'
+# grep reads the whole output: a grep -q in a pipe could end it early and
+# fail the writer with SIGPIPE under pipefail.
+grep -q "head_dim: 16" <<<"$(cli info)"
+grep -q '"topk": 4' <<<"$(cli info --json)"
 [[ $(cli open --id=42) == 42 ]]
 if cli open --id=42 2>"${workdir}/err"; then
   echo "opening 42 twice succeeded" >&2
@@ -27,7 +29,7 @@ grep -q ALREADY_EXISTS "${workdir}/err"
 # 300 tokens x D=16 bf16 keys: 9600 bytes; ones, so every score is the
 # query's sum.
 printf '\x80\x3f%.0s' $(seq 4800) >"${workdir}/keys.bin"
-cli append --id=42 --layer=1 --keys_file="${workdir}/keys.bin" | grep -q "appended 300 keys"
+grep -q "appended 300 keys" <<<"$(cli append --id=42 --layer=1 --keys_file="${workdir}/keys.bin")"
 printf '\x80\x3f%.0s' $(seq 32) >"${workdir}/queries.bin"
 cat >"${workdir}/request.txtpb" <<'PROTO'
 request_id: 9
