@@ -149,8 +149,10 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
                      " (address in use, or not an address gRPC accepts)"));
   }
   server->port_ = first_tcp_port < 0 ? 0 : first_tcp_port;
-  server->stream_select_ = {server->service_.get(), server->batcher_.get(), server->metrics_.get(),
-                            config.max_inflight_per_stream};
+  server->stream_select_.service = server->service_.get();
+  server->stream_select_.batcher = server->batcher_.get();
+  server->stream_select_.metrics = server->metrics_.get();
+  server->stream_select_.max_inflight = config.max_inflight_per_stream;
   for (const auto& queue : server->poller_->queues()) {
     SelectStreamCall::Accept(&server->stream_select_, queue.get());
   }
@@ -179,9 +181,15 @@ absl::StatusOr<SnapshotSummary> BlockselServer::Shutdown(absl::Duration grace) {
   }
   shut_down_ = true;
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
-  // Every call has finished, so no reactor can queue more work; the queues
-  // are drained of the calls still waiting to be accepted; and once the
-  // executor has stopped the engine is single-threaded again.
+  // The server has cancelled what was still open; the completion queues
+  // keep being served until every StreamSelect call has ended (one may
+  // still start an operation, which a shut-down queue would refuse by
+  // aborting), then they are shut down and drained. Then no reactor can
+  // queue more work, and once the executor has stopped the engine is
+  // single-threaded again.
+  // (The wait is bounded, so that a call that never ends cannot hang the
+  // shutdown; the server cancelled every call, so none should remain.)
+  SelectStreamCall::AwaitNoCalls(stream_select_, grace + absl::Seconds(10));
   poller_->Stop();
   executor_->Stop();
   if (snapshot_path_.empty()) return absl::NotFoundError("no --snapshot_path");

@@ -23,12 +23,26 @@ void SelectStreamCall::Tag::Proceed(bool ok) {
   (call_->*reaction_)(ok);
 }
 
-void SelectStreamCall::Accept(const Context* context, grpc::ServerCompletionQueue* queue) {
+void SelectStreamCall::Accept(Context* context, grpc::ServerCompletionQueue* queue) {
   new SelectStreamCall(context, queue);
 }
 
-SelectStreamCall::SelectStreamCall(const Context* context, grpc::ServerCompletionQueue* queue)
+bool SelectStreamCall::AwaitNoCalls(const Context& context, absl::Duration limit) {
+  const absl::Time give_up = absl::Now() + limit;
+  while (context.live_calls.load(std::memory_order_acquire) > 0) {
+    if (absl::Now() >= give_up) return false;
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  return true;
+}
+
+SelectStreamCall::~SelectStreamCall() {
+  context_->live_calls.fetch_sub(1, std::memory_order_release);
+}
+
+SelectStreamCall::SelectStreamCall(Context* context, grpc::ServerCompletionQueue* queue)
     : context_(context), queue_(queue), stream_(&server_context_) {
+  context_->live_calls.fetch_add(1, std::memory_order_relaxed);
   // Before the call starts: the tag comes back when the call is over,
   // cancelled or not.
   server_context_.AsyncNotifyWhenDone(&call_done_);

@@ -5,12 +5,14 @@
 #ifndef BLOCKSEL_SERVER_TRANSPORT_SELECT_STREAM_CALL_H_
 #define BLOCKSEL_SERVER_TRANSPORT_SELECT_STREAM_CALL_H_
 
+#include <atomic>
 #include <deque>
 #include <memory>
 #include <optional>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "blocksel/v1/block_selector.grpc.pb.h"
 #include "grpcpp/server_context.h"
 #include "server/engine/select_batcher.h"
@@ -42,11 +44,19 @@ class SelectStreamCall {
     SelectBatcher* batcher = nullptr;
     ServerMetrics* metrics = nullptr;
     int max_inflight = 4;
+    // Calls alive, waiting to be accepted or served. A completion queue
+    // may only be shut down once this is 0 after the server's shutdown: a
+    // call still alive could start an operation on it, which gRPC aborts.
+    std::atomic<int> live_calls{0};
   };
 
   // Waits on `queue` for the next StreamSelect call; once one arrives, the
   // call waits for the one after it, and so on until the server shuts down.
-  static void Accept(const Context* context, grpc::ServerCompletionQueue* queue);
+  static void Accept(Context* context, grpc::ServerCompletionQueue* queue);
+
+  // After the server's Shutdown: waits until every call has ended (their
+  // queues still served), for at most `limit`. False if some are left.
+  static bool AwaitNoCalls(const Context& context, absl::Duration limit);
 
  private:
   // A completion of one of the call's operations.
@@ -83,7 +93,8 @@ class SelectStreamCall {
     bool destroy = false;
   };
 
-  SelectStreamCall(const Context* context, grpc::ServerCompletionQueue* queue);
+  SelectStreamCall(Context* context, grpc::ServerCompletionQueue* queue);
+  ~SelectStreamCall();
 
   void OnAccepted(bool ok);
   void OnReadDone(bool ok);
@@ -97,7 +108,7 @@ class SelectStreamCall {
   void PlanLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void Perform(const Actions& actions);
 
-  const Context* const context_;
+  Context* const context_;
   grpc::ServerCompletionQueue* const queue_;
   grpc::ServerContext server_context_;
   grpc::ServerAsyncReaderWriter<v1::SelectResponse, v1::SelectRequest> stream_;

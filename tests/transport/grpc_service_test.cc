@@ -1,10 +1,12 @@
 // The gRPC service end to end in one process: every RPC, its results and
 // its statuses.
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -544,6 +546,48 @@ TEST_F(GrpcServiceTest, ShutdownWithAnOpenSessionEndsIt) {
   absl::StatusOr<SelectResult> after = (*session)->Receive();
   EXPECT_FALSE(after.ok());
   EXPECT_FALSE(client_->GetInfo().ok());
+}
+
+// Streams opening and closing while the server shuts down: a call gRPC
+// matches at the last moment must still end cleanly (a completion queue
+// shut down under a live call aborts the process).
+TEST_F(GrpcServiceTest, ShutdownWhileStreamsKeepOpening) {
+  server_->Shutdown(absl::ZeroDuration()).IgnoreError();
+  for (int round = 0; round < 10; ++round) {
+    ServerConfig config;
+    config.model = model_;
+    config.backend.kind = "cpu";
+    config.backend.cpu_threads = 1;
+    config.cache_bytes = kPages * model_.PageBytes();
+    config.listen_addresses = {"127.0.0.1:0"};
+    config.metrics_address = "";
+    absl::StatusOr<std::unique_ptr<BlockselServer>> server = BlockselServer::Start(config);
+    ASSERT_TRUE(server.ok()) << server.status();
+    const std::string target = absl::StrCat("127.0.0.1:", (*server)->port());
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> clients;
+    for (int c = 0; c < 4; ++c) {
+      clients.emplace_back([&] {
+        auto stub = v1::BlockSelector::NewStub(
+            grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+        v1::SelectRequest dense;
+        dense.set_layer(0);  // answered with an in-band error, at once
+        while (!stop.load()) {
+          grpc::ClientContext context;
+          context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+          auto stream = stub->StreamSelect(&context);
+          v1::SelectResponse response;
+          if (stream->Write(dense)) stream->Read(&response);
+          stream->WritesDone();
+          (void)stream->Finish();
+        }
+      });
+    }
+    absl::SleepFor(absl::Milliseconds(20 + 10 * round));
+    (*server)->Shutdown(absl::ZeroDuration()).IgnoreError();
+    stop.store(true);
+    for (std::thread& client : clients) client.join();
+  }
 }
 
 }  // namespace
