@@ -6,6 +6,14 @@
 // each shape reports the median replay, its bandwidth and the floor bytes /
 // measured bandwidth.
 // Prefill is timed with events around direct launches.
+//
+//   gpu_selection_bench [FILTER] [--json_out=PATH] [--decode_splits=N]
+//
+// FILTER: only shapes whose name contains it. --json_out: every figure as
+// JSON (the device, the floors, one record per shape), which
+// bench/compare_with_peer.py joins with the peer's figures from the same
+// call into bench/RESULTS.md's table. --decode_splits: the decode CTA
+// count instead of DecodeSplits(device) (to tune it).
 #include <cublas_v2.h>
 
 #include <algorithm>
@@ -166,8 +174,19 @@ struct Shape {
   int rows;         // Q (decode) or T (prefill)
   KeyDtype dtype;
   bool decode;
-  double vllm_us;  // PERFORMANCE.md, for reference (0: none)
-  double target_us;
+};
+
+// One measured shape, for the JSON.
+struct Record {
+  std::string name;
+  bool decode;
+  int batch;
+  int64_t context;
+  int rows;
+  KeyDtype dtype;
+  double us;
+  double floor_us;
+  int32_t key_splits;
 };
 
 SelectionShape M3(KeyDtype dtype) {
@@ -181,7 +200,7 @@ SelectionShape M3(KeyDtype dtype) {
 }
 
 void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, double peak,
-              cudaStream_t stream) {
+              int32_t decode_splits, cudaStream_t stream, std::vector<Record>* records) {
   const SelectionShape shape = M3(s.dtype);
   const int64_t blocks_per_seq = (s.context + kBlockSize - 1) / kBlockSize;
   const int64_t pages = blocks_per_seq * s.batch;
@@ -209,7 +228,7 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
   CHECK_CUDA(cudaMalloc(&spans_d, s.batch * sizeof(gpu::DeviceSpan)));
   CHECK_CUDA(cudaMalloc(&queries_d, rows * 4 * 128 * 2));
   CHECK_CUDA(cudaMalloc(&out_d, rows * 4 * 16 * 4));
-  const int32_t splits = gpu::DecodeSplits(device);
+  const int32_t splits = decode_splits > 0 ? decode_splits : gpu::DecodeSplits(device);
   const int32_t key_splits = s.decode ? 1
                                       : gpu::PrefillKeySplits(device, shape, s.batch, s.rows,
                                                               static_cast<int32_t>(blocks_per_seq));
@@ -259,10 +278,9 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
     const double us = MedianReplayMicros([&](int i) { (void)graphs[i % copies].Replay(stream); },
                                          copies + 20, stream);
     const double floor_us = key_bytes / read_bw * 1e6;
-    std::printf(
-        "%-34s %9.1f us %7.0f GB/s  floor %7.1f us (%5.1f%%)  vLLM %6.1f us  target %6.1f us %s\n",
-        s.name, us, key_bytes / (us * 1e-6) / 1e9, floor_us, 100.0 * floor_us / us, s.vllm_us,
-        s.target_us, s.target_us > 0 ? (us <= s.target_us ? "MET" : "MISSED") : "");
+    std::printf("%-34s %9.1f us %7.0f GB/s  floor %7.1f us (%5.1f%%)\n", s.name, us,
+                key_bytes / (us * 1e-6) / 1e9, floor_us, 100.0 * floor_us / us);
+    records->push_back({s.name, true, s.batch, s.context, s.rows, s.dtype, us, floor_us, 1});
   } else {
     // The unsplit kernel first (the baseline), then the key split the
     // backend would choose, when it chooses one.
@@ -284,11 +302,9 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
       }
       const double us = Median(times) * 1e3;
       const double floor_us = flops / peak * 1e6;
-      std::printf(
-          "%-34s %9.1f us %7.1f TFLOP/s  floor %7.1f us (%5.1f%%)  vLLM %6.1f us  target %6.1f "
-          "us %s  key splits %d\n",
-          s.name, us, flops / (us * 1e-6) / 1e12, floor_us, 100.0 * floor_us / us, s.vllm_us,
-          s.target_us, s.target_us > 0 ? (us <= s.target_us ? "MET" : "MISSED") : "", split);
+      std::printf("%-34s %9.1f us %7.1f TFLOP/s  floor %7.1f us (%5.1f%%)  key splits %d\n", s.name,
+                  us, flops / (us * 1e-6) / 1e12, floor_us, 100.0 * floor_us / us, split);
+      records->push_back({s.name, false, s.batch, s.context, s.rows, s.dtype, us, floor_us, split});
       if (key_splits == 1) break;
     }
   }
@@ -300,12 +316,47 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
   CHECK_CUDA(cudaFree(workspace_d));
 }
 
+bool WriteJson(const std::string& path, const gpu::DeviceInfo& device, double read_bw, double peak,
+               double one_kernel_us, double two_kernels_us, const std::vector<Record>& records) {
+  FILE* file = std::fopen(path.c_str(), "w");
+  if (file == nullptr) return false;
+  std::fprintf(file,
+               "{\n \"device\": \"%s\",\n \"multiprocessors\": %d,\n \"read_gbps\": %.1f,\n"
+               " \"bf16_tflops\": %.1f,\n \"graph_floor_us\": [%.2f, %.2f],\n \"shapes\": [",
+               device.name.c_str(), device.multiprocessors, read_bw / 1e9, peak / 1e12,
+               one_kernel_us, two_kernels_us);
+  for (size_t i = 0; i < records.size(); ++i) {
+    const Record& r = records[i];
+    std::fprintf(file,
+                 "%s\n  {\"name\": \"%s\", \"kind\": \"%s\", \"dtype\": \"%s\", \"batch\": %d, "
+                 "\"context\": %lld, \"rows\": %d, \"us\": %.2f, \"floor_us\": %.2f, "
+                 "\"key_splits\": %d}",
+                 i == 0 ? "" : ",", r.name.c_str(), r.decode ? "decode" : "prefill",
+                 r.dtype == KeyDtype::kBf16 ? "bf16" : "fp8", r.batch,
+                 static_cast<long long>(r.context), r.rows, r.us, r.floor_us, r.key_splits);
+  }
+  std::fprintf(file, "\n ]\n}\n");
+  return std::fclose(file) == 0;
+}
+
 }  // namespace
 }  // namespace blocksel
 
 int main(int argc, char** argv) {
   using blocksel::KeyDtype;
-  const std::string filter = argc > 1 ? argv[1] : "";
+  std::string filter;
+  std::string json_out;
+  int32_t decode_splits = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--json_out=", 0) == 0) {
+      json_out = arg.substr(11);
+    } else if (arg.rfind("--decode_splits=", 0) == 0) {
+      decode_splits = std::atoi(arg.c_str() + 16);
+    } else {
+      filter = arg;
+    }
+  }
   if (blocksel::gpu::DeviceCount() == 0) {
     std::printf("no GPU device\n");
     return 1;
@@ -319,31 +370,39 @@ int main(int argc, char** argv) {
   std::printf(
       "device %s, %d SMs; measured streaming read %.0f GB/s, bf16 matrix peak %.0f TFLOP/s\n",
       device.name.c_str(), device.multiprocessors, read_bw / 1e9, peak / 1e12);
+  const double one_kernel_us = blocksel::MeasureGraphFloor(1, stream);
+  const double two_kernels_us = blocksel::MeasureGraphFloor(2, stream);
   std::printf("graph replay floor: 1 empty kernel %.1f us, 2 empty kernels %.1f us\n",
-              blocksel::MeasureGraphFloor(1, stream), blocksel::MeasureGraphFloor(2, stream));
+              one_kernel_us, two_kernels_us);
   const blocksel::Shape shapes[] = {
-      {"decode bf16 B=1 L=8K Q=1", 1, 8192, 1, KeyDtype::kBf16, true, 9.6, 5},
-      {"decode bf16 B=1 L=128K Q=1", 1, 131072, 1, KeyDtype::kBf16, true, 16.3, 12},
-      {"decode bf16 B=1 L=32K Q=1", 1, 32768, 1, KeyDtype::kBf16, true, 0, 0},
-      {"decode bf16 B=8 L=32K Q=1", 8, 32768, 1, KeyDtype::kBf16, true, 32.7, 25},
-      {"decode bf16 B=32 L=128K Q=1", 32, 131072, 1, KeyDtype::kBf16, true, 403, 0},
-      {"decode bf16 B=64 L=32K Q=1", 64, 32768, 1, KeyDtype::kBf16, true, 195, 0},
-      {"decode bf16 B=256 L=8K Q=1", 256, 8192, 1, KeyDtype::kBf16, true, 193, 0},
-      {"decode bf16 B=32 L=128K Q=4", 32, 131072, 4, KeyDtype::kBf16, true, 523, 400},
-      {"decode bf16 B=4 L=1M Q=1", 4, 1048576, 1, KeyDtype::kBf16, true, 430, 0},
-      {"decode fp8 B=32 L=128K Q=1", 32, 131072, 1, KeyDtype::kFp8E4m3, true, 0, 0},
-      {"prefill bf16 T=8K P=0", 1, 8192, 8192, KeyDtype::kBf16, false, 186, 100},
-      {"prefill bf16 T=8K P=120K", 1, 131072, 8192, KeyDtype::kBf16, false, 3677, 2000},
-      {"prefill bf16 T=32K P=0", 1, 32768, 32768, KeyDtype::kBf16, false, 1856, 0},
-      {"prefill fp8 T=8K P=120K", 1, 131072, 8192, KeyDtype::kFp8E4m3, false, 0, 0},
+      {"decode bf16 B=1 L=8K Q=1", 1, 8192, 1, KeyDtype::kBf16, true},
+      {"decode bf16 B=1 L=128K Q=1", 1, 131072, 1, KeyDtype::kBf16, true},
+      {"decode bf16 B=1 L=32K Q=1", 1, 32768, 1, KeyDtype::kBf16, true},
+      {"decode bf16 B=8 L=32K Q=1", 8, 32768, 1, KeyDtype::kBf16, true},
+      {"decode bf16 B=32 L=128K Q=1", 32, 131072, 1, KeyDtype::kBf16, true},
+      {"decode bf16 B=64 L=32K Q=1", 64, 32768, 1, KeyDtype::kBf16, true},
+      {"decode bf16 B=256 L=8K Q=1", 256, 8192, 1, KeyDtype::kBf16, true},
+      {"decode bf16 B=32 L=128K Q=4", 32, 131072, 4, KeyDtype::kBf16, true},
+      {"decode bf16 B=4 L=1M Q=1", 4, 1048576, 1, KeyDtype::kBf16, true},
+      {"decode fp8 B=32 L=128K Q=1", 32, 131072, 1, KeyDtype::kFp8E4m3, true},
+      {"prefill bf16 T=8K P=0", 1, 8192, 8192, KeyDtype::kBf16, false},
+      {"prefill bf16 T=8K P=120K", 1, 131072, 8192, KeyDtype::kBf16, false},
+      {"prefill bf16 T=32K P=0", 1, 32768, 32768, KeyDtype::kBf16, false},
+      {"prefill fp8 T=8K P=120K", 1, 131072, 8192, KeyDtype::kFp8E4m3, false},
       // Late chunks of a long prompt: few query tiles, long prefix (the
       // key split's case).
-      {"prefill bf16 T=512 P=128K", 1, 131584, 512, KeyDtype::kBf16, false, 0, 0},
-      {"prefill bf16 T=2K P=256K", 1, 264192, 2048, KeyDtype::kBf16, false, 0, 0},
+      {"prefill bf16 T=512 P=128K", 1, 131584, 512, KeyDtype::kBf16, false},
+      {"prefill bf16 T=2K P=256K", 1, 264192, 2048, KeyDtype::kBf16, false},
   };
+  std::vector<blocksel::Record> records;
   for (const blocksel::Shape& shape : shapes) {
     if (std::string(shape.name).find(filter) == std::string::npos) continue;
-    blocksel::RunShape(shape, device, read_bw, peak, stream);
+    blocksel::RunShape(shape, device, read_bw, peak, decode_splits, stream, &records);
+  }
+  if (!json_out.empty() && !blocksel::WriteJson(json_out, device, read_bw, peak, one_kernel_us,
+                                                two_kernels_us, records)) {
+    std::printf("cannot write %s\n", json_out.c_str());
+    return 1;
   }
   return 0;
 }

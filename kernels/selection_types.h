@@ -14,6 +14,19 @@ namespace blocksel {
 // Tokens per sparse block; one block is exactly one page of the key cache.
 inline constexpr int32_t kBlockSize = 128;
 
+// Callable from host code and from CUDA/HIP device code.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define BLOCKSEL_HOST_DEVICE __host__ __device__
+#else
+#define BLOCKSEL_HOST_DEVICE
+#endif
+
+// Blocks a query token at `position` sees (SEMANTICS.md: valid(p) =
+// floor(p / 128) + 1); 0 for padding (a negative position).
+BLOCKSEL_HOST_DEVICE constexpr int32_t VisibleBlocks(int64_t position) {
+  return position < 0 ? 0 : static_cast<int32_t>(position / kBlockSize + 1);
+}
+
 // Limits every backend supports: heads per token, elements per head.
 inline constexpr int32_t kMaxHeads = 64;
 inline constexpr int32_t kMaxHeadDim = 512;

@@ -5,12 +5,15 @@
 #
 #   scripts/gpu_check.sh BUNDLE [steps...]
 #   steps: tests service sanitizers bench batching sass completion transport
-#          e2e (default: the first six)
+#          e2e peer (default: the first six)
 #   service: the fault and drain tests and a 2-minute soak, on the GPU
 #   backend. bench: every shape, or those matching BENCH_FILTER.
 #   completion: how fast the host notices finished GPU work, and copy costs.
 #   transport: gRPC round trips alone, callback and completion-queue APIs.
 #   e2e: scripts/e2e_bench.sh on the GPU backend (JSON in $LOG_DIR/e2e).
+#   peer: scripts/peer_compare.sh, our kernels beside vLLM's in this call
+#   (PEER_DIR, default .peer: the peer benchmark; VLLM_FILE, default
+#   $PEER_DIR/index_topk.py); the table and JSON in $LOG_DIR/peer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=$(cd "$1" && pwd)
@@ -63,6 +66,10 @@ for s in "${steps[@]}"; do
     sanitizers)
       step memcheck "$cuda/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \
         "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
+      # Reads of device memory nothing wrote (a merge reading a list no
+      # CTA produced shows here first).
+      step initcheck "$cuda/bin/compute-sanitizer" --tool initcheck --error-exitcode 1 \
+        "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
       step racecheck "$cuda/bin/compute-sanitizer" --tool racecheck --error-exitcode 1 \
         "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
       # The GPU backend's uploads, copy runs, graphs and resident tables.
@@ -82,6 +89,11 @@ for s in "${steps[@]}"; do
       ;;
     e2e)
       step e2e_bench scripts/e2e_bench.sh "$bundle/bin" "$logs/e2e" cuda
+      ;;
+    peer)
+      peer_dir=${PEER_DIR:-.peer}
+      step peer_compare scripts/peer_compare.sh "$bundle" "$peer_dir" \
+        "${VLLM_FILE:-$peer_dir/index_topk.py}" "$logs/peer"
       ;;
     batching)
       step batching_bench "$bundle/bin/batching_bench" --backend=cuda --streams=16 \

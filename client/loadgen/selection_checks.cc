@@ -23,7 +23,7 @@ absl::Status CheckSelectionStructure(const SelectionShape& shape,
   }
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t position = row_positions[row];
-    const int32_t visible = position < 0 ? 0 : static_cast<int32_t>(position / kBlockSize + 1);
+    const int32_t visible = VisibleBlocks(position);
     // Forced blocks in priority order: init-only (1e30) before local
     // (1e29, which wins for a block that is both), each by id.
     std::vector<std::pair<int, int32_t>> forced;  // (rank, id)

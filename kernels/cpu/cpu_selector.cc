@@ -21,8 +21,6 @@ int ResolveThreads(int requested) {
   return hardware == 0 ? 1 : static_cast<int>(hardware);
 }
 
-int32_t VisibleBlocks(int64_t position) { return static_cast<int32_t>(position / kBlockSize) + 1; }
-
 }  // namespace
 
 CpuSelector::CpuSelector(int num_threads)

@@ -7,6 +7,8 @@
 #ifndef BLOCKSEL_KERNELS_GPU_GPU_COMPAT_H_
 #define BLOCKSEL_KERNELS_GPU_GPU_COMPAT_H_
 
+#include <cstdint>
+
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
 #include <hip/hip_runtime.h>
 #define BLOCKSEL_GPU_HIP 1
@@ -130,6 +132,16 @@ __device__ __forceinline__ T ShuffleIndex(T value, int source_lane) {
   return __shfl(value, source_lane, kWarpSize);
 #else
   return __shfl_sync(0xffffffffu, value, source_lane, kWarpSize);
+#endif
+}
+
+// A 16-byte load of data read once: marked evict-first, so streaming keys
+// do not push out what the kernel reuses.
+__device__ __forceinline__ uint4 LoadStreaming(const void* address) {
+#if defined(BLOCKSEL_GPU_HIP)
+  return *static_cast<const uint4*>(address);  // no cache hint on HIP
+#else
+  return __ldcs(static_cast<const uint4*>(address));
 #endif
 }
 

@@ -117,16 +117,32 @@ struct DeviceBatch {
   void* workspace = nullptr;     // Decode/PrefillWorkspaceBytes(...) bytes
 };
 
-// Head dims the GPU kernels support (powers of two from 16 to 512).
-bool SupportsHeadDim(int32_t head_dim);
+// What the GPU kernels run, in one place. A backend checks its model
+// against it when it is created (SupportsShape), so no selection ever meets
+// a shape the kernels cannot run.
+struct KernelLimits {
+  int32_t max_heads = kMaxHeads;
+  int32_t min_head_dim = 16;  // head dims: powers of two in [min, max]
+  int32_t max_head_dim = 256;
+  int32_t max_topk = 256;  // every path
+  // The decode kernel (and so decode graphs): larger topk, or more rows per
+  // span x heads, decode through the prefill kernel.
+  int32_t max_decode_topk = 64;
+  int32_t max_decode_queries = 64;
+};
+inline constexpr KernelLimits kKernelLimits{};
 
-// Decode: every span has at most max_rows_per_span rows and
-// max_rows_per_span * H <= kMaxDecodeQueries. The key blocks of the whole
-// batch are split evenly over `splits` CTAs on the device (the split does
-// not depend on sequence lengths, so the launch can be captured in a graph
-// and replayed for any lengths), each keeping a partial top-k per query;
-// a second kernel merges them. Two launches.
-inline constexpr int32_t kMaxDecodeQueries = 64;
+// Whether the kernels run models of this shape; if not, *reason says which
+// limit it breaks, with the limit's value.
+bool SupportsShape(const SelectionShape& shape, std::string* reason);
+
+// Decode: every span has at most max_rows_per_span rows,
+// max_rows_per_span * H <= max_decode_queries and topk <= max_decode_topk.
+// The scored key blocks of the whole batch (those some row leaves
+// unforced) are split evenly over `splits` CTAs on the device (the split
+// does not depend on sequence lengths, so the launch can be captured in a
+// graph and replayed for any lengths), each keeping a partial top-k per
+// query; a second kernel merges them with the forced blocks. Two launches.
 int64_t DecodeWorkspaceBytes(const SelectionShape& shape, int32_t max_spans,
                              int32_t max_rows_per_span, int32_t splits);
 // A good split count for the device (a few CTAs per multiprocessor).

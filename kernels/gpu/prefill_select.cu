@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(PrefillParams param
   }
 
   const int32_t last_position = span.first_position + (tile_first + tile_queries - 1) / heads;
-  const int32_t num_blocks = last_position < 0 ? 0 : last_position / kBlockSize + 1;
+  const int32_t num_blocks = VisibleBlocks(last_position);
   // This CTA's share of the tile's blocks (all of them without a split).
   const int32_t first_block = static_cast<int32_t>(int64_t{num_blocks} * blockIdx.z / gridDim.z);
   const int32_t end_block =
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(PrefillParams param
         } else if (visible) {
           const int32_t local = query - tile_first;
           InsertCandidate(list_scores + local * topk, list_ids + local * topk, topk,
-                          BlockPriority(best[i / 2][i % 2], block, position / kBlockSize + 1,
+                          BlockPriority(best[i / 2][i % 2], block, VisibleBlocks(position),
                                         shape.init_blocks, shape.local_blocks),
                           block);
         }
@@ -302,8 +302,8 @@ int64_t TilesPerSpan(const SelectionShape& shape, int32_t max_rows_per_span) {
 KernelStatus LaunchTiles(const SelectionShape& shape, const DeviceBatch& batch,
                          int32_t max_rows_per_span, int32_t key_splits, float* scores,
                          int32_t max_blocks, void* stream) {
-  if (!SupportsHeadDim(shape.head_dim) || shape.head_dim > 16 * kMaxKSteps || batch.num_spans < 1 ||
-      batch.num_spans > 65535 || max_rows_per_span < 1 || shape.topk > 256) {
+  if (!SupportsShape(shape, nullptr) || batch.num_spans < 1 || batch.num_spans > 65535 ||
+      max_rows_per_span < 1) {
     return KernelStatus::kUnsupported;
   }
   if (key_splits < 1 || key_splits > kMaxPrefillKeySplits ||

@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int32_t i = lane; i < shape.topk; i += kWarpSize) out[i] = -1;
     return;
   }
-  const int32_t valid = position / kBlockSize + 1;
+  const int32_t valid = VisibleBlocks(position);
   const int32_t scanned = min(valid, max_blocks);
   const float* row_scores = scores + (static_cast<int64_t>(head) * rows + row) * max_blocks;
   float previous_score = __int_as_float(0x7f800000);  // ranks before everything

@@ -4,7 +4,8 @@
 
 namespace blocksel {
 
-absl::Status KernelStatusToStatus(KernelStatus status, absl::string_view context) {
+absl::Status KernelStatusToStatus(KernelStatus status, absl::string_view context,
+                                  absl::string_view device_error) {
   switch (status) {
     case KernelStatus::kOk:
       return absl::OkStatus();
@@ -14,7 +15,8 @@ absl::Status KernelStatusToStatus(KernelStatus status, absl::string_view context
       return absl::UnimplementedError(
           absl::StrCat(context, ": shape not supported by this backend"));
     case KernelStatus::kDeviceError:
-      return absl::InternalError(absl::StrCat(context, ": device error"));
+      return absl::InternalError(
+          absl::StrCat(context, ": device error", device_error.empty() ? "" : ": ", device_error));
   }
   return absl::InternalError(absl::StrCat(context, ": unknown kernel status"));
 }

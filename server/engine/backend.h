@@ -99,8 +99,10 @@ class Backend : public KeyStore {
   virtual absl::StatusOr<SelectionReport> FinishOldest() = 0;
 };
 
-// Maps a kernel result to a status; context names the failing operation.
-absl::Status KernelStatusToStatus(KernelStatus status, absl::string_view context);
+// Maps a kernel result to a status; context names the failing operation,
+// device_error the runtime's own text for a device error (if known).
+absl::Status KernelStatusToStatus(KernelStatus status, absl::string_view context,
+                                  absl::string_view device_error = "");
 
 }  // namespace blocksel
 

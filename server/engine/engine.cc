@@ -115,7 +115,7 @@ int32_t MaxVisibleBlocks(const SelectPlan& plan) {
   for (const PlannedSpan& planned : plan.spans) {
     const int64_t last = int64_t{planned.first_position} + planned.num_rows - 1;
     if (last >= 0) {
-      max_blocks = std::max<int32_t>(max_blocks, static_cast<int32_t>(last / kBlockSize + 1));
+      max_blocks = std::max<int32_t>(max_blocks, VisibleBlocks(last));
     }
   }
   return max_blocks;

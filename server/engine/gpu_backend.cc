@@ -32,7 +32,7 @@ constexpr int64_t kPieceBytes = 4096;
 // Blocks the last row of a span sees: the block-table entries it needs.
 int32_t SpanBlocks(const RowSpan& span) {
   const int64_t last = int64_t{span.first_position} + span.num_rows - 1;
-  return last < 0 ? 0 : static_cast<int32_t>(last / kBlockSize + 1);
+  return VisibleBlocks(last);
 }
 
 // Entries of the device table arena: every page can be one table entry,
@@ -51,10 +51,10 @@ absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelConfig
     return absl::FailedPreconditionError(
         absl::StrCat("no GPU device ", device, " (", gpu::DeviceCount(), " found)"));
   }
-  if (!gpu::SupportsHeadDim(config.head_dim)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "head_dim ", config.head_dim,
-        " is not supported by the GPU kernels (powers of two from 16 to 256); use --backend=cpu"));
+  if (std::string unsupported; !gpu::SupportsShape(config.shape(), &unsupported)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the GPU kernels cannot run this model: ", unsupported,
+                     "; change the model config or use --backend=cpu"));
   }
   gpu::DeviceInfo info;
   if (gpu::SetDevice(device) != KernelStatus::kOk ||
@@ -137,11 +137,8 @@ std::string GpuBackend::detail() const {
 }
 
 absl::Status GpuBackend::DeviceStatus(KernelStatus status, absl::string_view what) const {
-  if (status == KernelStatus::kOk) return absl::OkStatus();
-  if (status == KernelStatus::kUnsupported) {
-    return absl::UnimplementedError(absl::StrCat(what, ": shape not supported on the GPU"));
-  }
-  return absl::InternalError(absl::StrCat(what, ": ", gpu::LastErrorText()));
+  return KernelStatusToStatus(status, what,
+                              status == KernelStatus::kDeviceError ? gpu::LastErrorText() : "");
 }
 
 absl::Status GpuBackend::Reserve(Buffer* buffer, int64_t bytes, Memory memory) {
@@ -286,8 +283,9 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
   const SelectionShape shape = config_.shape();
   const int32_t max_batch = options_.graph_max_batch;
   const int32_t max_tokens =
-      std::min(options_.graph_max_tokens, gpu::kMaxDecodeQueries / shape.num_heads);
-  if (max_batch < 1 || max_tokens < 1 || shape.topk > 64) return absl::OkStatus();
+      std::min(options_.graph_max_tokens, gpu::kKernelLimits.max_decode_queries / shape.num_heads);
+  if (max_batch < 1 || max_tokens < 1 || shape.topk > gpu::kKernelLimits.max_decode_topk)
+    return absl::OkStatus();
   const int64_t max_blocks = (config_.max_positions + kBlockSize - 1) / kBlockSize;
   // Keys of every request and every table entry one batch can upload (a
   // table entry is a page of one of the batch's sequences).
@@ -469,12 +467,13 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
   }
   int32_t max_rows = 1;
   int32_t max_visible_blocks = 0;
-  bool fits_decode = shape.topk <= 64;
+  bool fits_decode = shape.topk <= gpu::kKernelLimits.max_decode_topk;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     const RowSpan& span = batch.spans[s];
     max_rows = std::max(max_rows, span.num_rows);
     max_visible_blocks = std::max(max_visible_blocks, SpanBlocks(span));
-    fits_decode = fits_decode && span.num_rows * shape.num_heads <= gpu::kMaxDecodeQueries;
+    fits_decode =
+        fits_decode && span.num_rows * shape.num_heads <= gpu::kKernelLimits.max_decode_queries;
   }
   const int64_t output_bytes =
       static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.topk * 4;

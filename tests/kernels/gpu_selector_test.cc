@@ -119,7 +119,7 @@ class GpuSelectorTest : public ::testing::Test {
     for (const RowSpan& span : problem.spans) {
       for (int32_t r = 0; r < span.num_rows; ++r) {
         positions[span.first_row + r] = span.first_position + r;
-        max_blocks = std::max(max_blocks, (span.first_position + r) / kBlockSize + 1);
+        max_blocks = std::max(max_blocks, VisibleBlocks(span.first_position + r));
       }
     }
     const int64_t score_count = out_count / shape.topk * max_blocks;
@@ -173,7 +173,8 @@ class GpuSelectorTest : public ::testing::Test {
 
   static bool FitsDecode(const SelectionProblem& problem) {
     for (const RowSpan& span : problem.spans) {
-      if (span.num_rows * problem.shape.num_heads > gpu::kMaxDecodeQueries) return false;
+      if (span.num_rows * problem.shape.num_heads > gpu::kKernelLimits.max_decode_queries)
+        return false;
     }
     return true;
   }

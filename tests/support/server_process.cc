@@ -93,6 +93,15 @@ std::string ServerProcess::Log() const {
   return text.str();
 }
 
+bool ServerProcess::AwaitLog(const std::string& text, absl::Duration timeout) const {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (Log().find(text) == std::string::npos) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return true;
+}
+
 int64_t ServerProcess::ResidentBytes() const {
   if (pid_ <= 0 || exited_) return -1;
   std::ifstream status("/proc/" + std::to_string(pid_) + "/status");

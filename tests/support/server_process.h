@@ -37,6 +37,8 @@ class ServerProcess {
   // still running then, or died from a signal.
   std::optional<int> WaitExit(absl::Duration timeout);
   std::string Log() const;
+  // Whether the log contains text within timeout (polled).
+  bool AwaitLog(const std::string& text, absl::Duration timeout) const;
   // The server's resident set size (VmRSS), in bytes; -1 once it exited.
   int64_t ResidentBytes() const;
 

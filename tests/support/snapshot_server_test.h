@@ -30,13 +30,15 @@ class SnapshotServerTest : public ::testing::Test {
   void TearDown() override { std::filesystem::remove_all(folder_); }
 
   // Starts the server with --snapshot_path=snapshot_path_, then extra, and
-  // waits until it serves.
+  // waits until it serves and has logged its startup (the snapshot's fate is
+  // logged just after the server starts answering).
   std::unique_ptr<ServerProcess> StartServer(std::vector<std::string> extra = {}) {
     extra.push_back("--snapshot_path=" + snapshot_path_);
     auto server = std::make_unique<ServerProcess>(BLOCKSEL_SERVER_BINARY, extra);
     EXPECT_TRUE(
         server->AwaitHealth("", grpc::health::v1::HealthCheckResponse::SERVING, absl::Seconds(30)))
         << server->Log();
+    EXPECT_TRUE(server->AwaitLog("serving on", absl::Seconds(30))) << server->Log();
     return server;
   }
 
