@@ -1,8 +1,9 @@
 # `cmake --install` lays out a relocatable tree: bin/ (the programs),
 # lib/ (every shared library they load but the C runtime and the GPU
 # driver), and the client library with its headers, the generated API
-# headers and a CMake package (blocksel::blocksel_client). CPack makes it a
-# tarball: `cpack -G TGZ --config build/<preset>/CPackConfig.cmake`.
+# headers and a CMake package (blocksel::blocksel_client; blocksel::kernels,
+# the kernel library for in-process callers). CPack makes it a tarball:
+# `cpack -G TGZ --config build/<preset>/CPackConfig.cmake`.
 include(CMakePackageConfigHelpers)
 include(GNUInstallDirs)
 
@@ -12,7 +13,19 @@ install(TARGETS blocksel_client blocksel_proto EXPORT blockselTargets
 install(FILES client/async_select_session.h client/blocksel_client.h client/encoding.h client/reference_selection.h
               client/routed_client.h
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/client)
-install(FILES kernels/selection_types.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/kernels)
+set(blocksel_kernel_targets blocksel_kernels blocksel_kernels_cpu)
+if(TARGET blocksel_kernels_gpu)
+  list(APPEND blocksel_kernel_targets blocksel_kernels_gpu)
+endif()
+target_include_directories(blocksel_kernels INTERFACE
+  $<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}>)
+install(TARGETS ${blocksel_kernel_targets} EXPORT blockselTargets
+        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
+install(FILES kernels/selection_types.h kernels/numeric_formats.h
+        DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/kernels)
+install(FILES kernels/cpu/cpu_selector.h kernels/cpu/page_scorer.h kernels/cpu/thread_pool.h
+        DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/kernels/cpu)
+install(FILES kernels/gpu/gpu_selection.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/kernels/gpu)
 install(FILES proto/blocksel/v1/wire_limits.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/proto/blocksel/v1)
 install(FILES ${BLOCKSEL_GEN_DIR}/blocksel/v1/block_selector.pb.h
               ${BLOCKSEL_GEN_DIR}/blocksel/v1/block_selector.grpc.pb.h

@@ -15,8 +15,10 @@ namespace blocksel {
 inline constexpr int32_t kBlockSize = 128;
 
 // Callable from host code and from CUDA/HIP device code.
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__CUDACC__)
 #define BLOCKSEL_HOST_DEVICE __host__ __device__
+#elif defined(__HIP__)
+#define BLOCKSEL_HOST_DEVICE __attribute__((host, device))
 #else
 #define BLOCKSEL_HOST_DEVICE
 #endif

@@ -245,14 +245,6 @@ __device__ __forceinline__ void CommitStage() {
 #endif
 }
 
-// Waits until at most kPending stages are still being copied.
-template <int kPending>
-__device__ __forceinline__ void WaitStages() {
-#if defined(BLOCKSEL_GPU_MMA)
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-#endif
-}
-
 // This lane's keys of a staged page: tile t, load l at keys[t][l].
 template <KeyDtype kDtype, int kHeadDim>
 __device__ __forceinline__ void LoadKeys(
@@ -316,26 +308,11 @@ __device__ __forceinline__ void ScoreKeys(
   for (int t = 0; t < kTilesPerGroup; ++t) {
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if constexpr (kMasked) {
-          const int32_t key_position = first_key_position + t * 8 + 2 * (lane % 4) + i % 2;
-          if (key_position > positions[m][i / 2]) continue;
-        }
-        best[m][i / 2] = fmaxf(best[m][i / 2], acc[t][m][i]);
-        saw_nan[m][i / 2] |= isnan(acc[t][m][i]);
-      }
+      FoldTileMax<kMTiles, kMasked>(acc[t][m], m, first_key_position + t * 8 + 2 * (lane % 4),
+                                    positions, best, saw_nan);
     }
   }
-#pragma unroll
-  for (int m = 0; m < kMTiles; ++m) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (saw_nan[m][h]) best[m][h] = fmaxf(best[m][h], kNanScore);
-      best[m][h] = fmaxf(best[m][h], ShuffleXor(best[m][h], 1));
-      best[m][h] = fmaxf(best[m][h], ShuffleXor(best[m][h], 2));
-    }
-  }
+  FinishQuadMax(best, saw_nan);
 }
 
 // Shared memory of the score kernel, carved in this order.
@@ -517,10 +494,9 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeScoreKernel(DecodeParams pa
     for (int32_t window = first; window < end_page; window += kWindow) {
       const int32_t window_end = window + kWindow < end_page ? window + kWindow : end_page;
       for (int32_t page = window; page < window_end; ++page) {
-        WaitStages<kStages - 2>();
         // Every thread's copies of `page` are complete and every group is
         // done with the slot staged next (it held page - 1).
-        __syncthreads();
+        WaitStagedPages<kStages - 2>();
         const int32_t staged = page + kStages - 1;
         if (staged < end_page) {
           StageRawPage<kDtype, kHeadDim>(page_of(next_index),
@@ -657,10 +633,13 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
   // Lists [0, scored) are the CTAs', list `scored` the forced blocks.
   const int32_t scored = last_list_cta - first_list_cta + 1;
   const int32_t capacity = (params.splits + 1) * topk;
-  float* scores[2] = {reinterpret_cast<float*>(shared_raw), nullptr};
-  int32_t* ids[2] = {reinterpret_cast<int32_t*>(scores[0] + capacity), nullptr};
-  scores[1] = reinterpret_cast<float*>(ids[0] + capacity);
-  ids[1] = reinterpret_cast<int32_t*>(scores[1] + capacity);
+  // Buffer b: capacity scores, then capacity ids. (Computed, not kept in a
+  // pointer array: HIP's compiler cannot initialize one from shared memory.)
+  float* const shared_scores = reinterpret_cast<float*>(shared_raw);
+  auto scores = [&](int buffer) { return shared_scores + 2 * buffer * capacity; };
+  auto ids = [&](int buffer) {
+    return reinterpret_cast<int32_t*>(shared_scores + (2 * buffer + 1) * capacity);
+  };
   // Loads go out kCopyBatch at a time before any is stored, so the copy
   // waits on memory once per batch, not once per entry.
   constexpr int kCopyBatch = 8;
@@ -682,8 +661,8 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
     for (int j = 0; j < kCopyBatch; ++j) {
       const int32_t i = base + j * kMergeThreads;
       if (i >= entries) continue;
-      scores[0][i] = batch_scores[j];
-      ids[0][i] = batch_ids[j];
+      scores(0)[i] = batch_scores[j];
+      ids(0)[i] = batch_ids[j];
     }
   }
   {
@@ -695,10 +674,10 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
     const int32_t forced = init_end + (valid - local_start);
     for (int32_t k = threadIdx.x; k < topk; k += kMergeThreads) {
       const bool real = k < forced;
-      scores[0][entries + k] = !real          ? -__int_as_float(0x7f800000)
+      scores(0)[entries + k] = !real          ? -__int_as_float(0x7f800000)
                                : k < init_end ? kInitPriority
                                               : kLocalPriority;
-      ids[0][entries + k] = !real ? kNoBlock : k < init_end ? k : local_start + (k - init_end);
+      ids(0)[entries + k] = !real ? kNoBlock : k < init_end ? k : local_start + (k - init_end);
     }
   }
   __syncthreads();
@@ -707,8 +686,8 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
   int current = 0;
   while (lists > 1) {
     const int32_t pairs = (lists + 1) / 2;
-    const float* from_scores = scores[current];
-    const int32_t* from_ids = ids[current];
+    const float* from_scores = scores(current);
+    const int32_t* from_ids = ids(current);
     for (int32_t e = threadIdx.x; e < pairs * 2 * topk; e += kMergeThreads) {
       const int32_t pair = e / (2 * topk);
       const int32_t side = (e / topk) % 2;
@@ -723,8 +702,8 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
                                            topk, score, id, /*or_equal=*/side == 1)
                              : 0);
       if (rank < topk) {
-        scores[1 - current][pair * topk + rank] = score;
-        ids[1 - current][pair * topk + rank] = id;
+        scores(1 - current)[pair * topk + rank] = score;
+        ids(1 - current)[pair * topk + rank] = id;
       }
     }
     __syncthreads();
@@ -732,7 +711,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams 
     lists = pairs;
   }
   for (int32_t k = threadIdx.x; k < topk; k += kMergeThreads) {
-    const int32_t id = ids[current][k];
+    const int32_t id = ids(current)[k];
     out[k] = id == kNoBlock ? -1 : id;
   }
 }

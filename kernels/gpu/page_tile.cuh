@@ -173,6 +173,42 @@ __device__ __forceinline__ void LoadQueryFragments(const uint16_t* queries, int3
   }
 }
 
+// Folds one m16n8 accumulator tile (acc[h * 2 + c]: query row lane/4 + 8h
+// of m-tile m against the key at key_position + c) into best[m][h], the max
+// over the keys visible to each query (at positions[m][h]). fmaxf drops NaN
+// operands, so whether a visible score was NaN is kept apart in saw_nan.
+// kMasked = false: every query sees every key.
+template <int kMTiles, bool kMasked>
+__device__ __forceinline__ void FoldTileMax(const float (&acc)[4], int m, int32_t key_position,
+                                            const int32_t (&positions)[kMTiles][2],
+                                            float (&best)[kMTiles][2],
+                                            bool (&saw_nan)[kMTiles][2]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (kMasked) {
+      if (key_position + i % 2 > positions[m][i / 2]) continue;
+    }
+    best[m][i / 2] = fmaxf(best[m][i / 2], acc[i]);
+    saw_nan[m][i / 2] |= isnan(acc[i]);
+  }
+}
+
+// Completes the maxima FoldTileMax gathered: a NaN score counts -1e30
+// (SEMANTICS.md), then the max over the 4 lanes that share a query.
+template <int kMTiles>
+__device__ __forceinline__ void FinishQuadMax(float (&best)[kMTiles][2],
+                                              const bool (&saw_nan)[kMTiles][2]) {
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (saw_nan[m][h]) best[m][h] = fmaxf(best[m][h], kNanScore);
+      best[m][h] = fmaxf(best[m][h], ShuffleXor(best[m][h], 1));
+      best[m][h] = fmaxf(best[m][h], ShuffleXor(best[m][h], 2));
+    }
+  }
+}
+
 // Scores this group's kMTiles x 16 queries (fragments a[m] for queries
 // [16m, 16m + 16) of the group) against 8-key tiles [first_tile, end_tile)
 // of a staged bf16 page with head dim 16 * kKSteps. Returns in best[m][h]
@@ -255,30 +291,15 @@ __device__ __forceinline__ void ScoreStagedTiles(const uint32_t (&a)[kMTiles][kK
     // (tile0 + t) * 8 + col + c.
 #pragma unroll
     for (int t = 0; t < kTilesInFlight; ++t) {
+      if (tile0 + t >= end_tile) continue;
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (tile0 + t >= end_tile) continue;
-          if constexpr (kMasked) {
-            const int32_t key_position = block_start + (tile0 + t) * 8 + col + i % 2;
-            if (key_position > positions[m][i / 2]) continue;
-          }
-          best[m][i / 2] = fmaxf(best[m][i / 2], acc[t][m][i]);
-          saw_nan[m][i / 2] |= isnan(acc[t][m][i]);
-        }
+        FoldTileMax<kMTiles, kMasked>(acc[t][m], m, block_start + (tile0 + t) * 8 + col, positions,
+                                      best, saw_nan);
       }
     }
   }
-#pragma unroll
-  for (int m = 0; m < kMTiles; ++m) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (saw_nan[m][h]) best[m][h] = fmaxf(best[m][h], kNanScore);
-      best[m][h] = fmaxf(best[m][h], ShuffleXor(best[m][h], 1));
-      best[m][h] = fmaxf(best[m][h], ShuffleXor(best[m][h], 2));
-    }
-  }
+  FinishQuadMax(best, saw_nan);
 }
 
 }  // namespace blocksel::gpu

@@ -47,14 +47,14 @@ int64_t ArenaCapacity(int64_t num_pages) {
 absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelConfig& config,
                                                                int64_t num_pages, int device,
                                                                GpuBackendOptions options) {
-  if (gpu::DeviceCount() <= device) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("no GPU device ", device, " (", gpu::DeviceCount(), " found)"));
-  }
   if (std::string unsupported; !gpu::SupportsShape(config.shape(), &unsupported)) {
     return absl::FailedPreconditionError(
         absl::StrCat("the GPU kernels cannot run this model: ", unsupported,
                      "; change the model config or use --backend=cpu"));
+  }
+  if (gpu::DeviceCount() <= device) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("no GPU device ", device, " (", gpu::DeviceCount(), " found)"));
   }
   gpu::DeviceInfo info;
   if (gpu::SetDevice(device) != KernelStatus::kOk ||

@@ -40,6 +40,21 @@ std::string SmallIntegers(std::mt19937_64& random, int64_t count) {
   return EncodeBf16(values);
 }
 
+// A model the kernels cannot run is refused when the backend is created
+// (before any device is touched, so this runs without a GPU too), never at
+// the first selection.
+TEST(GpuBackendCreate, RefusesAModelTheKernelsCannotRun) {
+  ModelConfig model = TestModel();
+  model.topk = 512;
+  absl::StatusOr<std::unique_ptr<GpuBackend>> backend =
+      GpuBackend::Create(model, kPages, 0, GpuBackendOptions());
+  ASSERT_FALSE(backend.ok());
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(backend.status().message(),
+            "the GPU kernels cannot run this model: topk 512 is outside [1, 256]; change the "
+            "model config or use --backend=cpu");
+}
+
 class GpuEngineTest : public ::testing::TestWithParam<int64_t> {
  protected:
   void SetUp() override {
