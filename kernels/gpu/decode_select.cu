@@ -8,16 +8,16 @@
 // Launch 1 (DecodeScoreKernel): the scored blocks of the whole batch,
 // counted on the device, are split evenly over a fixed number of CTAs, so
 // the grid never depends on sequence lengths (graph capture) and mixed
-// lengths stay balanced. Inside a CTA each 32-lane group takes the same 16
-// keys of every page of the CTA's range (eight groups cover a page) and
-// loads them from global memory straight into registers, evict-first, the
-// next page's keys in flight while the current ones are scored with matrix
-// instructions against query fragments kept in shared memory. The block
-// maxima of a window of 32 pages gather in shared memory; then each query's
-// window is folded into its running top-k. A CTA synchronizes twice per
-// window, never per page. Each segment's lists (one span's part of the
-// range) go to the workspace at slot (cta + span), a slot no other segment
-// uses.
+// lengths stay balanced. A CTA streams the pages of its range through a
+// ring in shared memory (asynchronous copies, several pages in flight);
+// each 32-lane group takes the same 16 keys of every page (eight groups
+// cover a page) into registers and scores them with matrix instructions
+// against query fragments kept in shared memory. One barrier per page
+// frees its ring slot. The block maxima of a window of 32 pages gather in
+// shared memory; then each query's window is folded into its running top-k
+// (two more barriers per window). Each segment's lists (one span's part of
+// the range) go to the workspace at slot (cta + span), a slot no other
+// segment uses.
 // Launch 2 (DecodeMergeKernel): one CTA per (span, query) merges the lists
 // of the CTAs that covered the span with the row's forced blocks and writes
 // the block ids. On sm_90 it is a programmatic dependent launch: scheduled
