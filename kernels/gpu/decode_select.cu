@@ -140,6 +140,13 @@ __host__ __device__ inline int32_t ActiveSplits(int64_t total, int32_t splits) {
 // (a fixed permutation of the head dim) and the query fragments are built
 // with the same permutation: lane c's unit u is the 8 elements from
 // UnitElement(u, c); k step 2u takes its first 4, step 2u + 1 the rest.
+// k steps of that layout for a head dim, given the elements one 16-byte
+// load holds (8 bf16, 16 fp8); the host sizes shared memory with it.
+__host__ __device__ constexpr int PermutedKSteps(int elements_per_load, int head_dim) {
+  return 2 * (elements_per_load / 8) *
+         ((head_dim + 4 * elements_per_load - 1) / (4 * elements_per_load));
+}
+
 template <KeyDtype kDtype, int kHeadDim>
 struct KeyFragments {
   static constexpr int kElementsPerLoad = 16 / kKeyBytes<kDtype>;
@@ -148,7 +155,7 @@ struct KeyFragments {
   // Loads per key per lane; lanes whose elements lie past the head dim
   // (head dims below a quad's span) hold zeros.
   static constexpr int kLoads = (kHeadDim + kQuadElements - 1) / kQuadElements;
-  static constexpr int kKSteps = 2 * kLoads * kUnitsPerLoad;
+  static constexpr int kKSteps = PermutedKSteps(kElementsPerLoad, kHeadDim);
 
   __host__ __device__ static constexpr int UnitElement(int unit, int quad_lane) {
     return (unit / kUnitsPerLoad) * kQuadElements + quad_lane * kElementsPerLoad +
@@ -744,9 +751,7 @@ ScoreKernel ScoreKernelFor(int32_t head_dim, int32_t m_tiles) {
 }
 
 int32_t KSteps(const SelectionShape& shape) {
-  const int32_t quad_elements = shape.key_dtype == KeyDtype::kBf16 ? 32 : 64;
-  const int32_t units_per_load = shape.key_dtype == KeyDtype::kBf16 ? 1 : 2;
-  return 2 * units_per_load * ((shape.head_dim + quad_elements - 1) / quad_elements);
+  return PermutedKSteps(16 / KeyDtypeBytes(shape.key_dtype), shape.head_dim);
 }
 
 int32_t MTiles(int32_t max_queries) {

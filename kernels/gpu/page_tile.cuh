@@ -15,7 +15,6 @@ namespace blocksel::gpu {
 // The m16n8k16 fragment layout works in groups of 32 lanes (an AMD
 // wavefront of 64 holds two groups).
 inline constexpr int kGroupLanes = 32;
-inline constexpr int kMaxKSteps = 16;  // head_dim <= 256
 
 #if defined(BLOCKSEL_GPU_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define BLOCKSEL_GPU_MMA 1
