@@ -232,10 +232,13 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
   const int32_t key_splits = s.decode ? 1
                                       : gpu::PrefillKeySplits(device, shape, s.batch, s.rows,
                                                               static_cast<int32_t>(blocks_per_seq));
+  const int64_t scored_blocks =
+      int64_t{s.batch} * gpu::DecodeScoredBlocks(shape, int64_t{s.context} - 1);
   const int64_t workspace_bytes =
-      std::max(gpu::DecodeWorkspaceBytes(shape, s.batch, s.rows, splits),
+      std::max(gpu::DecodeWorkspaceBytes(shape, s.batch, s.rows, scored_blocks),
                gpu::PrefillWorkspaceBytes(shape, static_cast<int32_t>(rows), key_splits));
   CHECK_CUDA(cudaMalloc(&workspace_d, std::max<int64_t>(workspace_bytes, 16)));
+  CHECK_CUDA(cudaMemsetAsync(workspace_d, 0, workspace_bytes, stream));  // decode's counters
   CHECK_CUDA(cudaMemcpyAsync(table_d, table.data(), pages * 4, cudaMemcpyHostToDevice, stream));
   CHECK_CUDA(cudaMemcpyAsync(spans_d, spans.data(), s.batch * sizeof(gpu::DeviceSpan),
                              cudaMemcpyHostToDevice, stream));
@@ -251,6 +254,7 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
   batch.total_rows = static_cast<int32_t>(rows);
   batch.block_ids = static_cast<int32_t*>(out_d);
   batch.workspace = workspace_d;
+  batch.workspace_bytes = workspace_bytes;
 
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));

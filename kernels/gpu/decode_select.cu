@@ -1,33 +1,32 @@
-// Decode selection: few query rows per sequence, long contexts.
+// Decode selection: few query rows per sequence, long contexts. One launch.
 //
 // Only blocks some row leaves unforced are read: [init_blocks, valid(last
 // row) - local_blocks) of each span. With local_blocks >= 1 the page that
 // holds a decode row is its local block, so a Q = 1 decode never needs a
-// causal mask; the forced blocks join at the merge without a key read.
+// causal mask; the forced blocks join the selection without a key read.
 //
-// Launch 1 (DecodeScoreKernel): the scored blocks of the whole batch,
-// counted on the device, are split evenly over a fixed number of CTAs, so
-// the grid never depends on sequence lengths (graph capture) and mixed
-// lengths stay balanced. A CTA streams the pages of its range through a
-// ring in shared memory (asynchronous copies, several pages in flight);
-// each 32-lane group takes the same 16 keys of every page (eight groups
-// cover a page) into registers and scores them with matrix instructions
-// against query fragments kept in shared memory. One barrier per page
-// frees its ring slot. The block maxima of a window of 32 pages gather in
-// shared memory; then each query's window is folded into its running top-k
-// (two more barriers per window). Each segment's lists (one span's part of
-// the range) go to the workspace at slot (cta + span), a slot no other
-// segment uses.
-// Launch 2 (DecodeMergeKernel): one CTA per (span, query) merges the lists
-// of the CTAs that covered the span with the row's forced blocks and writes
-// the block ids. On sm_90 it is a programmatic dependent launch: scheduled
-// as the score kernel's CTAs finish, it waits for it on the device.
+// The scored blocks of the whole batch, counted on the device, are split
+// evenly over a fixed number of CTAs, so the grid never depends on
+// sequence lengths (graph capture) and mixed lengths stay balanced. A CTA
+// streams the pages of its range through a ring in shared memory
+// (asynchronous copies, several pages in flight); each 32-lane group takes
+// the same 16 keys of every page (eight groups cover a page) into registers
+// and scores them with matrix instructions against query fragments kept in
+// shared memory. One barrier per page frees its ring slot. The block maxima
+// of a window of 32 pages gather in shared memory and go to the workspace,
+// one order-preserving key per (query, block).
+// Each CTA then adds its pages to its span's counter; the CTA that
+// completes the count selects the span's rows from the keys (a radix
+// select per row, warp per row, see warp_topk.cuh) with the forced blocks,
+// and sets the counter back to zero for the next launch. Spans with no
+// scored block are answered by CTA span % grid without reading a key.
 #include <cstdint>
 
 #include "kernels/gpu/gpu_compat.h"
 #include "kernels/gpu/gpu_selection.h"
 #include "kernels/gpu/page_tile.cuh"
 #include "kernels/gpu/select_common.cuh"
+#include "kernels/gpu/warp_topk.cuh"
 
 #if defined(BLOCKSEL_GPU_CUDA)
 #include <cuda_bf16.h>
@@ -46,44 +45,40 @@ constexpr int kTilesPerGroup = kKeysPerGroup / 8;
 // folding group.
 constexpr int kWindow = kGroupLanes;
 
+constexpr int kWarps = kThreads / kWarpSize;
+
 struct DecodeParams {
   SelectionShape shape;
   DeviceBatch batch;
-  int32_t max_queries;  // max rows per span * H: the workspace's list stride
+  int32_t max_queries;  // max rows per span * H: the workspace's key stride
   int32_t splits;
 };
 
-// Workspace layout: [num_spans + 1] scored-block prefix, then per slot
-// (splits + num_spans slots) max_queries lists of topk scores, then the
-// same of ids.
-struct Workspace {
-  int32_t* prefix;
-  float* scores;
-  int32_t* ids;
-};
-
-__host__ __device__ inline int64_t ListEntries(int32_t splits, int32_t num_spans,
-                                               int32_t max_queries, int32_t topk) {
-  return static_cast<int64_t>(splits + num_spans) * max_queries * topk;
+// Workspace layout: one completion counter per span (zero between
+// launches), then the keys: span s's query q has its scored blocks' keys
+// at keys[prefix[s] * max_queries + q * scored(s) + block - init_blocks].
+__host__ __device__ inline int64_t CounterBytes(int32_t num_spans) {
+  return (static_cast<int64_t>(num_spans) * 4 + 255) / 256 * 256;
 }
 
-__host__ __device__ inline Workspace CarveWorkspace(void* base, int32_t splits, int32_t num_spans,
-                                                    int32_t max_queries, int32_t topk) {
+struct Workspace {
+  int32_t* counters;
+  uint32_t* keys;
+  int64_t key_capacity;  // entries
+};
+
+__device__ inline Workspace CarveWorkspace(const DeviceBatch& batch) {
   Workspace w;
-  w.prefix = static_cast<int32_t*>(base);
-  const int64_t prefix_bytes = ((static_cast<int64_t>(num_spans) + 1) * 4 + 255) / 256 * 256;
-  w.scores = reinterpret_cast<float*>(static_cast<char*>(base) + prefix_bytes);
-  w.ids = reinterpret_cast<int32_t*>(w.scores + ListEntries(splits, num_spans, max_queries, topk));
+  w.counters = static_cast<int32_t*>(batch.workspace);
+  w.keys = reinterpret_cast<uint32_t*>(static_cast<char*>(batch.workspace) +
+                                       CounterBytes(batch.num_spans));
+  w.key_capacity = (batch.workspace_bytes - CounterBytes(batch.num_spans)) / 4;
   return w;
 }
 
-// Blocks of the span that some row scores: [init_blocks, init_blocks + n).
-// Blocks past them are local (or invisible) for every row of the span.
+// Scored blocks of a span (DecodeScoredBlocks of its last row).
 __device__ inline int32_t ScoredBlocks(const DeviceSpan& span, const SelectionShape& shape) {
-  const int32_t last = span.first_position + span.num_rows - 1;
-  if (last < 0) return 0;
-  const int32_t scored_end = VisibleBlocks(last) - shape.local_blocks;
-  return scored_end > shape.init_blocks ? scored_end - shape.init_blocks : 0;
+  return DecodeScoredBlocks(shape, span.first_position + span.num_rows - 1);
 }
 
 // Exclusive prefix of the spans' scored blocks into prefix[0..num_spans];
@@ -115,8 +110,8 @@ __device__ void ScoredPrefix(const DeviceSpan* spans, int32_t num_spans,
 
 // First block index of CTA `cta` when total blocks are split over splits.
 __host__ __device__ inline int64_t SplitStart(int64_t total, int32_t splits, int32_t cta) {
-  // 32-bit arithmetic while the product fits (cta <= splits < 512, so below
-  // 4M blocks): a 64-bit division is a long subroutine on the GPU.
+  // 32-bit arithmetic while the product fits (cta <= splits <= kMaxSplits,
+  // so below 4M blocks): a 64-bit division is a long subroutine on the GPU.
   if (total < (int64_t{1} << 22)) {
     return static_cast<uint32_t>(total) * static_cast<uint32_t>(cta) /
            static_cast<uint32_t>(splits);
@@ -124,9 +119,9 @@ __host__ __device__ inline int64_t SplitStart(int64_t total, int32_t splits, int
   return total * cta / splits;
 }
 
-// CTAs that get work: one per block while blocks are fewer than CTAs (fewer
-// lists to merge; the rest exit at once). Derived from the device-side
-// total, so the grid stays fixed.
+// CTAs that get work: one per block while blocks are fewer than CTAs (the
+// rest have no pages to read). Derived from the device-side total, so the
+// grid stays fixed.
 __host__ __device__ inline int32_t ActiveSplits(int64_t total, int32_t splits) {
   return static_cast<int32_t>(total < splits ? (total < 1 ? 1 : total) : splits);
 }
@@ -322,91 +317,197 @@ __device__ __forceinline__ void ScoreKeys(
   FinishQuadMax(best, saw_nan);
 }
 
-// Shared memory of the score kernel, carved in this order.
-struct ScoreShared {
+// Shared memory, carved in this order. The span selection runs when the
+// CTA's pages are scored, so its scratch shares the bytes of the ring, the
+// fragments and the window.
+struct DecodeShared {
   unsigned char* ring;  // [stages][page bytes]
   uint4* fragments;     // [kMTiles][kKSteps][kGroupLanes]
   // [max_queries][kWindow] block maxima as OrderedKey, 0 = none yet; the
   // groups combine theirs with atomicMax (one copy, not one per group, so
   // two CTAs still fit a multiprocessor at 16 queries).
   uint32_t* window_max;
-  float* list_scores;   // [max_queries][topk]
-  int32_t* list_ids;    // [max_queries][topk]
-  float* fold_scores;   // [kGroups][kWindow]
-  int32_t* fold_flags;  // [kGroups][kWindow]
-  int32_t* prefix;      // [num_spans + 1]
-  int32_t* partial;     // [kThreads]
+  unsigned char* select_scratch;  // [kWarps] WarpTopKScratch
+  uint32_t* store_keys;           // [kWarpTopKRun]: winners of runs of one row
+  int32_t* store_ids;             // [kWarpTopKRun]
+  int32_t* prefix;                // [num_spans + 1]
+  int32_t* partial;               // [kThreads]
 };
 
 __host__ __device__ inline int64_t FragmentBytes(int32_t m_tiles, int32_t k_steps) {
   return static_cast<int64_t>(m_tiles) * k_steps * kGroupLanes * 16;
 }
 
-__host__ __device__ inline int64_t ScoreSharedBytes(int64_t ring_bytes, int32_t m_tiles,
-                                                    int32_t k_steps, int32_t max_queries,
-                                                    int32_t topk, int32_t num_spans) {
+__host__ __device__ inline int64_t ScoringBytes(int64_t ring_bytes, int32_t m_tiles,
+                                                int32_t k_steps, int32_t max_queries) {
   return ring_bytes + FragmentBytes(m_tiles, k_steps) +
-         4 * (static_cast<int64_t>(max_queries) * kWindow +
-              2 * static_cast<int64_t>(max_queries) * topk + 2 * kGroups * kWindow + num_spans + 1 +
-              kThreads);
+         4 * static_cast<int64_t>(max_queries) * kWindow;
 }
 
-__device__ inline ScoreShared CarveShared(unsigned char* base, int64_t ring_bytes, int32_t m_tiles,
-                                          int32_t k_steps, int32_t max_queries, int32_t topk,
-                                          int32_t num_spans) {
-  ScoreShared shared;
+__host__ __device__ inline int64_t SelectingBytes(int32_t topk) {
+  return kWarps * WarpTopKScratchBytes(topk) + 8 * int64_t{kWarpTopKRun};
+}
+
+__host__ __device__ inline int64_t DecodeSharedBytes(int64_t ring_bytes, int32_t m_tiles,
+                                                     int32_t k_steps, int32_t max_queries,
+                                                     int32_t topk, int32_t num_spans) {
+  const int64_t scoring = ScoringBytes(ring_bytes, m_tiles, k_steps, max_queries);
+  const int64_t selecting = SelectingBytes(topk);
+  return (scoring > selecting ? scoring : selecting) + 4 * (num_spans + 1 + int64_t{kThreads});
+}
+
+__device__ inline DecodeShared CarveShared(unsigned char* base, int64_t ring_bytes,
+                                           int32_t m_tiles, int32_t k_steps, int32_t max_queries,
+                                           int32_t topk, int32_t num_spans) {
+  DecodeShared shared;
   shared.ring = base;
-  base += ring_bytes;
-  shared.fragments = reinterpret_cast<uint4*>(base);
-  shared.window_max = reinterpret_cast<uint32_t*>(base + FragmentBytes(m_tiles, k_steps));
-  shared.list_scores = reinterpret_cast<float*>(shared.window_max + max_queries * kWindow);
-  shared.list_ids = reinterpret_cast<int32_t*>(shared.list_scores + max_queries * topk);
-  shared.fold_scores = reinterpret_cast<float*>(shared.list_ids + max_queries * topk);
-  shared.fold_flags = reinterpret_cast<int32_t*>(shared.fold_scores + kGroups * kWindow);
-  shared.prefix = shared.fold_flags + kGroups * kWindow;
+  shared.fragments = reinterpret_cast<uint4*>(base + ring_bytes);
+  shared.window_max =
+      reinterpret_cast<uint32_t*>(base + ring_bytes + FragmentBytes(m_tiles, k_steps));
+  shared.select_scratch = base;
+  shared.store_keys = reinterpret_cast<uint32_t*>(base + kWarps * WarpTopKScratchBytes(topk));
+  shared.store_ids = reinterpret_cast<int32_t*>(shared.store_keys + kWarpTopKRun);
+  const int64_t scoring = ScoringBytes(ring_bytes, m_tiles, k_steps, max_queries);
+  const int64_t selecting = SelectingBytes(topk);
+  shared.prefix = reinterpret_cast<int32_t*>(base + (scoring > selecting ? scoring : selecting));
   shared.partial = shared.prefix + num_spans + 1;
   return shared;
 }
 
-// Folds query q's window of block maxima (pages [window, window_end) of
-// the span's scored blocks) into its running list; one group per query.
-// Lane i stages page window + i; then lane 0 inserts the pages that beat
-// the list's last entry.
-__device__ void FoldWindow(const ScoreShared& shared, const SelectionShape& shape, int32_t q,
-                           int32_t position, int32_t window, int32_t window_end) {
-  const int group = threadIdx.x / kGroupLanes;
-  const int lane = threadIdx.x % kGroupLanes;
-  const int32_t topk = shape.topk;
-  float* list_scores = shared.list_scores + q * topk;
-  int32_t* list_ids = shared.list_ids + q * topk;
-  const int32_t page = window + lane;
-  const int32_t block = shape.init_blocks + page;
-  // Scored for this row: visible and not one of its local blocks.
-  bool candidate =
-      page < window_end && position >= 0 && block < VisibleBlocks(position) - shape.local_blocks;
-  float score = -__int_as_float(0x7f800000);
-  if (candidate) {
-    score = FromOrderedKey(shared.window_max[q * kWindow + lane]);
-    candidate = RanksBefore(score, block, list_scores[topk - 1], list_ids[topk - 1]);
+// Writes the window's block maxima, pages [window, window_end) of the
+// span's scored blocks, to the workspace and clears them for the next
+// window. Every thread takes part.
+__device__ void WriteWindow(const DecodeShared& shared, uint32_t* span_keys, int32_t scored,
+                            int32_t num_queries, int32_t window, int32_t window_end) {
+  const int32_t pages = window_end - window;
+  for (int32_t i = threadIdx.x; i < num_queries * pages; i += kThreads) {
+    const int32_t q = i / pages;
+    const int32_t page = i % pages;
+    span_keys[static_cast<int64_t>(q) * scored + window + page] =
+        shared.window_max[q * kWindow + page];
+    shared.window_max[q * kWindow + page] = 0;
   }
-  shared.window_max[q * kWindow + lane] = 0;  // ready for the next window
-  shared.fold_scores[group * kWindow + lane] = score;
-  shared.fold_flags[group * kWindow + lane] = candidate ? 1 : 0;
-  SyncWarp();
-  if (lane == 0) {
-    for (int i = 0; i < window_end - window; ++i) {
-      if (shared.fold_flags[group * kWindow + i] == 0) continue;
-      InsertCandidate(list_scores, list_ids, topk, shared.fold_scores[group * kWindow + i],
-                      shape.init_blocks + window + i);
+}
+
+// The candidates of one row, in block order: its init blocks, the scored
+// blocks (keys in the workspace), its local blocks.
+struct RowCandidates {
+  const uint32_t* keys;  // the row's scored keys, block init_blocks first
+  int32_t init_blocks;
+  int32_t init_end;     // forced init blocks [0, init_end)
+  int32_t local_start;  // forced local blocks [local_start, count)
+  int32_t count;        // visible blocks, 0 for padding
+
+  // Written by other CTAs of this launch: read from L2, never from a stale
+  // L1 line.
+  __device__ uint32_t KeyOf(int32_t block) const {
+    if (block < init_end) return OrderedKey(kInitPriority);
+    if (block >= local_start) return OrderedKey(kLocalPriority);
+    return LoadCoherent(keys + block - init_blocks);
+  }
+};
+
+__device__ inline RowCandidates CandidatesOf(const SelectionShape& shape, int32_t position,
+                                             const uint32_t* keys) {
+  RowCandidates row;
+  row.keys = keys;
+  row.init_blocks = shape.init_blocks;
+  row.count = VisibleBlocks(position);
+  row.local_start = row.count > shape.local_blocks ? row.count - shape.local_blocks : 0;
+  row.init_end = shape.init_blocks < row.local_start ? shape.init_blocks : row.local_start;
+  return row;
+}
+
+// Selects every row of span s from its keys and forced blocks and writes
+// the block ids; every thread of the CTA takes part. Rows of up to
+// kWarpTopKRun visible blocks take one warp each; a longer row is cut into
+// runs whose winners all warps find, and warp 0 selects among those
+// (the first list of the store carrying the winners of earlier rounds).
+__device__ void SelectSpan(const DecodeParams& params, const DecodeShared& shared,
+                           const uint32_t* keys, int32_t s) {
+  const SelectionShape& shape = params.shape;
+  const DeviceBatch& batch = params.batch;
+  const DeviceSpan span = batch.spans[s];
+  const int32_t heads = shape.num_heads;
+  const int32_t topk = shape.topk;
+  const int32_t num_queries = span.num_rows * heads;
+  const int32_t scored = shared.prefix[s + 1] - shared.prefix[s];
+  const uint32_t* span_keys = keys + static_cast<int64_t>(shared.prefix[s]) * params.max_queries;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = LaneIndex();
+  const WarpTopKScratch scratch =
+      CarveWarpTopKScratch(shared.select_scratch + warp * WarpTopKScratchBytes(topk), topk);
+  auto row_of = [&](int32_t q) {
+    return CandidatesOf(shape, span.first_position + q / heads,
+                        span_keys + static_cast<int64_t>(q) * scored);
+  };
+  auto out_of = [&](int32_t q) {
+    return batch.block_ids +
+           (static_cast<int64_t>(q % heads) * batch.total_rows + span.first_row + q / heads) * topk;
+  };
+  auto own_id = [](int32_t i) { return i; };
+  for (int32_t q = warp; q < num_queries; q += kWarps) {
+    const RowCandidates row = row_of(q);
+    if (row.count > kWarpTopKRun) continue;
+    int32_t* out = out_of(q);
+    WarpTopK([&](int32_t block) { return row.KeyOf(block); }, own_id, row.count, topk, scratch,
+             [&](int32_t rank, uint32_t, int32_t id) { out[rank] = id; });
+    const int32_t filled = row.count < topk ? row.count : topk;
+    for (int32_t e = filled + lane; e < topk; e += kWarpSize) out[e] = -1;
+  }
+  const int32_t lists = kWarpTopKRun / topk;  // per round: the carried list + new runs
+  for (int32_t q = 0; q < num_queries; ++q) {
+    const RowCandidates row = row_of(q);
+    if (row.count <= kWarpTopKRun) continue;
+    const int32_t runs = (row.count + kWarpTopKRun - 1) / kWarpTopKRun;
+    for (int32_t i = threadIdx.x; i < topk; i += kThreads) {
+      shared.store_keys[i] = 0;  // no winners yet; 0 loses to every key
+      shared.store_ids[i] = kNoBlock;
+    }
+    for (int32_t first_run = 0; first_run < runs; first_run += lists - 1) {
+      const int32_t round_runs = runs - first_run < lists - 1 ? runs - first_run : lists - 1;
+      for (int32_t r = warp; r < round_runs; r += kWarps) {
+        const int32_t run_begin = (first_run + r) * kWarpTopKRun;
+        const int32_t run_count =
+            row.count - run_begin < kWarpTopKRun ? row.count - run_begin : kWarpTopKRun;
+        uint32_t* list_keys = shared.store_keys + (1 + r) * topk;
+        int32_t* list_ids = shared.store_ids + (1 + r) * topk;
+        WarpTopK([&](int32_t i) { return row.KeyOf(run_begin + i); },
+                 [&](int32_t i) { return run_begin + i; }, run_count, topk, scratch,
+                 [&](int32_t rank, uint32_t key, int32_t id) {
+                   list_keys[rank] = key;
+                   list_ids[rank] = id;
+                 });
+        for (int32_t e = (run_count < topk ? run_count : topk) + lane; e < topk; e += kWarpSize) {
+          list_keys[e] = 0;
+          list_ids[e] = kNoBlock;
+        }
+      }
+      __syncthreads();  // the round's lists are in the store
+      if (warp == 0) {
+        const bool last_round = first_run + round_runs >= runs;
+        int32_t* out = out_of(q);
+        WarpTopK([&](int32_t i) { return shared.store_keys[i]; },
+                 [&](int32_t i) { return shared.store_ids[i]; }, (1 + round_runs) * topk, topk,
+                 scratch, [&](int32_t rank, uint32_t key, int32_t id) {
+                   if (last_round) {
+                     out[rank] = id;
+                   } else {
+                     shared.store_keys[rank] = key;
+                     shared.store_ids[rank] = id;
+                   }
+                 });
+      }
+      __syncthreads();  // the carried list is in place; the runs' lists are free
     }
   }
-  SyncWarp();
 }
 
 template <KeyDtype kDtype, int kHeadDim, int kMTiles>
-__global__ void __launch_bounds__(kThreads, 2) DecodeScoreKernel(DecodeParams params) {
+__global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params) {
   using Layout = KeyFragments<kDtype, kHeadDim>;
   extern __shared__ __align__(16) unsigned char shared_raw[];
+  __shared__ int32_t completes_span;
   const SelectionShape& shape = params.shape;
   const DeviceBatch& batch = params.batch;
   const int32_t num_spans = batch.num_spans;
@@ -414,23 +515,34 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeScoreKernel(DecodeParams pa
   const int32_t topk = shape.topk;
   constexpr int64_t kRowBytes = static_cast<int64_t>(kHeadDim) * kKeyBytes<kDtype>;
   constexpr int64_t kPageBytes = kBlockSize * kRowBytes;
-  const ScoreShared shared =
-      CarveShared(shared_raw, static_cast<int64_t>(kRingStages<kDtype, kHeadDim>) * kPageBytes,
-                  kMTiles, Layout::kKSteps, params.max_queries, topk, num_spans);
+  constexpr int64_t kRingBytes = static_cast<int64_t>(kRingStages<kDtype, kHeadDim>) * kPageBytes;
+  const DecodeShared shared = CarveShared(shared_raw, kRingBytes, kMTiles, Layout::kKSteps,
+                                          params.max_queries, topk, num_spans);
 
   ScoredPrefix(batch.spans, num_spans, shape, shared.prefix, shared.partial);
   const int32_t* prefix = shared.prefix;
-  const Workspace workspace =
-      CarveWorkspace(batch.workspace, params.splits, num_spans, params.max_queries, topk);
-  if (blockIdx.x == 0) {
-    for (int s = threadIdx.x; s <= num_spans; s += kThreads) workspace.prefix[s] = prefix[s];
-  }
+  const Workspace workspace = CarveWorkspace(batch);
   const int64_t total = prefix[num_spans];
+  if (total * params.max_queries > workspace.key_capacity) {
+    // A workspace too small for the batch (DecodeWorkspaceBytes sizes it):
+    // nothing is read or written but -1 rows.
+    for (int32_t s = blockIdx.x; s < num_spans; s += gridDim.x) {
+      const DeviceSpan span = batch.spans[s];
+      for (int32_t i = threadIdx.x; i < span.num_rows * heads * topk; i += kThreads) {
+        const int32_t q = i / topk;
+        batch.block_ids[(static_cast<int64_t>(q % heads) * batch.total_rows + span.first_row +
+                         q / heads) *
+                            topk +
+                        i % topk] = -1;
+      }
+    }
+    return;
+  }
   const int32_t splits = ActiveSplits(total, params.splits);
-  if (static_cast<int32_t>(blockIdx.x) >= splits) return;
-  const int64_t begin = SplitStart(total, splits, blockIdx.x);
-  const int64_t end = SplitStart(total, splits, blockIdx.x + 1);
-  if (begin >= end) return;
+  const int64_t begin =
+      static_cast<int32_t>(blockIdx.x) < splits ? SplitStart(total, splits, blockIdx.x) : 0;
+  const int64_t end =
+      static_cast<int32_t>(blockIdx.x) < splits ? SplitStart(total, splits, blockIdx.x + 1) : 0;
 
   // The span holding block `begin`: the last s with prefix[s] <= begin.
   int32_t low = 0, high = num_spans - 1;
@@ -448,8 +560,9 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeScoreKernel(DecodeParams pa
   const char* key_pool = static_cast<const char*>(
       batch.key_pool_ref != nullptr ? *batch.key_pool_ref : batch.key_pool);
 
-  for (int32_t s = low; s < num_spans && prefix[s] < end; ++s) {
+  for (int32_t s = low; begin < end && s < num_spans && prefix[s] < end; ++s) {
     const DeviceSpan span = batch.spans[s];
+    const int32_t scored = prefix[s + 1] - prefix[s];
     // This segment: the span's scored blocks [first, end_page), counted
     // from init_blocks.
     const int32_t first = static_cast<int32_t>((begin > prefix[s] ? begin : prefix[s]) - prefix[s]);
@@ -457,6 +570,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeScoreKernel(DecodeParams pa
         static_cast<int32_t>((end < prefix[s + 1] ? end : prefix[s + 1]) - prefix[s]);
     if (first >= end_page) continue;
     const int32_t* table = batch.block_table + span.table_offset + shape.init_blocks;
+    uint32_t* span_keys = workspace.keys + static_cast<int64_t>(prefix[s]) * params.max_queries;
     auto page_of = [&](int32_t page_index) {
       return key_pool + static_cast<int64_t>(page_index) * kPageBytes;
     };
@@ -482,10 +596,6 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeScoreKernel(DecodeParams pa
     StageQueryFragments<kDtype, kHeadDim, kMTiles>(
         batch.queries + static_cast<int64_t>(span.first_row) * heads * kHeadDim, num_queries,
         shared.fragments);
-    for (int i = threadIdx.x; i < num_queries * topk; i += kThreads) {
-      shared.list_scores[i] = -__int_as_float(0x7f800000);
-      shared.list_ids[i] = kNoBlock;
-    }
     for (int i = threadIdx.x; i < num_queries * kWindow; i += kThreads) shared.window_max[i] = 0;
     int32_t positions[kMTiles][2];
 #pragma unroll
@@ -497,7 +607,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeScoreKernel(DecodeParams pa
       }
     }
     int32_t next_index = first + kStages - 1 < end_page ? table[first + kStages - 1] : 0;
-    __syncthreads();  // fragments and lists are in place
+    __syncthreads();  // fragments and window are in place
     for (int32_t window = first; window < end_page; window += kWindow) {
       const int32_t window_end = window + kWindow < end_page ? window + kWindow : end_page;
       for (int32_t page = window; page < window_end; ++page) {
@@ -537,217 +647,60 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeScoreKernel(DecodeParams pa
         }
       }
       __syncthreads();  // the window's maxima are complete
-      for (int32_t q = group; q < num_queries; q += kGroups) {
-        FoldWindow(shared, shape, q, span.first_position + q / heads, window, window_end);
-      }
-      __syncthreads();  // lists updated; window_max may be rewritten
+      WriteWindow(shared, span_keys, scored, num_queries, window, window_end);
+      __syncthreads();  // window_max may be rewritten
     }
-    // This segment's lists go to slot (cta + span).
-    const int64_t slot = static_cast<int64_t>(blockIdx.x) + s;
-    for (int i = threadIdx.x; i < num_queries * topk; i += kThreads) {
-      const int64_t index = slot * params.max_queries * topk + i;
-      workspace.scores[index] = shared.list_scores[i];
-      workspace.ids[index] = shared.list_ids[i];
-    }
-    __syncthreads();  // the next segment restages fragments and lists
-  }
-  // The merge kernel may be scheduled once every CTA got here (or exited):
-  // its launch latency overlaps the last CTAs' work, and it never takes a
-  // multiprocessor a score CTA still needs.
-  AllowDependentLaunch();
-}
-
-// Most partial lists one merge covers: splits are limited to this.
-constexpr int kMaxLists = 384;
-constexpr int kMergeThreads = 256;
-
-// Entries of `list` (topk long, sorted best first) that rank before
-// (score, id); with or_equal, also those equal to it. Binary search.
-__device__ __forceinline__ int32_t CountBefore(const float* list_scores, const int32_t* list_ids,
-                                               int32_t topk, float score, int32_t id,
-                                               bool or_equal) {
-  int32_t low = 0, high = topk;  // the answer lies in [low, high]
-  while (low < high) {
-    const int32_t mid = (low + high) / 2;
-    const bool before = or_equal ? !RanksBefore(score, id, list_scores[mid], list_ids[mid])
-                                 : RanksBefore(list_scores[mid], list_ids[mid], score, id);
-    if (before) {
-      low = mid + 1;
-    } else {
-      high = mid;
-    }
-  }
-  return low;
-}
-
-// Shared bytes of the merge: two buffers of (splits + 1) lists.
-__host__ __device__ inline int64_t MergeSharedBytes(int32_t topk, int32_t splits) {
-  return 2 * (static_cast<int64_t>(splits) + 1) * topk * 8;
-}
-
-// One CTA per (span, query): the partial lists of the CTAs that covered the
-// span and one list of the row's forced blocks are copied to shared memory,
-// then merged pairwise in log2(lists) rounds. In a round every entry of a
-// pair finds its rank in the merged list by a binary search in the other
-// list (ties, only between empty entries, go to the first list) and lands
-// there if it is among the best topk; every thread takes part, with no
-// serial k-way loop.
-__global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(DecodeParams params) {
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  __shared__ int32_t first_list_cta;
-  __shared__ int32_t last_list_cta;
-  const SelectionShape& shape = params.shape;
-  const DeviceBatch& batch = params.batch;
-  const int32_t s = blockIdx.x;
-  const int32_t q = blockIdx.y;
-  const int32_t topk = shape.topk;
-  const DeviceSpan span = batch.spans[s];
-  const int32_t num_queries = span.num_rows * shape.num_heads;
-  if (q >= num_queries) return;
-  const int32_t row = q / shape.num_heads;
-  const int32_t head = q % shape.num_heads;
-  const int32_t position = span.first_position + row;
-  int32_t* out = batch.block_ids +
-                 (static_cast<int64_t>(head) * batch.total_rows + span.first_row + row) * topk;
-  WaitForPriorGrid();  // the score kernel's lists and prefix
-  if (position < 0) {  // padding
-    for (int32_t i = threadIdx.x; i < topk; i += kMergeThreads) out[i] = -1;
-    return;
-  }
-  const Workspace workspace =
-      CarveWorkspace(batch.workspace, params.splits, batch.num_spans, params.max_queries, topk);
-  const int64_t total = workspace.prefix[batch.num_spans];
-  const int64_t span_begin = workspace.prefix[s];
-  const int64_t span_end = workspace.prefix[s + 1];
-  const int32_t splits = ActiveSplits(total, params.splits);
-
-  // Active CTAs all have non-empty ranges, so the CTAs overlapping this
-  // span form one run, from the CTA holding its first block to the one
-  // holding its last; each wrote a list at slot (cta + span). One thread
-  // finds each end (no atomics: all CTAs of a long span would contend).
-  if (threadIdx.x == 0) {
-    first_list_cta = 0;
-    last_list_cta = -1;
-  }
-  __syncthreads();
-  for (int32_t cta = threadIdx.x; cta < splits && span_end > span_begin; cta += kMergeThreads) {
-    const int64_t cta_begin = SplitStart(total, splits, cta);
-    const int64_t cta_end = SplitStart(total, splits, cta + 1);
-    if (cta_begin <= span_begin && span_begin < cta_end) first_list_cta = cta;
-    if (cta_begin < span_end && span_end <= cta_end) last_list_cta = cta;
-  }
-  __syncthreads();
-  // Lists [0, scored) are the CTAs', list `scored` the forced blocks.
-  const int32_t scored = last_list_cta - first_list_cta + 1;
-  const int32_t capacity = (params.splits + 1) * topk;
-  // Buffer b: capacity scores, then capacity ids. (Computed, not kept in a
-  // pointer array: HIP's compiler cannot initialize one from shared memory.)
-  float* const shared_scores = reinterpret_cast<float*>(shared_raw);
-  auto scores = [&](int buffer) { return shared_scores + 2 * buffer * capacity; };
-  auto ids = [&](int buffer) {
-    return reinterpret_cast<int32_t*>(shared_scores + (2 * buffer + 1) * capacity);
-  };
-  // Loads go out kCopyBatch at a time before any is stored, so the copy
-  // waits on memory once per batch, not once per entry.
-  constexpr int kCopyBatch = 8;
-  const int32_t entries = scored * topk;
-  for (int32_t base = threadIdx.x; base < entries; base += kMergeThreads * kCopyBatch) {
-    float batch_scores[kCopyBatch];
-    int32_t batch_ids[kCopyBatch];
-#pragma unroll
-    for (int j = 0; j < kCopyBatch; ++j) {
-      const int32_t i = base + j * kMergeThreads;
-      if (i >= entries) continue;
-      const int64_t index =
-          ((static_cast<int64_t>(first_list_cta + i / topk) + s) * params.max_queries + q) * topk +
-          i % topk;
-      batch_scores[j] = workspace.scores[index];
-      batch_ids[j] = workspace.ids[index];
-    }
-#pragma unroll
-    for (int j = 0; j < kCopyBatch; ++j) {
-      const int32_t i = base + j * kMergeThreads;
-      if (i >= entries) continue;
-      scores(0)[i] = batch_scores[j];
-      ids(0)[i] = batch_ids[j];
-    }
-  }
-  {
-    // The forced blocks in rank order: init (1e30) then local (1e29), each
-    // by ascending id; a block that is both counts as local.
-    const int32_t valid = VisibleBlocks(position);
-    const int32_t local_start = valid > shape.local_blocks ? valid - shape.local_blocks : 0;
-    const int32_t init_end = shape.init_blocks < local_start ? shape.init_blocks : local_start;
-    const int32_t forced = init_end + (valid - local_start);
-    for (int32_t k = threadIdx.x; k < topk; k += kMergeThreads) {
-      const bool real = k < forced;
-      scores(0)[entries + k] = !real          ? -__int_as_float(0x7f800000)
-                               : k < init_end ? kInitPriority
-                                              : kLocalPriority;
-      ids(0)[entries + k] = !real ? kNoBlock : k < init_end ? k : local_start + (k - init_end);
-    }
-  }
-  __syncthreads();
-
-  int32_t lists = scored + 1;
-  int current = 0;
-  while (lists > 1) {
-    const int32_t pairs = (lists + 1) / 2;
-    const float* from_scores = scores(current);
-    const int32_t* from_ids = ids(current);
-    for (int32_t e = threadIdx.x; e < pairs * 2 * topk; e += kMergeThreads) {
-      const int32_t pair = e / (2 * topk);
-      const int32_t side = (e / topk) % 2;
-      const int32_t k = e % topk;
-      const int32_t own = 2 * pair + side;
-      if (own >= lists) continue;  // the odd list out has no partner
-      const float score = from_scores[own * topk + k];
-      const int32_t id = from_ids[own * topk + k];
-      const int32_t other = 2 * pair + 1 - side;
-      const int32_t rank =
-          k + (other < lists ? CountBefore(from_scores + other * topk, from_ids + other * topk,
-                                           topk, score, id, /*or_equal=*/side == 1)
-                             : 0);
-      if (rank < topk) {
-        scores(1 - current)[pair * topk + rank] = score;
-        ids(1 - current)[pair * topk + rank] = id;
+    // Count this segment's pages; the CTA that completes the span's count
+    // selects its rows. Every writer fences before the count is taken.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int32_t pages = end_page - first;
+      const int32_t before = atomicAdd(&workspace.counters[s], pages);
+      completes_span = before + pages == scored;
+      if (completes_span) {
+        workspace.counters[s] = 0;  // ready for the next launch
+        __threadfence();
       }
     }
     __syncthreads();
-    current = 1 - current;
-    lists = pairs;
+    if (completes_span) SelectSpan(params, shared, workspace.keys, s);
+    __syncthreads();  // the next segment restages the ring
   }
-  for (int32_t k = threadIdx.x; k < topk; k += kMergeThreads) {
-    const int32_t id = ids(current)[k];
-    out[k] = id == kNoBlock ? -1 : id;
+  // Spans without a scored block (padding, or every block forced) are in
+  // no CTA's range.
+  for (int32_t s = blockIdx.x; s < num_spans; s += gridDim.x) {
+    if (prefix[s + 1] != prefix[s]) continue;
+    SelectSpan(params, shared, workspace.keys, s);
+    __syncthreads();  // the scratch is free for the next span
   }
 }
 
-using ScoreKernel = void (*)(DecodeParams);
+using DecodeKernelPointer = void (*)(DecodeParams);
 
 // One instantiation per (head dim, query m-tiles), so fragments and
 // accumulators take only the registers the shape needs.
 template <KeyDtype kDtype, int kMTiles>
-ScoreKernel ScoreKernelFor(int32_t head_dim) {
+DecodeKernelPointer DecodeKernelFor(int32_t head_dim) {
   switch (head_dim) {
     case 16:
-      return &DecodeScoreKernel<kDtype, 16, kMTiles>;
+      return &DecodeKernel<kDtype, 16, kMTiles>;
     case 32:
-      return &DecodeScoreKernel<kDtype, 32, kMTiles>;
+      return &DecodeKernel<kDtype, 32, kMTiles>;
     case 64:
-      return &DecodeScoreKernel<kDtype, 64, kMTiles>;
+      return &DecodeKernel<kDtype, 64, kMTiles>;
     case 128:
-      return &DecodeScoreKernel<kDtype, 128, kMTiles>;
+      return &DecodeKernel<kDtype, 128, kMTiles>;
     default:
-      return &DecodeScoreKernel<kDtype, 256, kMTiles>;
+      return &DecodeKernel<kDtype, 256, kMTiles>;
   }
 }
 
 template <KeyDtype kDtype>
-ScoreKernel ScoreKernelFor(int32_t head_dim, int32_t m_tiles) {
-  return m_tiles == 1   ? ScoreKernelFor<kDtype, 1>(head_dim)
-         : m_tiles == 2 ? ScoreKernelFor<kDtype, 2>(head_dim)
-                        : ScoreKernelFor<kDtype, 4>(head_dim);
+DecodeKernelPointer DecodeKernelFor(int32_t head_dim, int32_t m_tiles) {
+  return m_tiles == 1   ? DecodeKernelFor<kDtype, 1>(head_dim)
+         : m_tiles == 2 ? DecodeKernelFor<kDtype, 2>(head_dim)
+                        : DecodeKernelFor<kDtype, 4>(head_dim);
 }
 
 int32_t KSteps(const SelectionShape& shape) {
@@ -760,57 +713,48 @@ int32_t MTiles(int32_t max_queries) {
 }
 
 constexpr int64_t kMaxSharedBytes = 200 * 1024;
+// The most CTAs: SplitStart's 32-bit path needs splits * blocks < 2^32.
+constexpr int32_t kMaxSplits = 1024;
 
 }  // namespace
 
 int64_t DecodeWorkspaceBytes(const SelectionShape& shape, int32_t max_spans,
-                             int32_t max_rows_per_span, int32_t splits) {
-  const int32_t max_queries = max_rows_per_span * shape.num_heads;
-  const int64_t prefix_bytes = ((static_cast<int64_t>(max_spans) + 1) * 4 + 255) / 256 * 256;
-  return prefix_bytes + ListEntries(splits, max_spans, max_queries, shape.topk) * 8;
+                             int32_t max_rows_per_span, int64_t max_scored_blocks) {
+  return CounterBytes(max_spans) +
+         4 * max_scored_blocks * max_rows_per_span * static_cast<int64_t>(shape.num_heads);
 }
 
 int32_t DecodeSplits(const DeviceInfo& device) {
-  return 2 * device.multiprocessors < kMaxLists ? 2 * device.multiprocessors : kMaxLists;
+  return 2 * device.multiprocessors < kMaxSplits ? 2 * device.multiprocessors : kMaxSplits;
 }
 
 KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
                           int32_t max_rows_per_span, int32_t splits, void* stream) {
   const int32_t max_queries = max_rows_per_span * shape.num_heads;
   if (!SupportsShape(shape, nullptr) || max_queries > kKernelLimits.max_decode_queries ||
-      max_rows_per_span < 1 || splits < 1 || splits > kMaxLists || batch.num_spans < 1 ||
-      batch.num_spans > 65535 || shape.topk > kKernelLimits.max_decode_topk) {
+      max_rows_per_span < 1 || splits < 1 || splits > kMaxSplits || batch.num_spans < 1 ||
+      shape.topk > kKernelLimits.max_decode_topk) {
     return KernelStatus::kUnsupported;
   }
-  // The merge keeps two buffers of (splits + 1) lists in shared memory, so
-  // a large topk runs on fewer CTAs (the workspace holds either).
-  const int32_t merge_fit =
-      static_cast<int32_t>(kMaxSharedBytes / MergeSharedBytes(shape.topk, 0)) - 1;
-  const DecodeParams params{shape, batch, max_queries, splits < merge_fit ? splits : merge_fit};
+  if (batch.workspace == nullptr || batch.workspace_bytes < CounterBytes(batch.num_spans)) {
+    return KernelStatus::kInvalidArgument;
+  }
+  const DecodeParams params{shape, batch, max_queries, splits};
   const int32_t m_tiles = MTiles(max_queries);
   const int32_t page_bytes = kBlockSize * shape.head_dim * KeyDtypeBytes(shape.key_dtype);
   const int64_t shared =
-      ScoreSharedBytes(static_cast<int64_t>(RingStages(page_bytes)) * page_bytes, m_tiles,
-                       KSteps(shape), max_queries, shape.topk, batch.num_spans);
-  const int64_t merge_shared = MergeSharedBytes(shape.topk, params.splits);
-  if (shared > kMaxSharedBytes || merge_shared > kMaxSharedBytes) {
-    return KernelStatus::kUnsupported;
-  }
-  auto* cuda_stream = static_cast<gpuStream_t>(stream);
-  const ScoreKernel score_kernel =
+      DecodeSharedBytes(static_cast<int64_t>(RingStages(page_bytes)) * page_bytes, m_tiles,
+                        KSteps(shape), max_queries, shape.topk, batch.num_spans);
+  if (shared > kMaxSharedBytes) return KernelStatus::kUnsupported;
+  const DecodeKernelPointer kernel =
       shape.key_dtype == KeyDtype::kBf16
-          ? ScoreKernelFor<KeyDtype::kBf16>(shape.head_dim, m_tiles)
-          : ScoreKernelFor<KeyDtype::kFp8E4m3>(shape.head_dim, m_tiles);
-  if (gpuFuncSetMaxDynamicSharedMemory(score_kernel, shared) != gpuSuccess ||
-      gpuFuncSetMaxDynamicSharedMemory(DecodeMergeKernel, merge_shared) != gpuSuccess) {
+          ? DecodeKernelFor<KeyDtype::kBf16>(shape.head_dim, m_tiles)
+          : DecodeKernelFor<KeyDtype::kFp8E4m3>(shape.head_dim, m_tiles);
+  if (gpuFuncSetMaxDynamicSharedMemory(kernel, shared) != gpuSuccess) {
     return KernelStatus::kDeviceError;
   }
-  score_kernel<<<params.splits, kThreads, shared, cuda_stream>>>(params);
-  if (gpuGetLastError() != gpuSuccess) return KernelStatus::kDeviceError;
-  return LaunchDependent(DecodeMergeKernel, dim3(batch.num_spans, max_queries), dim3(kMergeThreads),
-                         merge_shared, cuda_stream, params) == gpuSuccess
-             ? KernelStatus::kOk
-             : KernelStatus::kDeviceError;
+  kernel<<<splits, kThreads, shared, static_cast<gpuStream_t>(stream)>>>(params);
+  return gpuGetLastError() == gpuSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
 }
 
 }  // namespace blocksel::gpu

@@ -90,6 +90,11 @@ KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, voi
                               static_cast<gpuStream_t>(stream)));
 }
 
+KernelStatus ZeroDevice(void* device, int64_t bytes, void* stream) {
+  return Check(gpuMemsetAsync(device, 0, static_cast<size_t>(bytes),
+                              static_cast<gpuStream_t>(stream)));
+}
+
 KernelStatus EventCreate(void** event) {
   gpuEvent_t created;
   const KernelStatus status = Check(gpuEventCreate(&created));

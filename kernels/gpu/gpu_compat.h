@@ -145,6 +145,36 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* address) {
 #endif
 }
 
+// A load of data other CTAs of the running kernel wrote (after a fence):
+// from L2, never from a stale line of this multiprocessor's L1.
+__device__ __forceinline__ uint32_t LoadCoherent(const uint32_t* address) {
+#if defined(BLOCKSEL_GPU_HIP)
+  return *static_cast<const volatile uint32_t*>(address);
+#else
+  return __ldcg(address);
+#endif
+}
+
+// Lane masks of a whole warp, 64 bits wide whatever the warp width, and
+// the lane's index within its warp.
+using LaneMask = uint64_t;
+
+__device__ __forceinline__ int LaneIndex() { return static_cast<int>(threadIdx.x) % kWarpSize; }
+
+__device__ __forceinline__ LaneMask WarpBallot(bool predicate) {
+#if defined(BLOCKSEL_GPU_HIP)
+  return __ballot(predicate);
+#else
+  return __ballot_sync(0xffffffffu, predicate);
+#endif
+}
+
+// Lanes of `mask` below this lane: an ordered slot among the lanes that
+// set a ballot.
+__device__ __forceinline__ int LanesBelow(LaneMask mask) {
+  return __popcll(mask & ((LaneMask{1} << LaneIndex()) - 1));
+}
+
 // Orders shared-memory accesses among the lanes of one warp. AMD
 // wavefronts execute in lockstep; a wave barrier keeps the compiler from
 // reordering across it.

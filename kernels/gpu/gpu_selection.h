@@ -42,6 +42,8 @@ void StreamDestroy(void* stream);
 KernelStatus StreamSynchronize(void* stream);
 KernelStatus CopyHostToDevice(void* device, const void* host, int64_t bytes, void* stream);
 KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, void* stream);
+// Sets bytes of device memory to zero, in stream order.
+KernelStatus ZeroDevice(void* device, int64_t bytes, void* stream);
 
 // Events mark points in a stream; created with timing, so two that have
 // completed give the device time between them.
@@ -115,6 +117,7 @@ struct DeviceBatch {
   int32_t total_rows = 0;
   int32_t* block_ids = nullptr;  // int32 [H][total_rows][topk]
   void* workspace = nullptr;     // Decode/PrefillWorkspaceBytes(...) bytes
+  int64_t workspace_bytes = 0;
 };
 
 // What the GPU kernels run, in one place. A backend checks its model
@@ -138,13 +141,27 @@ bool SupportsShape(const SelectionShape& shape, std::string* reason);
 
 // Decode: every span has at most max_rows_per_span rows,
 // max_rows_per_span * H <= max_decode_queries and topk <= max_decode_topk.
-// The scored key blocks of the whole batch (those some row leaves
-// unforced) are split evenly over `splits` CTAs on the device (the split
-// does not depend on sequence lengths, so the launch can be captured in a
-// graph and replayed for any lengths), each keeping a partial top-k per
-// query; a second kernel merges them with the forced blocks. Two launches.
+// One launch. The scored key blocks of the whole batch (those some row
+// leaves unforced: DecodeScoredBlocks of each span's last row) are split
+// evenly over `splits` CTAs on the device (the split does not depend on
+// sequence lengths, so the launch can be captured in a graph and replayed
+// for any lengths); their block maxima go to the workspace, and the CTA
+// that completes a span selects its rows.
+//
+// The workspace must be zero before its first decode launch (ZeroDevice)
+// and serve decode launches only: each launch leaves it zero again (its
+// completion counters reset themselves). It holds a batch of up to
+// max_spans spans whose DecodeScoredBlocks sum to at most
+// max_scored_blocks; a batch it cannot hold gets -1 in every row, and no
+// memory beyond the workspace is touched.
+BLOCKSEL_HOST_DEVICE constexpr int32_t DecodeScoredBlocks(const SelectionShape& shape,
+                                                          int64_t last_position) {
+  return last_position < 0 || VisibleBlocks(last_position) - shape.local_blocks <= shape.init_blocks
+             ? 0
+             : VisibleBlocks(last_position) - shape.local_blocks - shape.init_blocks;
+}
 int64_t DecodeWorkspaceBytes(const SelectionShape& shape, int32_t max_spans,
-                             int32_t max_rows_per_span, int32_t splits);
+                             int32_t max_rows_per_span, int64_t max_scored_blocks);
 // A good split count for the device (a few CTAs per multiprocessor).
 int32_t DecodeSplits(const DeviceInfo& device);
 KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,

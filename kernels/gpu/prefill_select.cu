@@ -307,7 +307,9 @@ KernelStatus LaunchTiles(const SelectionShape& shape, const DeviceBatch& batch,
     return KernelStatus::kUnsupported;
   }
   if (key_splits < 1 || key_splits > kMaxPrefillKeySplits ||
-      (key_splits > 1 && (scores != nullptr || batch.workspace == nullptr))) {
+      (key_splits > 1 &&
+       (scores != nullptr || batch.workspace == nullptr ||
+        batch.workspace_bytes < PrefillWorkspaceBytes(shape, batch.total_rows, key_splits)))) {
     return KernelStatus::kInvalidArgument;
   }
   const dim3 grid(static_cast<unsigned>(TilesPerSpan(shape, max_rows_per_span)),

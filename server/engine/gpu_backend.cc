@@ -35,6 +35,11 @@ int32_t SpanBlocks(const RowSpan& span) {
   return VisibleBlocks(last);
 }
 
+// Blocks the decode kernel scores for a span.
+int64_t DecodeScoredBlocks(const SelectionShape& shape, const RowSpan& span) {
+  return gpu::DecodeScoredBlocks(shape, int64_t{span.first_position} + span.num_rows - 1);
+}
+
 // Entries of the device table arena: every page can be one table entry,
 // each table may round up to twice its length, and each sequence's first
 // segment holds BlockTableArena::kMinSegment entries.
@@ -106,8 +111,8 @@ GpuBackend::GpuBackend(const ModelConfig& config, int64_t num_pages, gpu::Device
 GpuBackend::~GpuBackend() {
   if (stream_ != nullptr) (void)gpu::StreamSynchronize(stream_);
   for (Slot& slot : slots_) slot.graphs.clear();
-  for (Buffer* device : {&inputs_, &outputs_, &workspace_, &scores_, &append_inputs_,
-                         &graph_inputs_, &graph_workspace_}) {
+  for (Buffer* device : {&inputs_, &outputs_, &decode_workspace_, &prefill_workspace_, &scores_,
+                         &append_inputs_, &graph_inputs_, &graph_workspace_}) {
     gpu::DeviceFree(device->data);
   }
   gpu::DeviceFree(pool_);
@@ -167,6 +172,13 @@ absl::Status GpuBackend::Reserve(Buffer* buffer, int64_t bytes, Memory memory) {
   }
   buffer->bytes = grown;
   return absl::OkStatus();
+}
+
+absl::Status GpuBackend::ReserveDecodeWorkspace(Buffer* buffer, int64_t bytes) {
+  if (buffer->bytes >= bytes) return absl::OkStatus();
+  BLOCKSEL_RETURN_IF_ERROR(Reserve(buffer, bytes, Memory::kDevice));
+  return DeviceStatus(gpu::ZeroDevice(buffer->data, buffer->bytes, stream_),
+                      "clearing the decode workspace");
 }
 
 void* GpuBackend::LayerPool(int32_t layer_index) const {
@@ -276,6 +288,7 @@ gpu::DeviceBatch GpuBackend::GraphBatch(int32_t bucket, int32_t tokens, int32_t*
   batch.total_rows = bucket * tokens;
   batch.block_ids = block_ids;
   batch.workspace = graph_workspace_.data;
+  batch.workspace_bytes = graph_workspace_.bytes;
   return batch;
 }
 
@@ -294,10 +307,13 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
                          int64_t{max_batch} * 16;
   const UploadLayout largest = GraphLayout(max_batch, max_tokens);
   const int32_t splits = gpu::DecodeSplits(device_);
+  // Pages belong to one sequence each, so a batch of distinct sequences
+  // scores at most every page once (FindGraph checks each batch).
+  graph_scored_capacity_ = std::min(num_pages_, int64_t{max_batch} * max_blocks);
   BLOCKSEL_RETURN_IF_ERROR(Reserve(&graph_inputs_, largest.runs, Memory::kDevice));
-  BLOCKSEL_RETURN_IF_ERROR(Reserve(&graph_workspace_,
-                                   gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, splits),
-                                   Memory::kDevice));
+  BLOCKSEL_RETURN_IF_ERROR(ReserveDecodeWorkspace(
+      &graph_workspace_,
+      gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, graph_scored_capacity_)));
   for (Slot& slot : slots_) {
     BLOCKSEL_RETURN_IF_ERROR(
         Reserve(&slot.graph_upload, largest.data + largest.data_capacity, Memory::kPinned));
@@ -344,9 +360,12 @@ gpu::CapturedGraph* GpuBackend::FindGraph(Slot& slot, const SelectionBatch& batc
     return nullptr;
   }
   *tokens = batch.spans[0].num_rows;
+  int64_t scored_blocks = 0;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     if (batch.spans[s].num_rows != *tokens) return nullptr;
+    scored_blocks += DecodeScoredBlocks(config_.shape(), batch.spans[s]);
   }
+  if (scored_blocks > graph_scored_capacity_) return nullptr;
   *bucket = 1;
   while (*bucket < batch.num_spans) *bucket *= 2;
   auto it = slot.graphs.find({*bucket, *tokens});
@@ -467,11 +486,13 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
   }
   int32_t max_rows = 1;
   int32_t max_visible_blocks = 0;
+  int64_t scored_blocks = 0;
   bool fits_decode = shape.topk <= gpu::kKernelLimits.max_decode_topk;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     const RowSpan& span = batch.spans[s];
     max_rows = std::max(max_rows, span.num_rows);
     max_visible_blocks = std::max(max_visible_blocks, SpanBlocks(span));
+    scored_blocks += DecodeScoredBlocks(shape, span);
     fits_decode =
         fits_decode && span.num_rows * shape.num_heads <= gpu::kKernelLimits.max_decode_queries;
   }
@@ -490,18 +511,20 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
   KernelStatus status;
   if (fits_decode) {
     const int32_t splits = gpu::DecodeSplits(device_);
-    BLOCKSEL_RETURN_IF_ERROR(
-        Reserve(&workspace_, gpu::DecodeWorkspaceBytes(shape, batch.num_spans, max_rows, splits),
-                Memory::kDevice));
-    device_batch.workspace = workspace_.data;
+    BLOCKSEL_RETURN_IF_ERROR(ReserveDecodeWorkspace(
+        &decode_workspace_,
+        gpu::DecodeWorkspaceBytes(shape, batch.num_spans, max_rows, scored_blocks)));
+    device_batch.workspace = decode_workspace_.data;
+    device_batch.workspace_bytes = decode_workspace_.bytes;
     status = gpu::LaunchDecode(shape, device_batch, max_rows, splits, stream_);
   } else {
     const int32_t key_splits =
         gpu::PrefillKeySplits(device_, shape, batch.num_spans, max_rows, max_visible_blocks);
     BLOCKSEL_RETURN_IF_ERROR(
-        Reserve(&workspace_, gpu::PrefillWorkspaceBytes(shape, batch.total_rows, key_splits),
-                Memory::kDevice));
-    device_batch.workspace = workspace_.data;
+        Reserve(&prefill_workspace_,
+                gpu::PrefillWorkspaceBytes(shape, batch.total_rows, key_splits), Memory::kDevice));
+    device_batch.workspace = prefill_workspace_.data;
+    device_batch.workspace_bytes = prefill_workspace_.bytes;
     status = gpu::LaunchPrefill(shape, device_batch, max_rows, key_splits, stream_);
   }
   BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(status, "selection kernel"));

@@ -125,6 +125,8 @@ class GpuBackend final : public Backend {
   // stream is idle, since selections in flight may read it; a pinned one
   // must have no copy from it pending.
   absl::Status Reserve(Buffer* buffer, int64_t bytes, Memory memory);
+  // Reserve for a decode workspace, which must be zero when first used.
+  absl::Status ReserveDecodeWorkspace(Buffer* buffer, int64_t bytes);
   absl::Status CaptureDecodeGraphs();
   // The layout of graph (bucket, tokens)'s upload (a slot's graph upload),
   // whose header, spans and queries it copies to graph_inputs_.
@@ -170,7 +172,8 @@ class GpuBackend final : public Backend {
   // Direct launches (shared by the slots: the stream orders their use).
   Buffer inputs_;     // device: the upload
   Buffer outputs_;    // device: block ids
-  Buffer workspace_;  // device: partial top-k lists
+  Buffer decode_workspace_;   // device: decode counters and block keys
+  Buffer prefill_workspace_;  // device: partial top-k lists
   Buffer scores_;     // device: block scores, when a batch asks for them
   // Appends outside a selection: one upload and one copy-run launch each.
   Buffer append_staging_;            // pinned
@@ -182,6 +185,7 @@ class GpuBackend final : public Backend {
   Buffer graph_inputs_;
   Buffer graph_workspace_;
   int64_t graph_data_capacity_ = 0;
+  int64_t graph_scored_capacity_ = 0;  // scored blocks graph_workspace_ holds
 };
 
 }  // namespace blocksel

@@ -68,8 +68,11 @@ class GpuSelectorTest : public ::testing::Test {
     std::vector<gpu::DeviceSpan> spans;
     std::vector<int32_t> table;
     int32_t max_rows = 1;
+    int64_t scored_blocks = 0;
     for (size_t i = 0; i < problem.spans.size(); ++i) {
       const RowSpan& span = problem.spans[i];
+      scored_blocks += gpu::DecodeScoredBlocks(problem.shape,
+                                               int64_t{span.first_position} + span.num_rows - 1);
       spans.push_back(
           {span.first_position, span.num_rows, span.first_row, static_cast<int32_t>(table.size())});
       table.insert(table.end(), problem.block_tables[i].begin(), problem.block_tables[i].end());
@@ -83,9 +86,15 @@ class GpuSelectorTest : public ::testing::Test {
     DeviceBuffer spans_device(static_cast<int64_t>(spans.size() * sizeof(gpu::DeviceSpan)));
     DeviceBuffer queries(static_cast<int64_t>(problem.queries.size()) * 2);
     DeviceBuffer out(out_count * 4);
-    DeviceBuffer workspace(std::max(
-        gpu::DecodeWorkspaceBytes(shape, static_cast<int32_t>(spans.size()), max_rows, splits),
-        gpu::PrefillWorkspaceBytes(shape, problem.total_rows, kTestKeySplits)));
+    const int64_t workspace_bytes = std::max(
+        gpu::DecodeWorkspaceBytes(shape, static_cast<int32_t>(spans.size()), max_rows,
+                                  scored_blocks),
+        gpu::PrefillWorkspaceBytes(shape, problem.total_rows, kTestKeySplits));
+    DeviceBuffer fresh_workspace(reused_workspace_ == nullptr ? workspace_bytes : 0);
+    if (reused_workspace_ == nullptr) {
+      EXPECT_EQ(gpu::ZeroDevice(fresh_workspace.get(), workspace_bytes, stream_),
+                KernelStatus::kOk);
+    }
     EXPECT_EQ(gpu::CopyHostToDevice(pool.get(), problem.pool.data(),
                                     static_cast<int64_t>(problem.pool.size()), stream_),
               KernelStatus::kOk);
@@ -112,7 +121,9 @@ class GpuSelectorTest : public ::testing::Test {
     batch.queries = static_cast<const uint16_t*>(queries.get());
     batch.total_rows = problem.total_rows;
     batch.block_ids = static_cast<int32_t*>(out.get());
-    batch.workspace = workspace.get();
+    batch.workspace = reused_workspace_ != nullptr ? reused_workspace_ : fresh_workspace.get();
+    batch.workspace_bytes =
+        reused_workspace_ != nullptr ? reused_workspace_bytes_ : workspace_bytes;
     // Score path: positions of every row, the visible blocks of the longest.
     std::vector<int32_t> positions(problem.total_rows);
     int32_t max_blocks = 1;
@@ -181,6 +192,9 @@ class GpuSelectorTest : public ::testing::Test {
 
   gpu::DeviceInfo device_;
   void* stream_ = nullptr;
+  // When set, Run uses this workspace as it is instead of a fresh one.
+  void* reused_workspace_ = nullptr;
+  int64_t reused_workspace_bytes_ = 0;
 };
 
 TEST_F(GpuSelectorTest, BothPathsMatchTheOracleOnRandomBatches) {
@@ -299,6 +313,61 @@ TEST_F(GpuSelectorTest, BlockScoresMatchFloat64BlockMaxima) {
       }
     }
   }
+}
+
+// Rows longer than one warp's run of candidates, and one longer than a
+// whole round of runs (topk 64: 15 runs of 1024 blocks per round).
+TEST_F(GpuSelectorTest, DecodeSelectsRowsOfManyRuns) {
+  SelectionShape wide = M3Shape();
+  wide.num_heads = 1;
+  wide.head_dim = 16;
+  wide.topk = 64;
+  wide.init_blocks = 2;
+  const int64_t round_tokens = int64_t{15} * 1024 * kBlockSize;
+  const SelectionProblem problem = ProblemBuilder(wide, 12, Values::kNormal)
+                                       .AddRequest(round_tokens + 5000, round_tokens + 4999, 1)
+                                       .AddRequest(3000 * kBlockSize, 3000 * kBlockSize - 2, 2)
+                                       .Build();
+  EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kDecode), kTolerance), "");
+  const SelectionProblem ties = ProblemBuilder(wide, 13, Values::kSmallIntegers)
+                                    .AddRequest(2500 * kBlockSize, 2500 * kBlockSize - 1, 1)
+                                    .Build();
+  EXPECT_EQ(Run(ties, Path::kDecode), RunCpu(ties));
+}
+
+// Launches on one workspace: each leaves its completion counters at zero,
+// so the next (a graph replay, another batch) starts clean.
+TEST_F(GpuSelectorTest, DecodeLaunchesShareOneWorkspace) {
+  const int64_t bytes = int64_t{64} << 20;
+  DeviceBuffer workspace(bytes);
+  ASSERT_EQ(gpu::ZeroDevice(workspace.get(), bytes, stream_), KernelStatus::kOk);
+  reused_workspace_ = workspace.get();
+  reused_workspace_bytes_ = bytes;
+  for (uint64_t seed = 300; seed < 330; ++seed) {
+    const SelectionProblem problem = RandomProblem(seed, Values::kNormal);
+    if (!FitsDecode(problem)) continue;
+    ASSERT_EQ(CompareWithOracle(problem, Run(problem, Path::kDecode), kTolerance), "")
+        << "seed " << seed;
+  }
+  std::vector<int32_t> counters(1024, -1);
+  ASSERT_EQ(gpu::CopyDeviceToHost(counters.data(), workspace.get(), 4096, stream_),
+            KernelStatus::kOk);
+  ASSERT_EQ(gpu::StreamSynchronize(stream_), KernelStatus::kOk);
+  EXPECT_EQ(counters, std::vector<int32_t>(1024, 0));
+}
+
+// A workspace too small for the batch's keys: every row -1, nothing else
+// touched (compute-sanitizer's memcheck runs this test too).
+TEST_F(GpuSelectorTest, DecodeWithATooSmallWorkspaceAnswersMinusOne) {
+  const SelectionProblem problem =
+      ProblemBuilder(M3Shape(), 14, Values::kNormal).AddRequest(50000, 49999, 1).Build();
+  const int64_t bytes = 4096;  // the counters, and keys for a few blocks
+  DeviceBuffer workspace(bytes);
+  ASSERT_EQ(gpu::ZeroDevice(workspace.get(), bytes, stream_), KernelStatus::kOk);
+  reused_workspace_ = workspace.get();
+  reused_workspace_bytes_ = bytes;
+  const std::vector<int32_t> result = Run(problem, Path::kDecode);
+  EXPECT_EQ(result, std::vector<int32_t>(result.size(), -1));
 }
 
 TEST_F(GpuSelectorTest, LongPrefillChunkWithPrefix) {
