@@ -16,10 +16,11 @@
 // of a window of 32 pages gather in shared memory and go to the workspace,
 // one order-preserving key per (query, block).
 // Each CTA then adds its pages to its span's counter; the CTA that
-// completes the count selects the span's rows from the keys (a radix
-// select per row, warp per row, see warp_topk.cuh) with the forced blocks,
-// and sets the counter back to zero for the next launch. Spans with no
-// scored block are answered by CTA span % grid without reading a key.
+// completes the count selects the span's rows from the keys (a warp per
+// row pulls the winners out of registers, see warp_topk.cuh) with the
+// forced blocks, and sets the counter back to zero for the next launch.
+// Spans with no scored block are answered by CTA span % grid without
+// reading a key.
 #include <cstdint>
 
 #include "kernels/gpu/gpu_compat.h"
@@ -327,11 +328,10 @@ struct DecodeShared {
   // groups combine theirs with atomicMax (one copy, not one per group, so
   // two CTAs still fit a multiprocessor at 16 queries).
   uint32_t* window_max;
-  unsigned char* select_scratch;  // [kWarps] WarpTopKScratch
-  uint32_t* store_keys;           // [kWarpTopKRun]: winners of runs of one row
-  int32_t* store_ids;             // [kWarpTopKRun]
-  int32_t* prefix;                // [num_spans + 1]
-  int32_t* partial;               // [kThreads]
+  uint32_t* store_keys;  // [kWarpTopKRun]: winners of runs of one long row
+  int32_t* store_ids;    // [kWarpTopKRun]
+  int32_t* prefix;       // [num_spans + 1]
+  int32_t* partial;      // [kThreads]
 };
 
 __host__ __device__ inline int64_t FragmentBytes(int32_t m_tiles, int32_t k_steps) {
@@ -344,31 +344,28 @@ __host__ __device__ inline int64_t ScoringBytes(int64_t ring_bytes, int32_t m_ti
          4 * static_cast<int64_t>(max_queries) * kWindow;
 }
 
-__host__ __device__ inline int64_t SelectingBytes(int32_t topk) {
-  return kWarps * WarpTopKScratchBytes(topk) + 8 * int64_t{kWarpTopKRun};
-}
+__host__ __device__ inline int64_t SelectingBytes() { return 8 * int64_t{kWarpTopKRun}; }
 
 __host__ __device__ inline int64_t DecodeSharedBytes(int64_t ring_bytes, int32_t m_tiles,
                                                      int32_t k_steps, int32_t max_queries,
-                                                     int32_t topk, int32_t num_spans) {
+                                                     int32_t num_spans) {
   const int64_t scoring = ScoringBytes(ring_bytes, m_tiles, k_steps, max_queries);
-  const int64_t selecting = SelectingBytes(topk);
+  const int64_t selecting = SelectingBytes();
   return (scoring > selecting ? scoring : selecting) + 4 * (num_spans + 1 + int64_t{kThreads});
 }
 
 __device__ inline DecodeShared CarveShared(unsigned char* base, int64_t ring_bytes,
                                            int32_t m_tiles, int32_t k_steps, int32_t max_queries,
-                                           int32_t topk, int32_t num_spans) {
+                                           int32_t num_spans) {
   DecodeShared shared;
   shared.ring = base;
   shared.fragments = reinterpret_cast<uint4*>(base + ring_bytes);
   shared.window_max =
       reinterpret_cast<uint32_t*>(base + ring_bytes + FragmentBytes(m_tiles, k_steps));
-  shared.select_scratch = base;
-  shared.store_keys = reinterpret_cast<uint32_t*>(base + kWarps * WarpTopKScratchBytes(topk));
+  shared.store_keys = reinterpret_cast<uint32_t*>(base);
   shared.store_ids = reinterpret_cast<int32_t*>(shared.store_keys + kWarpTopKRun);
   const int64_t scoring = ScoringBytes(ring_bytes, m_tiles, k_steps, max_queries);
-  const int64_t selecting = SelectingBytes(topk);
+  const int64_t selecting = SelectingBytes();
   shared.prefix = reinterpret_cast<int32_t*>(base + (scoring > selecting ? scoring : selecting));
   shared.partial = shared.prefix + num_spans + 1;
   return shared;
@@ -435,8 +432,6 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
   const uint32_t* span_keys = keys + static_cast<int64_t>(shared.prefix[s]) * params.max_queries;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = LaneIndex();
-  const WarpTopKScratch scratch =
-      CarveWarpTopKScratch(shared.select_scratch + warp * WarpTopKScratchBytes(topk), topk);
   auto row_of = [&](int32_t q) {
     return CandidatesOf(shape, span.first_position + q / heads,
                         span_keys + static_cast<int64_t>(q) * scored);
@@ -450,7 +445,7 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
     const RowCandidates row = row_of(q);
     if (row.count > kWarpTopKRun) continue;
     int32_t* out = out_of(q);
-    WarpTopK([&](int32_t block) { return row.KeyOf(block); }, own_id, row.count, topk, scratch,
+    WarpTopK([&](int32_t block) { return row.KeyOf(block); }, own_id, row.count, topk,
              [&](int32_t rank, uint32_t, int32_t id) { out[rank] = id; });
     const int32_t filled = row.count < topk ? row.count : topk;
     for (int32_t e = filled + lane; e < topk; e += kWarpSize) out[e] = -1;
@@ -473,7 +468,7 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
         uint32_t* list_keys = shared.store_keys + (1 + r) * topk;
         int32_t* list_ids = shared.store_ids + (1 + r) * topk;
         WarpTopK([&](int32_t i) { return row.KeyOf(run_begin + i); },
-                 [&](int32_t i) { return run_begin + i; }, run_count, topk, scratch,
+                 [&](int32_t i) { return run_begin + i; }, run_count, topk,
                  [&](int32_t rank, uint32_t key, int32_t id) {
                    list_keys[rank] = key;
                    list_ids[rank] = id;
@@ -489,7 +484,7 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
         int32_t* out = out_of(q);
         WarpTopK([&](int32_t i) { return shared.store_keys[i]; },
                  [&](int32_t i) { return shared.store_ids[i]; }, (1 + round_runs) * topk, topk,
-                 scratch, [&](int32_t rank, uint32_t key, int32_t id) {
+                 [&](int32_t rank, uint32_t key, int32_t id) {
                    if (last_round) {
                      out[rank] = id;
                    } else {
@@ -517,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params)
   constexpr int64_t kPageBytes = kBlockSize * kRowBytes;
   constexpr int64_t kRingBytes = static_cast<int64_t>(kRingStages<kDtype, kHeadDim>) * kPageBytes;
   const DecodeShared shared = CarveShared(shared_raw, kRingBytes, kMTiles, Layout::kKSteps,
-                                          params.max_queries, topk, num_spans);
+                                          params.max_queries, num_spans);
 
   ScoredPrefix(batch.spans, num_spans, shape, shared.prefix, shared.partial);
   const int32_t* prefix = shared.prefix;
@@ -672,7 +667,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params)
   for (int32_t s = blockIdx.x; s < num_spans; s += gridDim.x) {
     if (prefix[s + 1] != prefix[s]) continue;
     SelectSpan(params, shared, workspace.keys, s);
-    __syncthreads();  // the scratch is free for the next span
+    __syncthreads();  // the store is free for the next span
   }
 }
 
@@ -744,7 +739,7 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
   const int32_t page_bytes = kBlockSize * shape.head_dim * KeyDtypeBytes(shape.key_dtype);
   const int64_t shared =
       DecodeSharedBytes(static_cast<int64_t>(RingStages(page_bytes)) * page_bytes, m_tiles,
-                        KSteps(shape), max_queries, shape.topk, batch.num_spans);
+                        KSteps(shape), max_queries, batch.num_spans);
   if (shared > kMaxSharedBytes) return KernelStatus::kUnsupported;
   const DecodeKernelPointer kernel =
       shape.key_dtype == KeyDtype::kBf16
