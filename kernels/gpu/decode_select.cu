@@ -9,7 +9,8 @@
 // evenly over a fixed number of CTAs, so the grid never depends on
 // sequence lengths (graph capture) and mixed lengths stay balanced. A CTA
 // streams the pages of its range through a ring in shared memory
-// (asynchronous copies, several pages in flight); each 32-lane group takes
+// (page_ring.cuh: one bulk copy per page on sm_90, several pages in
+// flight); each 32-lane group takes
 // the same 16 keys of every page (eight groups cover a page) into registers
 // and scores them with matrix instructions against query fragments kept in
 // shared memory. One barrier per page frees its ring slot. The block maxima
@@ -25,6 +26,7 @@
 
 #include "kernels/gpu/gpu_compat.h"
 #include "kernels/gpu/gpu_selection.h"
+#include "kernels/gpu/page_ring.cuh"
 #include "kernels/gpu/page_tile.cuh"
 #include "kernels/gpu/select_common.cuh"
 #include "kernels/gpu/warp_topk.cuh"
@@ -225,29 +227,6 @@ __host__ __device__ constexpr int RingStages(int page_bytes) {
 template <KeyDtype kDtype, int kHeadDim>
 inline constexpr int kRingStages = RingStages(kBlockSize* kHeadDim* kKeyBytes<kDtype>);
 
-// Starts copying one page (contiguous in the pool) into a ring slot; every
-// thread of the CTA calls it, then CommitStage.
-template <KeyDtype kDtype, int kHeadDim>
-__device__ __forceinline__ void StageRawPage(const char* page, unsigned char* slot) {
-  constexpr int kChunks = kBlockSize * kHeadDim * kKeyBytes<kDtype> / 16;
-  for (int chunk = threadIdx.x; chunk < kChunks; chunk += kThreads) {
-#if defined(BLOCKSEL_GPU_MMA)
-    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(slot + chunk * 16));
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(address),
-                 "l"(page + chunk * 16));
-#else
-    *reinterpret_cast<uint4*>(slot + chunk * 16) = LoadStreaming(page + chunk * 16);
-#endif
-  }
-}
-
-// One commit group per ring stage (empty groups keep the count uniform).
-__device__ __forceinline__ void CommitStage() {
-#if defined(BLOCKSEL_GPU_MMA)
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
 // This lane's keys of a staged page: tile t, load l at keys[t][l].
 template <KeyDtype kDtype, int kHeadDim>
 __device__ __forceinline__ void LoadKeys(
@@ -328,8 +307,8 @@ struct DecodeShared {
   // groups combine theirs with atomicMax (one copy, not one per group, so
   // two CTAs still fit a multiprocessor at 16 queries).
   uint32_t* window_max;
-  uint32_t* store_keys;  // [kWarpTopKRun]: winners of runs of one long row
-  int32_t* store_ids;    // [kWarpTopKRun]
+  uint32_t* store_keys;  // [StoreEntries]: winners of runs of long rows
+  int32_t* store_ids;    // [StoreEntries]
   int32_t* prefix;       // [num_spans + 1]
   int32_t* partial;      // [kThreads]
 };
@@ -344,28 +323,39 @@ __host__ __device__ inline int64_t ScoringBytes(int64_t ring_bytes, int32_t m_ti
          4 * static_cast<int64_t>(max_queries) * kWindow;
 }
 
-__host__ __device__ inline int64_t SelectingBytes() { return 8 * int64_t{kWarpTopKRun}; }
+// Entries of the store: lists of topk winners, at least three per query
+// (the carried winners in, the carried winners out, one run), and room for
+// a long row's runs to be taken in few rounds.
+__host__ __device__ inline int64_t StoreEntries(int32_t max_queries, int32_t topk) {
+  const int64_t per_query = 3 * static_cast<int64_t>(max_queries) * topk;
+  return per_query > 4 * kWarpTopKRun ? per_query : 4 * kWarpTopKRun;
+}
+
+__host__ __device__ inline int64_t SelectingBytes(int32_t max_queries, int32_t topk) {
+  return 8 * StoreEntries(max_queries, topk);
+}
 
 __host__ __device__ inline int64_t DecodeSharedBytes(int64_t ring_bytes, int32_t m_tiles,
                                                      int32_t k_steps, int32_t max_queries,
-                                                     int32_t num_spans) {
+                                                     int32_t topk, int32_t num_spans) {
   const int64_t scoring = ScoringBytes(ring_bytes, m_tiles, k_steps, max_queries);
-  const int64_t selecting = SelectingBytes();
+  const int64_t selecting = SelectingBytes(max_queries, topk);
   return (scoring > selecting ? scoring : selecting) + 4 * (num_spans + 1 + int64_t{kThreads});
 }
 
 __device__ inline DecodeShared CarveShared(unsigned char* base, int64_t ring_bytes,
                                            int32_t m_tiles, int32_t k_steps, int32_t max_queries,
-                                           int32_t num_spans) {
+                                           int32_t topk, int32_t num_spans) {
   DecodeShared shared;
   shared.ring = base;
   shared.fragments = reinterpret_cast<uint4*>(base + ring_bytes);
   shared.window_max =
       reinterpret_cast<uint32_t*>(base + ring_bytes + FragmentBytes(m_tiles, k_steps));
   shared.store_keys = reinterpret_cast<uint32_t*>(base);
-  shared.store_ids = reinterpret_cast<int32_t*>(shared.store_keys + kWarpTopKRun);
+  shared.store_ids =
+      reinterpret_cast<int32_t*>(shared.store_keys + StoreEntries(max_queries, topk));
   const int64_t scoring = ScoringBytes(ring_bytes, m_tiles, k_steps, max_queries);
-  const int64_t selecting = SelectingBytes();
+  const int64_t selecting = SelectingBytes(max_queries, topk);
   shared.prefix = reinterpret_cast<int32_t*>(base + (scoring > selecting ? scoring : selecting));
   shared.partial = shared.prefix + num_spans + 1;
   return shared;
@@ -416,10 +406,13 @@ __device__ inline RowCandidates CandidatesOf(const SelectionShape& shape, int32_
 }
 
 // Selects every row of span s from its keys and forced blocks and writes
-// the block ids; every thread of the CTA takes part. Rows of up to
-// kWarpTopKRun visible blocks take one warp each; a longer row is cut into
-// runs whose winners all warps find, and warp 0 selects among those
-// (the first list of the store carrying the winners of earlier rounds).
+// the block ids; every thread of the CTA takes part. When every row has at
+// most kWarpTopKRun visible blocks, a warp takes a row. Longer rows are cut
+// into runs of kWarpTopKRun blocks: in a round the warps share the (row,
+// run) pairs and leave each run's winners in the store, then a warp per
+// row selects among its carried winners and the round's lists (the last
+// round into the block ids). The carried list alternates between two
+// places, so a round never overwrites the list it reads.
 __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& shared,
                            const uint32_t* keys, int32_t s) {
   const SelectionShape& shape = params.shape;
@@ -440,61 +433,75 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
     return batch.block_ids +
            (static_cast<int64_t>(q % heads) * batch.total_rows + span.first_row + q / heads) * topk;
   };
-  auto own_id = [](int32_t i) { return i; };
-  for (int32_t q = warp; q < num_queries; q += kWarps) {
-    const RowCandidates row = row_of(q);
-    if (row.count > kWarpTopKRun) continue;
-    int32_t* out = out_of(q);
-    WarpTopK([&](int32_t block) { return row.KeyOf(block); }, own_id, row.count, topk,
-             [&](int32_t rank, uint32_t, int32_t id) { out[rank] = id; });
-    const int32_t filled = row.count < topk ? row.count : topk;
-    for (int32_t e = filled + lane; e < topk; e += kWarpSize) out[e] = -1;
+  // The last row sees the most blocks.
+  const int32_t longest = VisibleBlocks(span.first_position + span.num_rows - 1);
+  if (longest <= kWarpTopKRun) {
+    for (int32_t q = warp; q < num_queries; q += kWarps) {
+      const RowCandidates row = row_of(q);
+      int32_t* out = out_of(q);
+      WarpTopK([&](int32_t block) { return row.KeyOf(block); }, [](int32_t i) { return i; },
+               row.count, topk, [&](int32_t rank, uint32_t, int32_t id) { out[rank] = id; });
+      const int32_t filled = row.count < topk ? row.count : topk;
+      for (int32_t e = filled + lane; e < topk; e += kWarpSize) out[e] = -1;
+    }
+    return;
   }
-  const int32_t lists = kWarpTopKRun / topk;  // per round: the carried list + new runs
-  for (int32_t q = 0; q < num_queries; ++q) {
-    const RowCandidates row = row_of(q);
-    if (row.count <= kWarpTopKRun) continue;
-    const int32_t runs = (row.count + kWarpTopKRun - 1) / kWarpTopKRun;
-    for (int32_t i = threadIdx.x; i < topk; i += kThreads) {
-      shared.store_keys[i] = 0;  // no winners yet; 0 loses to every key
-      shared.store_ids[i] = kNoBlock;
-    }
-    for (int32_t first_run = 0; first_run < runs; first_run += lists - 1) {
-      const int32_t round_runs = runs - first_run < lists - 1 ? runs - first_run : lists - 1;
-      for (int32_t r = warp; r < round_runs; r += kWarps) {
-        const int32_t run_begin = (first_run + r) * kWarpTopKRun;
-        const int32_t run_count =
-            row.count - run_begin < kWarpTopKRun ? row.count - run_begin : kWarpTopKRun;
-        uint32_t* list_keys = shared.store_keys + (1 + r) * topk;
-        int32_t* list_ids = shared.store_ids + (1 + r) * topk;
-        WarpTopK([&](int32_t i) { return row.KeyOf(run_begin + i); },
-                 [&](int32_t i) { return run_begin + i; }, run_count, topk,
-                 [&](int32_t rank, uint32_t key, int32_t id) {
-                   list_keys[rank] = key;
-                   list_ids[rank] = id;
-                 });
-        for (int32_t e = (run_count < topk ? run_count : topk) + lane; e < topk; e += kWarpSize) {
-          list_keys[e] = 0;
-          list_ids[e] = kNoBlock;
-        }
+  const int32_t runs = (longest + kWarpTopKRun - 1) / kWarpTopKRun;
+  // Lists per query: two carried places and up to lists - 2 runs a round,
+  // all of which one warp's run holds.
+  const int64_t fit = StoreEntries(params.max_queries, topk) / (int64_t{num_queries} * topk);
+  const int32_t lists = static_cast<int32_t>(fit < kWarpTopKRun / topk + 1 ? fit
+                                                                           : kWarpTopKRun / topk + 1);
+  auto list_of = [&](int32_t q, int32_t list) { return (q * lists + list) * topk; };
+  for (int32_t i = threadIdx.x; i < num_queries * topk; i += kThreads) {
+    shared.store_keys[list_of(i / topk, 0) + i % topk] = 0;  // no winners yet: 0 loses to all
+    shared.store_ids[list_of(i / topk, 0) + i % topk] = kNoBlock;
+  }
+  int32_t carried = 0;  // where the carried winners are: list 0 or 1
+  for (int32_t first_run = 0; first_run < runs; first_run += lists - 2) {
+    const int32_t round_runs = runs - first_run < lists - 2 ? runs - first_run : lists - 2;
+    for (int32_t task = warp; task < num_queries * round_runs; task += kWarps) {
+      const int32_t q = task / round_runs;
+      const int32_t run_begin = (first_run + task % round_runs) * kWarpTopKRun;
+      const RowCandidates row = row_of(q);
+      const int32_t left = row.count - run_begin;
+      const int32_t run_count = left < 0 ? 0 : left < kWarpTopKRun ? left : kWarpTopKRun;
+      const int32_t list = list_of(q, 2 + task % round_runs);
+      WarpTopK([&](int32_t i) { return row.KeyOf(run_begin + i); },
+               [&](int32_t i) { return run_begin + i; }, run_count, topk,
+               [&](int32_t rank, uint32_t key, int32_t id) {
+                 shared.store_keys[list + rank] = key;
+                 shared.store_ids[list + rank] = id;
+               });
+      for (int32_t e = (run_count < topk ? run_count : topk) + lane; e < topk; e += kWarpSize) {
+        shared.store_keys[list + e] = 0;
+        shared.store_ids[list + e] = kNoBlock;
       }
-      __syncthreads();  // the round's lists are in the store
-      if (warp == 0) {
-        const bool last_round = first_run + round_runs >= runs;
-        int32_t* out = out_of(q);
-        WarpTopK([&](int32_t i) { return shared.store_keys[i]; },
-                 [&](int32_t i) { return shared.store_ids[i]; }, (1 + round_runs) * topk, topk,
-                 [&](int32_t rank, uint32_t key, int32_t id) {
-                   if (last_round) {
-                     out[rank] = id;
-                   } else {
-                     shared.store_keys[rank] = key;
-                     shared.store_ids[rank] = id;
-                   }
-                 });
-      }
-      __syncthreads();  // the carried list is in place; the runs' lists are free
     }
+    __syncthreads();  // the round's lists are in the store
+    const bool last_round = first_run + round_runs >= runs;
+    for (int32_t q = warp; q < num_queries; q += kWarps) {
+      // Candidate i: the carried list first (the lowest blocks), then the
+      // round's runs in block order.
+      auto place = [&](int32_t i) {
+        const int32_t list = i / topk == 0 ? carried : 1 + i / topk;
+        return list_of(q, list) + i % topk;
+      };
+      const int32_t next = list_of(q, 1 - carried);
+      int32_t* out = out_of(q);
+      WarpTopK([&](int32_t i) { return shared.store_keys[place(i)]; },
+               [&](int32_t i) { return shared.store_ids[place(i)]; }, (1 + round_runs) * topk,
+               topk, [&](int32_t rank, uint32_t key, int32_t id) {
+                 if (last_round) {
+                   out[rank] = id == kNoBlock ? -1 : id;
+                 } else {
+                   shared.store_keys[next + rank] = key;
+                   shared.store_ids[next + rank] = id;
+                 }
+               });
+    }
+    carried = 1 - carried;
+    __syncthreads();  // the carried list is in place; the runs' lists are free
   }
 }
 
@@ -512,7 +519,11 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params)
   constexpr int64_t kPageBytes = kBlockSize * kRowBytes;
   constexpr int64_t kRingBytes = static_cast<int64_t>(kRingStages<kDtype, kHeadDim>) * kPageBytes;
   const DecodeShared shared = CarveShared(shared_raw, kRingBytes, kMTiles, Layout::kKSteps,
-                                          params.max_queries, num_spans);
+                                          params.max_queries, topk, num_spans);
+  constexpr int kStages = kRingStages<kDtype, kHeadDim>;
+  __shared__ uint64_t ring_full[kStages];
+  const PageRing<kStages, static_cast<int>(kPageBytes), kThreads> ring{shared.ring, ring_full};
+  ring.Init();  // ScoredPrefix's barriers publish it
 
   ScoredPrefix(batch.spans, num_spans, shape, shared.prefix, shared.partial);
   const int32_t* prefix = shared.prefix;
@@ -555,6 +566,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params)
   const char* key_pool = static_cast<const char*>(
       batch.key_pool_ref != nullptr ? *batch.key_pool_ref : batch.key_pool);
 
+  uint32_t ring_seq = 0;  // pages this CTA has staged
   for (int32_t s = low; begin < end && s < num_spans && prefix[s] < end; ++s) {
     const DeviceSpan span = batch.spans[s];
     const int32_t scored = prefix[s + 1] - prefix[s];
@@ -569,7 +581,10 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params)
     auto page_of = [&](int32_t page_index) {
       return key_pool + static_cast<int64_t>(page_index) * kPageBytes;
     };
-    constexpr int kStages = kRingStages<kDtype, kHeadDim>;
+    // Ring sequence numbers of this segment's pages.
+    const uint32_t first_seq = ring_seq;
+    auto seq_of = [&](int32_t page) { return first_seq + static_cast<uint32_t>(page - first); };
+    ring_seq += static_cast<uint32_t>(end_page - first);
     // Ring prologue, before the queries are staged so that their loads
     // overlap: pages first .. first + kStages - 2 in flight. The table
     // entry of the next page to stage is read one page early, so no copy
@@ -581,11 +596,8 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params)
     }
 #pragma unroll
     for (int stage = 0; stage < kStages - 1; ++stage) {
-      if (first + stage < end_page) {
-        StageRawPage<kDtype, kHeadDim>(page_of(prologue_pages[stage]),
-                                       shared.ring + ((first + stage) % kStages) * kPageBytes);
-      }
-      CommitStage();
+      if (first + stage < end_page) ring.Stage(page_of(prologue_pages[stage]), seq_of(first + stage));
+      ring.Commit();
     }
     const int32_t num_queries = span.num_rows * heads;
     StageQueryFragments<kDtype, kHeadDim, kMTiles>(
@@ -606,18 +618,18 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params)
     for (int32_t window = first; window < end_page; window += kWindow) {
       const int32_t window_end = window + kWindow < end_page ? window + kWindow : end_page;
       for (int32_t page = window; page < window_end; ++page) {
-        // Every thread's copies of `page` are complete and every group is
-        // done with the slot staged next (it held page - 1).
-        WaitStagedPages<kStages - 2>();
+        // `page` is in its slot and every group is done with the slot
+        // staged next (it held page - 1).
+        ring.Wait(seq_of(page));
+        __syncthreads();
         const int32_t staged = page + kStages - 1;
         if (staged < end_page) {
-          StageRawPage<kDtype, kHeadDim>(page_of(next_index),
-                                         shared.ring + (staged % kStages) * kPageBytes);
+          ring.Stage(page_of(next_index), seq_of(staged));
           if (staged + 1 < end_page) next_index = table[staged + 1];
         }
-        CommitStage();
+        ring.Commit();
         uint4 keys[kTilesPerGroup][Layout::kLoads];
-        LoadKeys<kDtype, kHeadDim>(shared.ring + (page % kStages) * kPageBytes + lane_offset, keys);
+        LoadKeys<kDtype, kHeadDim>(ring.Slot(seq_of(page)) + lane_offset, keys);
         const int32_t block_start = (shape.init_blocks + page) * kBlockSize;
         const int32_t first_key_position = block_start + group * kKeysPerGroup;
         float best[kMTiles][2];
@@ -739,7 +751,7 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
   const int32_t page_bytes = kBlockSize * shape.head_dim * KeyDtypeBytes(shape.key_dtype);
   const int64_t shared =
       DecodeSharedBytes(static_cast<int64_t>(RingStages(page_bytes)) * page_bytes, m_tiles,
-                        KSteps(shape), max_queries, batch.num_spans);
+                        KSteps(shape), max_queries, shape.topk, batch.num_spans);
   if (shared > kMaxSharedBytes) return KernelStatus::kUnsupported;
   const DecodeKernelPointer kernel =
       shape.key_dtype == KeyDtype::kBf16

@@ -16,7 +16,8 @@
 
 namespace blocksel::gpu {
 
-inline constexpr int kWarpTopKPerLane = 32;
+inline constexpr int kWarpTopKPerLane = 16;
+static_assert((kWarpTopKPerLane & (kWarpTopKPerLane - 1)) == 0, "LaneBest pairs slots");
 // Candidates one warp selects from at a time.
 inline constexpr int kWarpTopKRun = kWarpTopKPerLane * kWarpSize;
 
@@ -44,18 +45,24 @@ __device__ __forceinline__ uint32_t WarpMin(uint32_t value) {
 #endif
 }
 
-// The lane's best candidate: the highest key, the first slot on ties
-// (slots hold ascending positions).
+// The best of slots [kBegin, kBegin + kCount): the highest key, the first
+// slot on ties (slots hold ascending positions). A tree of halves, so the
+// comparisons do not wait on one another in one long chain, and every
+// index is a constant (the keys stay in registers).
+template <int kBegin, int kCount>
 __device__ __forceinline__ void LaneBest(const uint32_t (&keys)[kWarpTopKPerLane],
                                          uint32_t* best_key, int* best_slot) {
-  *best_key = keys[0];
-  *best_slot = 0;
-#pragma unroll
-  for (int j = 1; j < kWarpTopKPerLane; ++j) {
-    if (keys[j] > *best_key) {
-      *best_key = keys[j];
-      *best_slot = j;
-    }
+  if constexpr (kCount == 1) {
+    *best_key = keys[kBegin];
+    *best_slot = kBegin;
+  } else {
+    uint32_t left_key, right_key;
+    int left_slot, right_slot;
+    LaneBest<kBegin, kCount / 2>(keys, &left_key, &left_slot);
+    LaneBest<kBegin + kCount / 2, kCount / 2>(keys, &right_key, &right_slot);
+    const bool right = right_key > left_key;  // the left half keeps ties
+    *best_key = right ? right_key : left_key;
+    *best_slot = right ? right_slot : left_slot;
   }
 }
 
@@ -77,7 +84,7 @@ __device__ void WarpTopK(const KeyOf& key_of, const IdOf& id_of, int32_t n, int3
   }
   uint32_t best_key;
   int best_slot;
-  LaneBest(keys, &best_key, &best_slot);
+  LaneBest<0, kWarpTopKPerLane>(keys, &best_key, &best_slot);
   const int32_t winners = n < topk ? n : topk;
   for (int32_t rank = 0; rank < winners; ++rank) {
     const uint32_t top = WarpMax(best_key);
@@ -89,7 +96,7 @@ __device__ void WarpTopK(const KeyOf& key_of, const IdOf& id_of, int32_t n, int3
       sink(rank, top, id_of(static_cast<int32_t>(winner)));
 #pragma unroll
       for (int j = 0; j < kWarpTopKPerLane; ++j) keys[j] = j == best_slot ? 0u : keys[j];
-      LaneBest(keys, &best_key, &best_slot);
+      LaneBest<0, kWarpTopKPerLane>(keys, &best_key, &best_slot);
     }
   }
 }

@@ -316,7 +316,8 @@ TEST_F(GpuSelectorTest, BlockScoresMatchFloat64BlockMaxima) {
 }
 
 // Rows longer than one warp's run of candidates, and one longer than a
-// whole round of runs (topk 64: 15 runs of 1024 blocks per round).
+// whole round of runs (at topk 64 a round takes a few runs of hundreds of
+// blocks; this row has 15400 blocks).
 TEST_F(GpuSelectorTest, DecodeSelectsRowsOfManyRuns) {
   SelectionShape wide = M3Shape();
   wide.num_heads = 1;
