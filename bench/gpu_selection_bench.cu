@@ -228,15 +228,28 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
   CHECK_CUDA(cudaMalloc(&spans_d, s.batch * sizeof(gpu::DeviceSpan)));
   CHECK_CUDA(cudaMalloc(&queries_d, rows * 4 * 128 * 2));
   CHECK_CUDA(cudaMalloc(&out_d, rows * 4 * 16 * 4));
-  const int32_t splits = decode_splits > 0 ? decode_splits : gpu::DecodeSplits(device);
-  const int32_t key_splits = s.decode ? 1
-                                      : gpu::PrefillKeySplits(device, shape, s.batch, s.rows,
-                                                              static_cast<int32_t>(blocks_per_seq));
-  const int64_t scored_blocks =
-      int64_t{s.batch} * gpu::DecodeScoredBlocks(shape, int64_t{s.context} - 1);
-  const int64_t workspace_bytes =
-      std::max(gpu::DecodeWorkspaceBytes(shape, s.batch, s.rows, scored_blocks),
-               gpu::PrefillWorkspaceBytes(shape, static_cast<int32_t>(rows), key_splits));
+  // The plan the server would make, and for prefill also the unsplit
+  // kernel (the baseline).
+  gpu::BatchDims dims;
+  for (const gpu::DeviceSpan& span : spans) {
+    gpu::AddSpan(shape, span.first_position, span.num_rows, &dims);
+  }
+  gpu::PlanOptions options;
+  options.force_path = true;
+  options.path = s.decode ? gpu::KernelPath::kDecode : gpu::KernelPath::kPrefill;
+  gpu::SelectionPlan plan;
+  gpu::SelectionPlan unsplit;
+  options.splits = s.decode ? decode_splits : 1;
+  if (gpu::Plan(shape, dims, device, options, &unsplit) != KernelStatus::kOk) {
+    std::printf("%-34s no plan\n", s.name);
+    return;
+  }
+  options.splits = s.decode ? decode_splits : 0;
+  if (gpu::Plan(shape, dims, device, options, &plan) != KernelStatus::kOk) {
+    std::printf("%-34s no plan\n", s.name);
+    return;
+  }
+  const int64_t workspace_bytes = std::max(plan.workspace_bytes, unsplit.workspace_bytes);
   CHECK_CUDA(cudaMalloc(&workspace_d, std::max<int64_t>(workspace_bytes, 16)));
   CHECK_CUDA(cudaMemsetAsync(workspace_d, 0, workspace_bytes, stream));  // decode's counters
   CHECK_CUDA(cudaMemcpyAsync(table_d, table.data(), pages * 4, cudaMemcpyHostToDevice, stream));
@@ -267,13 +280,13 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
     std::vector<gpu::CapturedGraph> graphs(copies);
     for (int c = 0; c < copies; ++c) {
       batch.key_pool = pools[c];
-      if (gpu::LaunchDecode(shape, batch, s.rows, splits, stream) != KernelStatus::kOk) {
+      if (gpu::Select(plan, batch, stream) != KernelStatus::kOk) {
         std::printf("%-34s launch failed: %s\n", s.name, gpu::LastErrorText());
         return;
       }
       CHECK_CUDA(cudaStreamSynchronize(stream));
       if (graphs[c].BeginCapture(stream) != KernelStatus::kOk ||
-          gpu::LaunchDecode(shape, batch, s.rows, splits, stream) != KernelStatus::kOk ||
+          gpu::Select(plan, batch, stream) != KernelStatus::kOk ||
           graphs[c].EndCapture(stream) != KernelStatus::kOk) {
         std::printf("%-34s capture failed: %s\n", s.name, gpu::LastErrorText());
         return;
@@ -288,13 +301,14 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
   } else {
     // The unsplit kernel first (the baseline), then the key split the
     // backend would choose, when it chooses one.
-    for (int32_t split : {1, key_splits}) {
+    for (const gpu::SelectionPlan* run : {&unsplit, &plan}) {
+      const int32_t split = run->splits;
       times.clear();
       for (int i = 0; i < 7; ++i) {
         // Rotate pools so every run reads its keys from memory, not L2.
         batch.key_pool = pools[i % copies];
         CHECK_CUDA(cudaEventRecord(start, stream));
-        if (gpu::LaunchPrefill(shape, batch, s.rows, split, stream) != KernelStatus::kOk) {
+        if (gpu::Select(*run, batch, stream) != KernelStatus::kOk) {
           std::printf("%-34s launch failed: %s\n", s.name, gpu::LastErrorText());
           return;
         }
@@ -309,7 +323,7 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
       std::printf("%-34s %9.1f us %7.1f TFLOP/s  floor %7.1f us (%5.1f%%)  key splits %d\n", s.name,
                   us, flops / (us * 1e-6) / 1e12, floor_us, 100.0 * floor_us / us, split);
       records->push_back({s.name, false, s.batch, s.context, s.rows, s.dtype, us, floor_us, split});
-      if (key_splits == 1) break;
+      if (plan.splits == 1) break;
     }
   }
   for (void* pool : pools) CHECK_CUDA(cudaFree(pool));

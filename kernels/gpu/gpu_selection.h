@@ -183,6 +183,53 @@ int64_t PrefillWorkspaceBytes(const SelectionShape& shape, int32_t total_rows, i
 KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
                            int32_t max_rows_per_span, int32_t key_splits, void* stream);
 
+// ------------------------------------------------------- plan, then select
+// The one way the server, the GPU tests and the benchmark run a selection:
+// a plan made on the host for the dimensions of a batch (or for the
+// largest batch a captured graph serves) picks the kernel, its split and
+// its workspace; Select runs it on any batch within those dimensions,
+// without a host synchronization or an allocation, so it can be captured.
+
+// The host-side dimensions of a batch.
+struct BatchDims {
+  int32_t num_spans = 0;
+  int32_t total_rows = 0;
+  int32_t max_rows_per_span = 0;
+  int32_t max_visible_blocks = 0;  // blocks the longest row sees
+  int64_t scored_blocks = 0;       // DecodeScoredBlocks summed over the spans
+};
+
+// Adds a span of num_rows rows from first_position (negative: padding).
+void AddSpan(const SelectionShape& shape, int64_t first_position, int32_t num_rows,
+             BatchDims* dims);
+
+enum class KernelPath : int32_t { kDecode = 0, kPrefill = 1 };
+
+struct PlanOptions {
+  bool force_path = false;  // tests pin a kernel; otherwise decode when the batch fits it
+  KernelPath path = KernelPath::kDecode;
+  int32_t splits = 0;  // > 0: this split (decode CTAs, prefill key splits) instead of the device's
+};
+
+struct SelectionPlan {
+  SelectionShape shape;
+  BatchDims dims;
+  KernelPath path = KernelPath::kPrefill;
+  int32_t splits = 1;           // decode CTAs, or prefill key splits
+  int64_t workspace_bytes = 0;  // what DeviceBatch::workspace must hold
+  // Decode: the workspace must be zero before its first use (ZeroDevice);
+  // every launch leaves it so.
+  bool zero_workspace_once = false;
+};
+
+// kUnsupported when the shape or the dimensions are beyond the kernels
+// (or a forced path cannot run them).
+KernelStatus Plan(const SelectionShape& shape, const BatchDims& dims, const DeviceInfo& device,
+                  const PlanOptions& options, SelectionPlan* plan);
+
+// Runs the plan on `batch`, whose dimensions are within the plan's.
+KernelStatus Select(const SelectionPlan& plan, const DeviceBatch& batch, void* stream);
+
 // ------------------------------------------------ vLLM's indexer entry points
 // For callers that link the kernels in process and want vLLM's three calls:
 // score, top-k from scores, and decode (LaunchDecode above, which writes

@@ -306,14 +306,26 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
                          std::min(num_pages_, int64_t{max_batch} * max_blocks) * 4 +
                          int64_t{max_batch} * 16;
   const UploadLayout largest = GraphLayout(max_batch, max_tokens);
-  const int32_t splits = gpu::DecodeSplits(device_);
   // Pages belong to one sequence each, so a batch of distinct sequences
   // scores at most every page once (FindGraph checks each batch).
   graph_scored_capacity_ = std::min(num_pages_, int64_t{max_batch} * max_blocks);
+  // Graph (bucket, tokens) runs the decode plan of its largest batch.
+  auto graph_plan = [&](int32_t bucket, int32_t tokens, gpu::SelectionPlan* plan) {
+    gpu::BatchDims dims;
+    dims.num_spans = bucket;
+    dims.total_rows = bucket * tokens;
+    dims.max_rows_per_span = tokens;
+    dims.max_visible_blocks = static_cast<int32_t>(max_blocks);
+    dims.scored_blocks = graph_scored_capacity_;
+    gpu::PlanOptions decode;
+    decode.force_path = true;
+    decode.path = gpu::KernelPath::kDecode;
+    return DeviceStatus(gpu::Plan(shape, dims, device_, decode, plan), "planning a decode graph");
+  };
+  gpu::SelectionPlan largest_plan;
+  BLOCKSEL_RETURN_IF_ERROR(graph_plan(max_batch, max_tokens, &largest_plan));
   BLOCKSEL_RETURN_IF_ERROR(Reserve(&graph_inputs_, largest.runs, Memory::kDevice));
-  BLOCKSEL_RETURN_IF_ERROR(ReserveDecodeWorkspace(
-      &graph_workspace_,
-      gpu::DecodeWorkspaceBytes(shape, max_batch, max_tokens, graph_scored_capacity_)));
+  BLOCKSEL_RETURN_IF_ERROR(ReserveDecodeWorkspace(&graph_workspace_, largest_plan.workspace_bytes));
   for (Slot& slot : slots_) {
     BLOCKSEL_RETURN_IF_ERROR(
         Reserve(&slot.graph_upload, largest.data + largest.data_capacity, Memory::kPinned));
@@ -331,6 +343,8 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
     for (int32_t bucket = 1; bucket <= max_batch; bucket *= 2) {
       for (int32_t tokens = 1; tokens <= max_tokens; ++tokens) {
         const UploadLayout layout = GraphLayout(bucket, tokens);
+        gpu::SelectionPlan plan;
+        BLOCKSEL_RETURN_IF_ERROR(graph_plan(bucket, tokens, &plan));
         auto graph = std::make_unique<gpu::CapturedGraph>();
         KernelStatus status = graph->BeginCapture(stream_);
         if (status == KernelStatus::kOk) {
@@ -338,9 +352,8 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
               reinterpret_cast<const gpu::CopyRun*>(runs_base + layout.runs),
               reinterpret_cast<const int32_t*>(runs_base + kNumRunsOffset), stream_);
           if (status == KernelStatus::kOk) {
-            status =
-                gpu::LaunchDecode(shape, GraphBatch(bucket, tokens, static_cast<int32_t*>(results)),
-                                  tokens, splits, stream_);
+            status = gpu::Select(
+                plan, GraphBatch(bucket, tokens, static_cast<int32_t*>(results)), stream_);
           }
           const KernelStatus ended = graph->EndCapture(stream_);
           if (status == KernelStatus::kOk) status = ended;
@@ -484,21 +497,23 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
                             reinterpret_cast<const int32_t*>(inputs + kNumRunsOffset), stream_),
         "placing keys and block tables"));
   }
-  int32_t max_rows = 1;
-  int32_t max_visible_blocks = 0;
-  int64_t scored_blocks = 0;
-  bool fits_decode = shape.topk <= gpu::kKernelLimits.max_decode_topk;
+  gpu::BatchDims dims;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
-    const RowSpan& span = batch.spans[s];
-    max_rows = std::max(max_rows, span.num_rows);
-    max_visible_blocks = std::max(max_visible_blocks, SpanBlocks(span));
-    scored_blocks += DecodeScoredBlocks(shape, span);
-    fits_decode =
-        fits_decode && span.num_rows * shape.num_heads <= gpu::kKernelLimits.max_decode_queries;
+    gpu::AddSpan(shape, batch.spans[s].first_position, batch.spans[s].num_rows, &dims);
   }
+  gpu::SelectionPlan plan;
+  BLOCKSEL_RETURN_IF_ERROR(
+      DeviceStatus(gpu::Plan(shape, dims, device_, gpu::PlanOptions{}, &plan), "planning a selection"));
   const int64_t output_bytes =
       static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.topk * 4;
   BLOCKSEL_RETURN_IF_ERROR(Reserve(&outputs_, output_bytes, Memory::kDevice));
+  // Decode and prefill keep their workspaces apart: decode's must stay zero
+  // between launches.
+  Buffer* workspace =
+      plan.path == gpu::KernelPath::kDecode ? &decode_workspace_ : &prefill_workspace_;
+  BLOCKSEL_RETURN_IF_ERROR(plan.zero_workspace_once
+                               ? ReserveDecodeWorkspace(workspace, plan.workspace_bytes)
+                               : Reserve(workspace, plan.workspace_bytes, Memory::kDevice));
   gpu::DeviceBatch device_batch;
   device_batch.key_pool = LayerPool(layer_index);
   device_batch.num_pages = num_pages_;
@@ -508,33 +523,17 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
   device_batch.queries = reinterpret_cast<const uint16_t*>(inputs + layout.queries);
   device_batch.total_rows = batch.total_rows;
   device_batch.block_ids = static_cast<int32_t*>(outputs_.data);
-  KernelStatus status;
-  if (fits_decode) {
-    const int32_t splits = gpu::DecodeSplits(device_);
-    BLOCKSEL_RETURN_IF_ERROR(ReserveDecodeWorkspace(
-        &decode_workspace_,
-        gpu::DecodeWorkspaceBytes(shape, batch.num_spans, max_rows, scored_blocks)));
-    device_batch.workspace = decode_workspace_.data;
-    device_batch.workspace_bytes = decode_workspace_.bytes;
-    status = gpu::LaunchDecode(shape, device_batch, max_rows, splits, stream_);
-  } else {
-    const int32_t key_splits =
-        gpu::PrefillKeySplits(device_, shape, batch.num_spans, max_rows, max_visible_blocks);
-    BLOCKSEL_RETURN_IF_ERROR(
-        Reserve(&prefill_workspace_,
-                gpu::PrefillWorkspaceBytes(shape, batch.total_rows, key_splits), Memory::kDevice));
-    device_batch.workspace = prefill_workspace_.data;
-    device_batch.workspace_bytes = prefill_workspace_.bytes;
-    status = gpu::LaunchPrefill(shape, device_batch, max_rows, key_splits, stream_);
-  }
+  device_batch.workspace = workspace->data;
+  device_batch.workspace_bytes = workspace->bytes;
+  const KernelStatus status = gpu::Select(plan, device_batch, stream_);
   BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(status, "selection kernel"));
   if (batch.block_scores != nullptr) {
     const int64_t score_bytes =
         static_cast<int64_t>(shape.num_heads) * batch.total_rows * batch.max_blocks * 4;
     BLOCKSEL_RETURN_IF_ERROR(Reserve(&scores_, score_bytes, Memory::kDevice));
     BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
-        gpu::LaunchBlockScores(shape, device_batch, max_rows, static_cast<float*>(scores_.data),
-                               batch.max_blocks, stream_),
+        gpu::LaunchBlockScores(shape, device_batch, dims.max_rows_per_span,
+                               static_cast<float*>(scores_.data), batch.max_blocks, stream_),
         "block score kernel"));
   }
   return absl::OkStatus();

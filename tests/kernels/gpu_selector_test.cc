@@ -56,7 +56,9 @@ class GpuSelectorTest : public ::testing::Test {
   // kPrefillKeySplit: the prefill kernel with each tile's keys split over
   // kTestKeySplits CTAs and merged (more splits than short rows have
   // blocks, so some CTAs get none).
-  enum class Path { kDecode, kPrefill, kPrefillKeySplit, kScoresThenTopK };
+  // kDecodeEntryPoint: LaunchDecode called directly, as in-process callers
+  // do, with no plan checking the workspace.
+  enum class Path { kDecode, kPrefill, kPrefillKeySplit, kScoresThenTopK, kDecodeEntryPoint };
   static constexpr int32_t kTestKeySplits = 5;
 
   // Uploads the problem, runs one kernel path, returns [H][rows][topk].
@@ -67,29 +69,33 @@ class GpuSelectorTest : public ::testing::Test {
                            int32_t* max_blocks_out = nullptr) {
     std::vector<gpu::DeviceSpan> spans;
     std::vector<int32_t> table;
-    int32_t max_rows = 1;
-    int64_t scored_blocks = 0;
+    gpu::BatchDims dims;
     for (size_t i = 0; i < problem.spans.size(); ++i) {
       const RowSpan& span = problem.spans[i];
-      scored_blocks += gpu::DecodeScoredBlocks(problem.shape,
-                                               int64_t{span.first_position} + span.num_rows - 1);
+      gpu::AddSpan(problem.shape, span.first_position, span.num_rows, &dims);
       spans.push_back(
           {span.first_position, span.num_rows, span.first_row, static_cast<int32_t>(table.size())});
       table.insert(table.end(), problem.block_tables[i].begin(), problem.block_tables[i].end());
-      max_rows = std::max(max_rows, span.num_rows);
     }
     const SelectionShape& shape = problem.shape;
+    const int32_t max_rows = dims.max_rows_per_span;
     const int64_t out_count = int64_t{shape.num_heads} * problem.total_rows * shape.topk;
-    const int32_t splits = gpu::DecodeSplits(device_);
+    // The kernel paths run through the plan, pinned to the path under test.
+    gpu::PlanOptions options;
+    options.force_path = true;
+    const bool decode = path == Path::kDecode || path == Path::kDecodeEntryPoint;
+    options.path = decode ? gpu::KernelPath::kDecode : gpu::KernelPath::kPrefill;
+    options.splits = path == Path::kPrefill ? 1 : path == Path::kPrefillKeySplit ? kTestKeySplits : 0;
+    gpu::SelectionPlan plan;
+    if (path != Path::kScoresThenTopK) {
+      EXPECT_EQ(gpu::Plan(shape, dims, device_, options, &plan), KernelStatus::kOk);
+    }
     DeviceBuffer pool(static_cast<int64_t>(problem.pool.size()));
     DeviceBuffer table_device(static_cast<int64_t>(table.size()) * 4);
     DeviceBuffer spans_device(static_cast<int64_t>(spans.size() * sizeof(gpu::DeviceSpan)));
     DeviceBuffer queries(static_cast<int64_t>(problem.queries.size()) * 2);
     DeviceBuffer out(out_count * 4);
-    const int64_t workspace_bytes = std::max(
-        gpu::DecodeWorkspaceBytes(shape, static_cast<int32_t>(spans.size()), max_rows,
-                                  scored_blocks),
-        gpu::PrefillWorkspaceBytes(shape, problem.total_rows, kTestKeySplits));
+    const int64_t workspace_bytes = plan.workspace_bytes;
     DeviceBuffer fresh_workspace(reused_workspace_ == nullptr ? workspace_bytes : 0);
     if (reused_workspace_ == nullptr) {
       EXPECT_EQ(gpu::ZeroDevice(fresh_workspace.get(), workspace_bytes, stream_),
@@ -142,13 +148,12 @@ class GpuSelectorTest : public ::testing::Test {
     KernelStatus launched = KernelStatus::kOk;
     switch (path) {
       case Path::kDecode:
-        launched = gpu::LaunchDecode(shape, batch, max_rows, splits, stream_);
-        break;
       case Path::kPrefill:
-        launched = gpu::LaunchPrefill(shape, batch, max_rows, /*key_splits=*/1, stream_);
-        break;
       case Path::kPrefillKeySplit:
-        launched = gpu::LaunchPrefill(shape, batch, max_rows, kTestKeySplits, stream_);
+        launched = gpu::Select(plan, batch, stream_);
+        break;
+      case Path::kDecodeEntryPoint:
+        launched = gpu::LaunchDecode(shape, batch, max_rows, gpu::DecodeSplits(device_), stream_);
         break;
       case Path::kScoresThenTopK:
         launched = gpu::LaunchBlockScores(shape, batch, max_rows, static_cast<float*>(scores.get()),
@@ -359,17 +364,32 @@ TEST_F(GpuSelectorTest, DecodeLaunchesShareOneWorkspace) {
   }
 }
 
-// A workspace too small for the batch's keys: every row -1, nothing else
-// touched (compute-sanitizer's memcheck runs this test too).
+// A workspace too small for the batch's keys: Select refuses it; the
+// decode entry point, which cannot see the batch's lengths on the host,
+// answers -1 in every row and touches nothing else (compute-sanitizer's
+// memcheck runs this test too).
 TEST_F(GpuSelectorTest, DecodeWithATooSmallWorkspaceAnswersMinusOne) {
+  const SelectionShape shape = M3Shape();
   const SelectionProblem problem =
-      ProblemBuilder(M3Shape(), 14, Values::kNormal).AddRequest(50000, 49999, 1).Build();
+      ProblemBuilder(shape, 14, Values::kNormal).AddRequest(50000, 49999, 1).Build();
   const int64_t bytes = 4096;  // the counters, and keys for a few blocks
+  gpu::BatchDims dims;
+  gpu::AddSpan(shape, 49999, 1, &dims);
+  gpu::SelectionPlan plan;
+  ASSERT_EQ(gpu::Plan(shape, dims, device_, gpu::PlanOptions{}, &plan), KernelStatus::kOk);
+  ASSERT_EQ(plan.path, gpu::KernelPath::kDecode);
+  ASSERT_GT(plan.workspace_bytes, bytes);
+  gpu::DeviceBatch small;
+  small.num_spans = 1;
+  small.total_rows = 1;
+  small.workspace_bytes = bytes;
+  EXPECT_EQ(gpu::Select(plan, small, stream_), KernelStatus::kInvalidArgument);
+
   DeviceBuffer workspace(bytes);
   ASSERT_EQ(gpu::ZeroDevice(workspace.get(), bytes, stream_), KernelStatus::kOk);
   reused_workspace_ = workspace.get();
   reused_workspace_bytes_ = bytes;
-  const std::vector<int32_t> result = Run(problem, Path::kDecode);
+  const std::vector<int32_t> result = Run(problem, Path::kDecodeEntryPoint);
   EXPECT_EQ(result, std::vector<int32_t>(result.size(), -1));
 }
 
