@@ -45,15 +45,20 @@ step() {  # name, command...
   tail -n 3 "$logs/$name.log"
 }
 
-# Kernel subsets the sanitizers run: every path and edge case, without the
-# long random sweeps.
-sanitized='*EdgeCases*:*LongPrefill*:*GoldenCase*:*BlockScores*:*DecodeWithATooSmall*'
+# Kernel subsets the sanitizers run: every GPU path on every shared edge
+# case, and the GPU tests' own cases without the long random sweeps.
+# racecheck takes the decode cases and the golden ones (the whole subset
+# runs for minutes under it).
+edge_cases='*/gpu_*'
+sanitized='*LongPrefill*:*GoldenCase*:*BlockScores*:*DecodeWithATooSmall*'
+raced='*DecodeWithATooSmall*:*ReproducesEveryGoldenCase*:*DecodeLaunchesShareOneWorkspace*'
 
 for s in "${steps[@]}"; do
   case $s in
     tests)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$logs/device.txt"
       step gpu_selector_test "$bundle/bin/gpu_selector_test"
+      step backend_edge_cases_test "$bundle/bin/backend_edge_cases_test"
       step gpu_engine_test "$bundle/bin/gpu_engine_test"
       step golden_test "$bundle/bin/golden_test"
       step snapshot_test "$bundle/bin/snapshot_test"
@@ -64,14 +69,18 @@ for s in "${steps[@]}"; do
       step soak scripts/soak.sh "$bundle/bin/blocksel-server" "$bundle/bin/blocksel-loadgen" 2 40
       ;;
     sanitizers)
+      step memcheck_edge_cases "$cuda/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \
+        "$bundle/bin/backend_edge_cases_test" --gtest_filter="$edge_cases"
       step memcheck "$cuda/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \
         "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
       # Reads of device memory nothing wrote (a merge reading a list no
       # CTA produced shows here first).
+      step initcheck_edge_cases "$cuda/bin/compute-sanitizer" --tool initcheck --error-exitcode 1 \
+        "$bundle/bin/backend_edge_cases_test" --gtest_filter="$edge_cases"
       step initcheck "$cuda/bin/compute-sanitizer" --tool initcheck --error-exitcode 1 \
         "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
       step racecheck "$cuda/bin/compute-sanitizer" --tool racecheck --error-exitcode 1 \
-        "$bundle/bin/gpu_selector_test" --gtest_filter="$sanitized"
+        "$bundle/bin/gpu_selector_test" --gtest_filter="$raced"
       # The GPU backend's uploads, copy runs, graphs and resident tables.
       step memcheck_engine "$cuda/bin/compute-sanitizer" --tool memcheck --error-exitcode 1 \
         "$bundle/bin/gpu_engine_test"

@@ -1,4 +1,5 @@
-// The CPU backend against the float64 oracle on fresh random problems.
+// The CPU backend against the float64 oracle on fresh random problems
+// (the edge cases every backend shares: backend_edge_cases_test.cc).
 #include "kernels/cpu/cpu_selector.h"
 
 #include <cmath>
@@ -49,87 +50,6 @@ TEST(CpuSelector, MatchesOracleExactlyIncludingTieOrder) {
     const SelectionProblem problem = RandomProblem(seed, Values::kSmallIntegers);
     ASSERT_EQ(RunCpu(problem, 2), problem.Reference()) << "seed " << seed;
   }
-}
-
-TEST(CpuSelector, ShortSequencesGetEveryVisibleBlockThenPadding) {
-  // p < 128 * topk: all visible blocks, the rest -1.
-  const SelectionProblem problem = ProblemBuilder(M3Shape(), 3, Values::kNormal)
-                                       .AddRequest(1, 0, 1)
-                                       .AddRequest(129, 128, 1)
-                                       .AddRequest(1000, 999, 1)
-                                       .Build();
-  const std::vector<int32_t> out = RunCpu(problem, 1);
-  EXPECT_EQ(CompareWithOracle(problem, out, kTolerance), "");
-  // Row 0 sees block 0 only; row 1 sees blocks 0..1 with the local block 1 first.
-  EXPECT_EQ(out[0], 0);
-  EXPECT_EQ(out[1], -1);
-  EXPECT_EQ(out[16], 1);
-  EXPECT_EQ(out[17], 0);
-  EXPECT_EQ(out[18], -1);
-}
-
-TEST(CpuSelector, PaddingRequestsYieldMinusOne) {
-  const SelectionProblem problem = ProblemBuilder(M3Shape(), 4, Values::kNormal)
-                                       .AddPadding(2)
-                                       .AddRequest(700, 698, 2)
-                                       .AddPadding(2)
-                                       .Build();
-  const std::vector<int32_t> out = RunCpu(problem, 2);
-  EXPECT_EQ(CompareWithOracle(problem, out, kTolerance), "");
-  for (int32_t head = 0; head < 4; ++head) {
-    for (int32_t row : {0, 1, 4, 5}) {
-      for (int32_t k = 0; k < 16; ++k) {
-        EXPECT_EQ(out[(head * problem.total_rows + row) * 16 + k], -1);
-      }
-    }
-  }
-}
-
-TEST(CpuSelector, SpeculativeDecodeAndChunkedPrefillWithPrefix) {
-  const SelectionProblem problem = ProblemBuilder(M3Shape(), 5, Values::kNormal)
-                                       .AddRequest(4100, 4096, 4)    // Q = 4
-                                       .AddRequest(2300, 2000, 300)  // prefix 2000
-                                       .AddRequest(300, 0, 300)      // fresh prefill
-                                       .Build();
-  EXPECT_EQ(CompareWithOracle(problem, RunCpu(problem, 2), kTolerance), "");
-}
-
-TEST(CpuSelector, NanKeysAndQueriesNeverWin) {
-  ProblemBuilder builder(M3Shape(), 6, Values::kNormal);
-  builder.AddRequest(2000, 1999, 1).AddRequest(2000, 1999, 1);
-  // A NaN in one key of block 3 of the first sequence: that token scores
-  // -1e30, its block keeps the max of the other tokens.
-  builder.SetKey(0, 3 * 128 + 5, 17, std::nanf(""));
-  // A NaN query element: every token scores -1e30 for that head.
-  builder.SetQuery(1, 2, 0, std::nanf(""));
-  const SelectionProblem problem = builder.Build();
-  const std::vector<int32_t> out = RunCpu(problem, 2);
-  EXPECT_EQ(out, problem.Reference());
-}
-
-TEST(CpuSelector, Fp8KeysSaturateAt448) {
-  ProblemBuilder builder(M3Shape(KeyDtype::kFp8E4m3), 7, Values::kNormal);
-  builder.AddRequest(3000, 2999, 1);
-  for (int32_t d = 0; d < 128; ++d) builder.SetKey(0, 900, d, 1e6f);  // -> 448
-  for (int32_t d = 0; d < 128; ++d) builder.SetKey(0, 2000, d, -1e6f);
-  const SelectionProblem problem = builder.Build();
-  EXPECT_EQ(problem.key_values[0][900 * 128], 448.0f);
-  EXPECT_EQ(CompareWithOracle(problem, RunCpu(problem, 2), kTolerance), "");
-}
-
-TEST(CpuSelector, ForcedBlocksBeyondTopk) {
-  SelectionShape shape = M3Shape();
-  shape.topk = 5;
-  shape.init_blocks = 4;
-  shape.local_blocks = 3;
-  const SelectionProblem problem =
-      ProblemBuilder(shape, 8, Values::kNormal).AddRequest(2000, 1999, 1).Build();
-  const std::vector<int32_t> out = RunCpu(problem, 1);
-  EXPECT_EQ(out, problem.Reference());
-  // 16 visible blocks: init blocks 0..3 first (1e30), then the lowest of
-  // the local blocks 13..15 (1e29).
-  EXPECT_EQ(std::vector<int32_t>(out.begin(), out.begin() + 5),
-            (std::vector<int32_t>{0, 1, 2, 3, 13}));
 }
 
 TEST(CpuSelector, ThreadCountDoesNotChangeResults) {

@@ -1,7 +1,10 @@
 // The GPU kernels against the CPU backend and the float64 oracle: fresh
-// random batches, every edge case, the golden cases. Skips without a GPU.
+// random batches, the decode kernel's own cases, the golden cases (the
+// edge cases every backend shares: backend_edge_cases_test.cc). Skips
+// without a GPU.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -12,12 +15,16 @@
 #include "kernels/cpu/cpu_selector.h"
 #include "kernels/gpu/gpu_selection.h"
 #include "tests/support/golden_case.h"
+#include "tests/support/gpu_runner.h"
 #include "tests/support/random_batch.h"
 
 namespace blocksel {
 namespace {
 
 using testing::CompareWithOracle;
+using testing::DeviceBuffer;
+using testing::GpuPath;
+using testing::GpuRunner;
 using testing::M3Shape;
 using testing::ProblemBuilder;
 using testing::RandomProblem;
@@ -26,157 +33,23 @@ using testing::Values;
 
 constexpr double kTolerance = 1e-2;
 
-// A device buffer freed on scope exit.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(int64_t bytes) {
-    EXPECT_EQ(gpu::DeviceAlloc(&data_, std::max<int64_t>(bytes, 16)), KernelStatus::kOk);
-  }
-  ~DeviceBuffer() { gpu::DeviceFree(data_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void* get() const { return data_; }
-
- private:
-  void* data_ = nullptr;
-};
-
 class GpuSelectorTest : public ::testing::Test {
  protected:
+  using Path = GpuPath;
+
   void SetUp() override {
-    if (gpu::DeviceCount() == 0) {
+    if (!GpuRunner::HaveDevice()) {
       GTEST_SKIP() << "no GPU device: the GPU kernels are tested on a machine with one";
     }
-    ASSERT_EQ(gpu::QueryDevice(0, &device_), KernelStatus::kOk);
-    ASSERT_EQ(gpu::StreamCreate(&stream_), KernelStatus::kOk);
+    runner_ = std::make_unique<GpuRunner>();
+    device_ = runner_->device();
+    stream_ = runner_->stream();
   }
-  void TearDown() override { gpu::StreamDestroy(stream_); }
 
-  // kScoresThenTopK: vLLM's score entry point, then top-k from scores.
-  // kPrefillKeySplit: the prefill kernel with each tile's keys split over
-  // kTestKeySplits CTAs and merged (more splits than short rows have
-  // blocks, so some CTAs get none).
-  // kDecodeEntryPoint: LaunchDecode called directly, as in-process callers
-  // do, with no plan checking the workspace.
-  enum class Path { kDecode, kPrefill, kPrefillKeySplit, kScoresThenTopK, kDecodeEntryPoint };
-  static constexpr int32_t kTestKeySplits = 5;
-
-  // Uploads the problem, runs one kernel path, returns [H][rows][topk].
-  // With scores_out, the score path also returns its [H][rows][max_blocks]
-  // tensor and *max_blocks.
   std::vector<int32_t> Run(const SelectionProblem& problem, Path path,
                            std::vector<float>* scores_out = nullptr,
                            int32_t* max_blocks_out = nullptr) {
-    std::vector<gpu::DeviceSpan> spans;
-    std::vector<int32_t> table;
-    gpu::BatchDims dims;
-    for (size_t i = 0; i < problem.spans.size(); ++i) {
-      const RowSpan& span = problem.spans[i];
-      gpu::AddSpan(problem.shape, span.first_position, span.num_rows, &dims);
-      spans.push_back(
-          {span.first_position, span.num_rows, span.first_row, static_cast<int32_t>(table.size())});
-      table.insert(table.end(), problem.block_tables[i].begin(), problem.block_tables[i].end());
-    }
-    const SelectionShape& shape = problem.shape;
-    const int32_t max_rows = dims.max_rows_per_span;
-    const int64_t out_count = int64_t{shape.num_heads} * problem.total_rows * shape.topk;
-    // The kernel paths run through the plan, pinned to the path under test.
-    gpu::PlanOptions options;
-    options.force_path = true;
-    const bool decode = path == Path::kDecode || path == Path::kDecodeEntryPoint;
-    options.path = decode ? gpu::KernelPath::kDecode : gpu::KernelPath::kPrefill;
-    options.splits = path == Path::kPrefill ? 1 : path == Path::kPrefillKeySplit ? kTestKeySplits : 0;
-    gpu::SelectionPlan plan;
-    if (path != Path::kScoresThenTopK) {
-      EXPECT_EQ(gpu::Plan(shape, dims, device_, options, &plan), KernelStatus::kOk);
-    }
-    DeviceBuffer pool(static_cast<int64_t>(problem.pool.size()));
-    DeviceBuffer table_device(static_cast<int64_t>(table.size()) * 4);
-    DeviceBuffer spans_device(static_cast<int64_t>(spans.size() * sizeof(gpu::DeviceSpan)));
-    DeviceBuffer queries(static_cast<int64_t>(problem.queries.size()) * 2);
-    DeviceBuffer out(out_count * 4);
-    const int64_t workspace_bytes = plan.workspace_bytes;
-    DeviceBuffer fresh_workspace(reused_workspace_ == nullptr ? workspace_bytes : 0);
-    if (reused_workspace_ == nullptr) {
-      EXPECT_EQ(gpu::ZeroDevice(fresh_workspace.get(), workspace_bytes, stream_),
-                KernelStatus::kOk);
-    }
-    EXPECT_EQ(gpu::CopyHostToDevice(pool.get(), problem.pool.data(),
-                                    static_cast<int64_t>(problem.pool.size()), stream_),
-              KernelStatus::kOk);
-    EXPECT_EQ(gpu::CopyHostToDevice(table_device.get(), table.data(),
-                                    static_cast<int64_t>(table.size()) * 4, stream_),
-              KernelStatus::kOk);
-    EXPECT_EQ(gpu::CopyHostToDevice(spans_device.get(), spans.data(),
-                                    static_cast<int64_t>(spans.size() * sizeof(gpu::DeviceSpan)),
-                                    stream_),
-              KernelStatus::kOk);
-    EXPECT_EQ(gpu::CopyHostToDevice(queries.get(), problem.queries.data(),
-                                    static_cast<int64_t>(problem.queries.size()) * 2, stream_),
-              KernelStatus::kOk);
-    // Poison: every slot must be written.
-    std::vector<int32_t> result(out_count, -7);
-    EXPECT_EQ(gpu::CopyHostToDevice(out.get(), result.data(), out_count * 4, stream_),
-              KernelStatus::kOk);
-    gpu::DeviceBatch batch;
-    batch.key_pool = pool.get();
-    batch.num_pages = problem.num_pages;
-    batch.block_table = static_cast<const int32_t*>(table_device.get());
-    batch.spans = static_cast<const gpu::DeviceSpan*>(spans_device.get());
-    batch.num_spans = static_cast<int32_t>(spans.size());
-    batch.queries = static_cast<const uint16_t*>(queries.get());
-    batch.total_rows = problem.total_rows;
-    batch.block_ids = static_cast<int32_t*>(out.get());
-    batch.workspace = reused_workspace_ != nullptr ? reused_workspace_ : fresh_workspace.get();
-    batch.workspace_bytes =
-        reused_workspace_ != nullptr ? reused_workspace_bytes_ : workspace_bytes;
-    // Score path: positions of every row, the visible blocks of the longest.
-    std::vector<int32_t> positions(problem.total_rows);
-    int32_t max_blocks = 1;
-    for (const RowSpan& span : problem.spans) {
-      for (int32_t r = 0; r < span.num_rows; ++r) {
-        positions[span.first_row + r] = span.first_position + r;
-        max_blocks = std::max(max_blocks, VisibleBlocks(span.first_position + r));
-      }
-    }
-    const int64_t score_count = out_count / shape.topk * max_blocks;
-    DeviceBuffer scores(path == Path::kScoresThenTopK ? score_count * 4 : 16);
-    DeviceBuffer positions_device(static_cast<int64_t>(positions.size()) * 4);
-    EXPECT_EQ(gpu::CopyHostToDevice(positions_device.get(), positions.data(),
-                                    static_cast<int64_t>(positions.size()) * 4, stream_),
-              KernelStatus::kOk);
-    KernelStatus launched = KernelStatus::kOk;
-    switch (path) {
-      case Path::kDecode:
-      case Path::kPrefill:
-      case Path::kPrefillKeySplit:
-        launched = gpu::Select(plan, batch, stream_);
-        break;
-      case Path::kDecodeEntryPoint:
-        launched = gpu::LaunchDecode(shape, batch, max_rows, gpu::DecodeSplits(device_), stream_);
-        break;
-      case Path::kScoresThenTopK:
-        launched = gpu::LaunchBlockScores(shape, batch, max_rows, static_cast<float*>(scores.get()),
-                                          max_blocks, stream_);
-        if (launched == KernelStatus::kOk) {
-          launched = gpu::LaunchTopKFromScores(
-              shape, static_cast<const float*>(scores.get()), max_blocks,
-              static_cast<const int32_t*>(positions_device.get()), problem.total_rows,
-              static_cast<int32_t*>(out.get()), stream_);
-        }
-        break;
-    }
-    EXPECT_EQ(launched, KernelStatus::kOk) << gpu::LastErrorText();
-    if (scores_out != nullptr && path == Path::kScoresThenTopK) {
-      scores_out->resize(score_count);
-      EXPECT_EQ(gpu::CopyDeviceToHost(scores_out->data(), scores.get(), score_count * 4, stream_),
-                KernelStatus::kOk);
-      *max_blocks_out = max_blocks;
-    }
-    EXPECT_EQ(gpu::CopyDeviceToHost(result.data(), out.get(), out_count * 4, stream_),
-              KernelStatus::kOk);
-    EXPECT_EQ(gpu::StreamSynchronize(stream_), KernelStatus::kOk) << gpu::LastErrorText();
-    return result;
+    return runner_->Run(problem, path, scores_out, max_blocks_out);
   }
 
   static std::vector<int32_t> RunCpu(const SelectionProblem& problem) {
@@ -188,18 +61,12 @@ class GpuSelectorTest : public ::testing::Test {
   }
 
   static bool FitsDecode(const SelectionProblem& problem) {
-    for (const RowSpan& span : problem.spans) {
-      if (span.num_rows * problem.shape.num_heads > gpu::kKernelLimits.max_decode_queries)
-        return false;
-    }
-    return true;
+    return GpuRunner::Supports(problem, Path::kDecode);
   }
 
+  std::unique_ptr<GpuRunner> runner_;
   gpu::DeviceInfo device_;
   void* stream_ = nullptr;
-  // When set, Run uses this workspace as it is instead of a fresh one.
-  void* reused_workspace_ = nullptr;
-  int64_t reused_workspace_bytes_ = 0;
 };
 
 TEST_F(GpuSelectorTest, BothPathsMatchTheOracleOnRandomBatches) {
@@ -231,54 +98,6 @@ TEST_F(GpuSelectorTest, BothPathsEqualTheCpuBackendExactlyOnExactInputs) {
     if (FitsDecode(problem)) {
       ASSERT_EQ(Run(problem, Path::kDecode), cpu) << "decode, seed " << seed;
     }
-  }
-}
-
-TEST_F(GpuSelectorTest, EdgeCases) {
-  SelectionShape forced = M3Shape();
-  forced.topk = 5;
-  forced.init_blocks = 4;
-  forced.local_blocks = 3;
-  ProblemBuilder nan_builder(M3Shape(), 6, Values::kNormal);
-  nan_builder.AddRequest(2000, 1999, 1).AddRequest(2000, 1999, 1);
-  nan_builder.SetKey(0, 3 * 128 + 5, 17, std::nanf(""));
-  nan_builder.SetQuery(1, 2, 0, std::nanf(""));
-  ProblemBuilder saturated(M3Shape(KeyDtype::kFp8E4m3), 7, Values::kNormal);
-  saturated.AddRequest(3000, 2999, 1);
-  for (int32_t d = 0; d < 128; ++d) saturated.SetKey(0, 900, d, 1e6f);
-  std::vector<std::pair<std::string, SelectionProblem>> cases;
-  cases.emplace_back("short sequences (p < 128 * topk)",
-                     ProblemBuilder(M3Shape(), 3, Values::kNormal)
-                         .AddRequest(1, 0, 1)
-                         .AddRequest(129, 128, 1)
-                         .AddRequest(1000, 999, 1)
-                         .Build());
-  cases.emplace_back("padding rows", ProblemBuilder(M3Shape(), 4, Values::kNormal)
-                                         .AddPadding(2)
-                                         .AddRequest(700, 698, 2)
-                                         .AddPadding(2)
-                                         .Build());
-  cases.emplace_back("Q = 4 and mixed Q", ProblemBuilder(M3Shape(), 5, Values::kNormal)
-                                              .AddRequest(4100, 4096, 4)
-                                              .AddRequest(900, 899, 1)
-                                              .AddRequest(130, 128, 2)
-                                              .Build());
-  cases.emplace_back("NaN key and query", nan_builder.Build());
-  cases.emplace_back("fp8 saturation", saturated.Build());
-  cases.emplace_back("forced blocks beyond topk",
-                     ProblemBuilder(forced, 8, Values::kNormal).AddRequest(2000, 1999, 1).Build());
-  cases.emplace_back(
-      "one long decode",
-      ProblemBuilder(M3Shape(), 9, Values::kNormal).AddRequest(200000, 199999, 1).Build());
-  ProblemBuilder mixed(M3Shape(KeyDtype::kFp8E4m3), 10, Values::kNormal);
-  for (int i = 0; i < 40; ++i) mixed.AddRequest(1 + i * 397, i * 397, 1);
-  cases.emplace_back("many sequences of mixed length", mixed.Build());
-  for (const auto& [name, problem] : cases) {
-    SCOPED_TRACE(name);
-    EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kDecode), kTolerance), "");
-    EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefill), kTolerance), "");
-    EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kPrefillKeySplit), kTolerance), "");
-    EXPECT_EQ(CompareWithOracle(problem, Run(problem, Path::kScoresThenTopK), kTolerance), "");
   }
 }
 
@@ -347,8 +166,7 @@ TEST_F(GpuSelectorTest, DecodeLaunchesShareOneWorkspace) {
   const int64_t bytes = int64_t{64} << 20;
   DeviceBuffer workspace(bytes);
   ASSERT_EQ(gpu::ZeroDevice(workspace.get(), bytes, stream_), KernelStatus::kOk);
-  reused_workspace_ = workspace.get();
-  reused_workspace_bytes_ = bytes;
+  runner_->ReuseWorkspace(workspace.get(), bytes);
   for (uint64_t seed = 300; seed < 330; ++seed) {
     const SelectionProblem problem = RandomProblem(seed, Values::kNormal);
     if (!FitsDecode(problem)) continue;
@@ -387,8 +205,7 @@ TEST_F(GpuSelectorTest, DecodeWithATooSmallWorkspaceAnswersMinusOne) {
 
   DeviceBuffer workspace(bytes);
   ASSERT_EQ(gpu::ZeroDevice(workspace.get(), bytes, stream_), KernelStatus::kOk);
-  reused_workspace_ = workspace.get();
-  reused_workspace_bytes_ = bytes;
+  runner_->ReuseWorkspace(workspace.get(), bytes);
   const std::vector<int32_t> result = Run(problem, Path::kDecodeEntryPoint);
   EXPECT_EQ(result, std::vector<int32_t>(result.size(), -1));
 }
