@@ -343,9 +343,9 @@ __host__ __device__ inline int64_t DecodeSharedBytes(int64_t ring_bytes, int32_t
   return (scoring > selecting ? scoring : selecting) + 4 * (num_spans + 1 + int64_t{kThreads});
 }
 
-__device__ inline DecodeShared CarveShared(unsigned char* base, int64_t ring_bytes,
-                                           int32_t m_tiles, int32_t k_steps, int32_t max_queries,
-                                           int32_t topk, int32_t num_spans) {
+__device__ inline DecodeShared CarveShared(unsigned char* base, int64_t ring_bytes, int32_t m_tiles,
+                                           int32_t k_steps, int32_t max_queries, int32_t topk,
+                                           int32_t num_spans) {
   DecodeShared shared;
   shared.ring = base;
   shared.fragments = reinterpret_cast<uint4*>(base + ring_bytes);
@@ -450,8 +450,8 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
   // Lists per query: two carried places and up to lists - 2 runs a round,
   // all of which one warp's run holds.
   const int64_t fit = StoreEntries(params.max_queries, topk) / (int64_t{num_queries} * topk);
-  const int32_t lists = static_cast<int32_t>(fit < kWarpTopKRun / topk + 1 ? fit
-                                                                           : kWarpTopKRun / topk + 1);
+  const int32_t lists =
+      static_cast<int32_t>(fit < kWarpTopKRun / topk + 1 ? fit : kWarpTopKRun / topk + 1);
   auto list_of = [&](int32_t q, int32_t list) { return (q * lists + list) * topk; };
   for (int32_t i = threadIdx.x; i < num_queries * topk; i += kThreads) {
     shared.store_keys[list_of(i / topk, 0) + i % topk] = 0;  // no winners yet: 0 loses to all
@@ -490,8 +490,8 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
       const int32_t next = list_of(q, 1 - carried);
       int32_t* out = out_of(q);
       WarpTopK([&](int32_t i) { return shared.store_keys[place(i)]; },
-               [&](int32_t i) { return shared.store_ids[place(i)]; }, (1 + round_runs) * topk,
-               topk, [&](int32_t rank, uint32_t key, int32_t id) {
+               [&](int32_t i) { return shared.store_ids[place(i)]; }, (1 + round_runs) * topk, topk,
+               [&](int32_t rank, uint32_t key, int32_t id) {
                  if (last_round) {
                    out[rank] = id == kNoBlock ? -1 : id;
                  } else {
@@ -596,7 +596,9 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(DecodeParams params)
     }
 #pragma unroll
     for (int stage = 0; stage < kStages - 1; ++stage) {
-      if (first + stage < end_page) ring.Stage(page_of(prologue_pages[stage]), seq_of(first + stage));
+      if (first + stage < end_page) {
+        ring.Stage(page_of(prologue_pages[stage]), seq_of(first + stage));
+      }
       ring.Commit();
     }
     const int32_t num_queries = span.num_rows * heads;

@@ -91,8 +91,8 @@ KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, voi
 }
 
 KernelStatus ZeroDevice(void* device, int64_t bytes, void* stream) {
-  return Check(gpuMemsetAsync(device, 0, static_cast<size_t>(bytes),
-                              static_cast<gpuStream_t>(stream)));
+  return Check(
+      gpuMemsetAsync(device, 0, static_cast<size_t>(bytes), static_cast<gpuStream_t>(stream)));
 }
 
 KernelStatus EventCreate(void** event) {

@@ -157,7 +157,8 @@ __device__ __forceinline__ uint32_t LoadCoherent(const uint32_t* address) {
 
 // Lane masks of a whole warp, 64 bits wide whatever the warp width, and
 // the lane's index within its warp.
-using LaneMask = unsigned long long;  // NOLINT(google-runtime-int): the type __popcll and __ffsll take
+// unsigned long long: the type __popcll and __ffsll take.
+using LaneMask = unsigned long long;  // NOLINT(google-runtime-int)
 
 __device__ __forceinline__ int LaneIndex() { return static_cast<int>(threadIdx.x) % kWarpSize; }
 

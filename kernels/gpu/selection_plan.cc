@@ -32,16 +32,16 @@ KernelStatus Plan(const SelectionShape& shape, const BatchDims& dims, const Devi
   if (dims.num_spans < 1 || dims.total_rows < 1 || dims.max_rows_per_span < 1) {
     return KernelStatus::kInvalidArgument;
   }
-  const bool decode = options.force_path ? options.path == KernelPath::kDecode
-                                         : FitsDecode(shape, dims);
+  const bool decode =
+      options.force_path ? options.path == KernelPath::kDecode : FitsDecode(shape, dims);
   if (decode && !FitsDecode(shape, dims)) return KernelStatus::kUnsupported;
   plan->shape = shape;
   plan->dims = dims;
   plan->path = decode ? KernelPath::kDecode : KernelPath::kPrefill;
   if (decode) {
     plan->splits = options.splits > 0 ? options.splits : DecodeSplits(device);
-    plan->workspace_bytes = DecodeWorkspaceBytes(shape, dims.num_spans, dims.max_rows_per_span,
-                                                 dims.scored_blocks);
+    plan->workspace_bytes =
+        DecodeWorkspaceBytes(shape, dims.num_spans, dims.max_rows_per_span, dims.scored_blocks);
     plan->zero_workspace_once = true;
   } else {
     plan->splits = options.splits > 0

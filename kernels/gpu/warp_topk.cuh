@@ -21,25 +21,15 @@ static_assert((kWarpTopKPerLane & (kWarpTopKPerLane - 1)) == 0, "LaneBest pairs 
 // Candidates one warp selects from at a time.
 inline constexpr int kWarpTopKRun = kWarpTopKPerLane * kWarpSize;
 
-__device__ __forceinline__ uint32_t WarpMax(uint32_t value) {
+// The largest (kMax) or smallest value over the warp, in every lane.
+template <bool kMax>
+__device__ __forceinline__ uint32_t WarpExtreme(uint32_t value) {
 #if defined(BLOCKSEL_GPU_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(0xffffffffu, value);
+  return kMax ? __reduce_max_sync(0xffffffffu, value) : __reduce_min_sync(0xffffffffu, value);
 #else
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     const uint32_t other = ShuffleXor(value, offset);
-    value = other > value ? other : value;
-  }
-  return value;
-#endif
-}
-
-__device__ __forceinline__ uint32_t WarpMin(uint32_t value) {
-#if defined(BLOCKSEL_GPU_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(0xffffffffu, value);
-#else
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const uint32_t other = ShuffleXor(value, offset);
-    value = other < value ? other : value;
+    value = (kMax ? other > value : other < value) ? other : value;
   }
   return value;
 #endif
@@ -87,11 +77,11 @@ __device__ void WarpTopK(const KeyOf& key_of, const IdOf& id_of, int32_t n, int3
   LaneBest<0, kWarpTopKPerLane>(keys, &best_key, &best_slot);
   const int32_t winners = n < topk ? n : topk;
   for (int32_t rank = 0; rank < winners; ++rank) {
-    const uint32_t top = WarpMax(best_key);
+    const uint32_t top = WarpExtreme<true>(best_key);
     // Among the lanes holding it, the lowest position wins.
     const uint32_t position =
         best_key == top ? static_cast<uint32_t>(best_slot * kWarpSize + lane) : 0xffffffffu;
-    const uint32_t winner = WarpMin(position);
+    const uint32_t winner = WarpExtreme<false>(position);
     if (position == winner) {
       sink(rank, top, id_of(static_cast<int32_t>(winner)));
 #pragma unroll

@@ -35,9 +35,13 @@ int32_t SpanBlocks(const RowSpan& span) {
   return VisibleBlocks(last);
 }
 
-// Blocks the decode kernel scores for a span.
-int64_t DecodeScoredBlocks(const SelectionShape& shape, const RowSpan& span) {
-  return gpu::DecodeScoredBlocks(shape, int64_t{span.first_position} + span.num_rows - 1);
+// The dimensions the kernel plan and the graphs go by.
+gpu::BatchDims DimsOf(const SelectionShape& shape, const SelectionBatch& batch) {
+  gpu::BatchDims dims;
+  for (int32_t s = 0; s < batch.num_spans; ++s) {
+    gpu::AddSpan(shape, batch.spans[s].first_position, batch.spans[s].num_rows, &dims);
+  }
+  return dims;
 }
 
 // Entries of the device table arena: every page can be one table entry,
@@ -352,8 +356,8 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
               reinterpret_cast<const gpu::CopyRun*>(runs_base + layout.runs),
               reinterpret_cast<const int32_t*>(runs_base + kNumRunsOffset), stream_);
           if (status == KernelStatus::kOk) {
-            status = gpu::Select(
-                plan, GraphBatch(bucket, tokens, static_cast<int32_t*>(results)), stream_);
+            status = gpu::Select(plan, GraphBatch(bucket, tokens, static_cast<int32_t*>(results)),
+                                 stream_);
           }
           const KernelStatus ended = graph->EndCapture(stream_);
           if (status == KernelStatus::kOk) status = ended;
@@ -366,19 +370,18 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
   return absl::OkStatus();
 }
 
-gpu::CapturedGraph* GpuBackend::FindGraph(Slot& slot, const SelectionBatch& batch, int32_t runs,
+gpu::CapturedGraph* GpuBackend::FindGraph(Slot& slot, const SelectionBatch& batch,
+                                          const gpu::BatchDims& dims, int32_t runs,
                                           int64_t data_bytes, int32_t* bucket, int32_t* tokens) {
   // Graphs return block ids only.
   if (slot.graphs.empty() || batch.num_spans < 1 || batch.block_scores != nullptr) {
     return nullptr;
   }
   *tokens = batch.spans[0].num_rows;
-  int64_t scored_blocks = 0;
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     if (batch.spans[s].num_rows != *tokens) return nullptr;
-    scored_blocks += DecodeScoredBlocks(config_.shape(), batch.spans[s]);
   }
-  if (scored_blocks > graph_scored_capacity_) return nullptr;
+  if (dims.scored_blocks > graph_scored_capacity_) return nullptr;
   *bucket = 1;
   while (*bucket < batch.num_spans) *bucket *= 2;
   auto it = slot.graphs.find({*bucket, *tokens});
@@ -488,7 +491,8 @@ int64_t GpuBackend::StageUpload(const UploadLayout& layout, int32_t layer_index,
 }
 
 absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch& batch,
-                                      const UploadLayout& layout, int32_t runs) {
+                                      const gpu::BatchDims& dims, const UploadLayout& layout,
+                                      int32_t runs) {
   const SelectionShape shape = config_.shape();
   auto* inputs = static_cast<unsigned char*>(inputs_.data);
   if (runs > 0) {
@@ -497,13 +501,9 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
                             reinterpret_cast<const int32_t*>(inputs + kNumRunsOffset), stream_),
         "placing keys and block tables"));
   }
-  gpu::BatchDims dims;
-  for (int32_t s = 0; s < batch.num_spans; ++s) {
-    gpu::AddSpan(shape, batch.spans[s].first_position, batch.spans[s].num_rows, &dims);
-  }
   gpu::SelectionPlan plan;
-  BLOCKSEL_RETURN_IF_ERROR(
-      DeviceStatus(gpu::Plan(shape, dims, device_, gpu::PlanOptions{}, &plan), "planning a selection"));
+  BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(gpu::Plan(shape, dims, device_, gpu::PlanOptions{}, &plan),
+                                        "planning a selection"));
   const int64_t output_bytes =
       static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.topk * 4;
   BLOCKSEL_RETURN_IF_ERROR(Reserve(&outputs_, output_bytes, Memory::kDevice));
@@ -554,7 +554,8 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
   BLOCKSEL_RETURN_IF_ERROR(PlaceTables(batch, writes, &placements, &runs, &data_bytes));
   int32_t bucket = 0;
   int32_t tokens = 0;
-  gpu::CapturedGraph* graph = FindGraph(slot, batch, runs, data_bytes, &bucket, &tokens);
+  const gpu::BatchDims dims = DimsOf(shape, batch);
+  gpu::CapturedGraph* graph = FindGraph(slot, batch, dims, runs, data_bytes, &bucket, &tokens);
   slot.rows = batch.total_rows;
   slot.block_ids = batch.block_ids;
   slot.block_scores = batch.block_scores;
@@ -594,7 +595,7 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
     BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
         gpu::CopyHostToDevice(inputs_.data, staging, upload_bytes, stream_), "uploading a batch"));
     BLOCKSEL_RETURN_IF_ERROR(Record(slot, 1));
-    BLOCKSEL_RETURN_IF_ERROR(LaunchDirect(layer_index, batch, layout, runs));
+    BLOCKSEL_RETURN_IF_ERROR(LaunchDirect(layer_index, batch, dims, layout, runs));
     BLOCKSEL_RETURN_IF_ERROR(Record(slot, 2));
     const int64_t id_bytes = int64_t{batch.total_rows} * shape.num_heads * shape.topk * 4;
     slot.score_bytes = batch.block_scores == nullptr ? 0

@@ -135,8 +135,8 @@ class GpuBackend final : public Backend {
   gpu::DeviceBatch GraphBatch(int32_t bucket, int32_t tokens, int32_t* block_ids) const;
   // The slot's graph for this batch, or nullptr when it must be launched
   // directly.
-  gpu::CapturedGraph* FindGraph(Slot& slot, const SelectionBatch& batch, int32_t runs,
-                                int64_t data_bytes, int32_t* bucket, int32_t* tokens);
+  gpu::CapturedGraph* FindGraph(Slot& slot, const SelectionBatch& batch, const gpu::BatchDims& dims,
+                                int32_t runs, int64_t data_bytes, int32_t* bucket, int32_t* tokens);
   // Places every span's block table in the arena (resetting it once if it
   // is full) and counts the runs and data bytes of the upload.
   absl::Status PlaceTables(const SelectionBatch& batch, absl::Span<const KeyWrite> writes,
@@ -154,7 +154,7 @@ class GpuBackend final : public Backend {
                       bool to_graph_inputs) const;
   // Enqueues the direct launches of a staged selection.
   absl::Status LaunchDirect(int32_t layer_index, const SelectionBatch& batch,
-                            const UploadLayout& layout, int32_t runs);
+                            const gpu::BatchDims& dims, const UploadLayout& layout, int32_t runs);
   absl::Status Record(Slot& slot, int event);
   void* LayerPool(int32_t layer_index) const;
   int64_t KeyAddress(const KeyWrite& write) const;
@@ -170,11 +170,11 @@ class GpuBackend final : public Backend {
   int oldest_ = 0;
   int pending_ = 0;
   // Direct launches (shared by the slots: the stream orders their use).
-  Buffer inputs_;     // device: the upload
-  Buffer outputs_;    // device: block ids
+  Buffer inputs_;             // device: the upload
+  Buffer outputs_;            // device: block ids
   Buffer decode_workspace_;   // device: decode counters and block keys
   Buffer prefill_workspace_;  // device: partial top-k lists
-  Buffer scores_;     // device: block scores, when a batch asks for them
+  Buffer scores_;             // device: block scores, when a batch asks for them
   // Appends outside a selection: one upload and one copy-run launch each.
   Buffer append_staging_;            // pinned
   Buffer append_inputs_;             // device

@@ -17,12 +17,18 @@ bool GpuRunner::HaveDevice() { return gpu::DeviceCount() > 0; }
 
 bool GpuRunner::Supports(const SelectionProblem& problem, GpuPath path) {
   if (path != GpuPath::kDecode && path != GpuPath::kDecodeEntryPoint) return true;
+  // Whether the plan takes it pinned to decode: the kernel library's own
+  // limits, not a copy of them.
+  gpu::BatchDims dims;
   for (const RowSpan& span : problem.spans) {
-    if (span.num_rows * problem.shape.num_heads > gpu::kKernelLimits.max_decode_queries) {
-      return false;
-    }
+    gpu::AddSpan(problem.shape, span.first_position, span.num_rows, &dims);
   }
-  return problem.shape.topk <= gpu::kKernelLimits.max_decode_topk;
+  const gpu::DeviceInfo any_device;  // whether decode fits does not depend on it
+  gpu::PlanOptions decode;
+  decode.force_path = true;
+  decode.path = gpu::KernelPath::kDecode;
+  gpu::SelectionPlan plan;
+  return gpu::Plan(problem.shape, dims, any_device, decode, &plan) == KernelStatus::kOk;
 }
 
 GpuRunner::GpuRunner() {
