@@ -7,13 +7,14 @@
 // measured bandwidth.
 // Prefill is timed with events around direct launches.
 //
-//   gpu_selection_bench [FILTER] [--json_out=PATH] [--decode_splits=N]
+//   gpu_selection_bench [FILTER] [--json_out=PATH] [--decode_splits=N] [--prefill_splits=N]
 //
 // FILTER: only shapes whose name contains it. --json_out: every figure as
 // JSON (the device, the floors, one record per shape), which
 // bench/compare_with_peer.py joins with the peer's figures from the same
 // call into bench/RESULTS.md's table. --decode_splits: the decode CTA
-// count instead of DecodeSplits(device) (to tune it).
+// count instead of DecodeSplits(device); --prefill_splits: the prefill key
+// split instead of the plan's (both to tune them).
 #include <cublas_v2.h>
 
 #include <algorithm>
@@ -200,7 +201,8 @@ SelectionShape M3(KeyDtype dtype) {
 }
 
 void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, double peak,
-              int32_t decode_splits, cudaStream_t stream, std::vector<Record>* records) {
+              int32_t decode_splits, int32_t prefill_splits, cudaStream_t stream,
+              std::vector<Record>* records) {
   const SelectionShape shape = M3(s.dtype);
   const int64_t blocks_per_seq = (s.context + kBlockSize - 1) / kBlockSize;
   const int64_t pages = blocks_per_seq * s.batch;
@@ -244,7 +246,7 @@ void RunShape(const Shape& s, const gpu::DeviceInfo& device, double read_bw, dou
     std::printf("%-34s no plan\n", s.name);
     return;
   }
-  options.splits = s.decode ? decode_splits : 0;
+  options.splits = s.decode ? decode_splits : prefill_splits;
   if (gpu::Plan(shape, dims, device, options, &plan) != KernelStatus::kOk) {
     std::printf("%-34s no plan\n", s.name);
     return;
@@ -365,12 +367,15 @@ int main(int argc, char** argv) {
   std::string filter;
   std::string json_out;
   int32_t decode_splits = 0;
+  int32_t prefill_splits = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--json_out=", 0) == 0) {
       json_out = arg.substr(11);
     } else if (arg.rfind("--decode_splits=", 0) == 0) {
       decode_splits = std::atoi(arg.c_str() + 16);
+    } else if (arg.rfind("--prefill_splits=", 0) == 0) {
+      prefill_splits = std::atoi(arg.c_str() + 17);
     } else {
       filter = arg;
     }
@@ -415,7 +420,8 @@ int main(int argc, char** argv) {
   std::vector<blocksel::Record> records;
   for (const blocksel::Shape& shape : shapes) {
     if (std::string(shape.name).find(filter) == std::string::npos) continue;
-    blocksel::RunShape(shape, device, read_bw, peak, decode_splits, stream, &records);
+    blocksel::RunShape(shape, device, read_bw, peak, decode_splits, prefill_splits, stream,
+                       &records);
   }
   if (!json_out.empty() && !blocksel::WriteJson(json_out, device, read_bw, peak, one_kernel_us,
                                                 two_kernels_us, records)) {

@@ -21,6 +21,7 @@ struct DeviceInfo {
   int compute_minor = 0;
   int64_t total_memory = 0;
   int warp_size = 0;
+  int64_t max_shared_bytes_per_cta = 0;  // with the opt-in above the default
 };
 
 // Number of usable devices (0 when there is no driver or no device).
@@ -127,7 +128,9 @@ struct KernelLimits {
   int32_t max_heads = kMaxHeads;
   int32_t min_head_dim = 16;  // head dims: powers of two in [min, max]
   int32_t max_head_dim = 256;
-  int32_t max_topk = 256;  // every path
+  // Every path, where the device's shared memory holds the prefill lists
+  // (SupportsShapeOn).
+  int32_t max_topk = 256;
   // The decode kernel (and so decode graphs): larger topk, or more rows per
   // span x heads, decode through the prefill kernel.
   int32_t max_decode_topk = 64;
@@ -138,6 +141,9 @@ inline constexpr KernelLimits kKernelLimits{};
 // Whether the kernels run models of this shape; if not, *reason says which
 // limit it breaks, with the limit's value.
 bool SupportsShape(const SelectionShape& shape, std::string* reason);
+// SupportsShape, and what the shape needs of this device (the prefill
+// kernel's shared memory, which grows with topk and head_dim).
+bool SupportsShapeOn(const SelectionShape& shape, const DeviceInfo& device, std::string* reason);
 
 // Decode: every span has at most max_rows_per_span rows,
 // max_rows_per_span * H <= max_decode_queries and topk <= max_decode_topk.
@@ -167,21 +173,32 @@ int32_t DecodeSplits(const DeviceInfo& device);
 KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
                           int32_t max_rows_per_span, int32_t splits, void* stream);
 
-// Prefill: any spans, none longer than max_rows_per_span rows. Tiles of
-// query rows x all H heads share each key page read; matrix units score the
-// tile; a running top-k per (row, head) stays on chip, so no score tensor is
-// ever written. With key_splits = 1: one launch, no workspace. With more,
-// each tile's visible key blocks are divided over key_splits CTAs (chunks
-// with few tiles and long prefixes), whose partial lists, in
-// PrefillWorkspaceBytes of workspace, a second kernel merges exactly.
+// Prefill: any spans, none longer than max_rows_per_span rows. A tile of
+// 128 (row, head) pairs of one span, its rows' H heads together, shares
+// each key page read; matrix units score the tile (on sm_90a warpgroup
+// instructions); a running top-k per (row, head) stays on chip, so no score
+// tensor is ever written. Tiles start longest first. With key_splits = 1:
+// one launch, no workspace. With more, the blocks of the longest row
+// (max_visible_blocks) are cut into key_splits chunks of equal size, and
+// each tile takes one CTA per chunk it sees (a causal span's early tiles
+// take few). A second kernel merges a tile's partial lists
+// (PrefillWorkspaceBytes) exactly.
+struct BatchDims;  // below, with the plan
 inline constexpr int32_t kMaxPrefillKeySplits = 32;
-// A key split that fills the device: 1 when the tiles already do.
-// max_visible_blocks: blocks the longest row sees.
-int32_t PrefillKeySplits(const DeviceInfo& device, const SelectionShape& shape, int32_t num_spans,
-                         int32_t max_rows_per_span, int32_t max_visible_blocks);
+// Shared memory one prefill CTA needs for the shape; a device that offers a
+// CTA less (DeviceInfo::max_shared_bytes_per_cta) cannot run it.
+int64_t PrefillSharedBytes(const SelectionShape& shape);
+
+// A key split that fills the device's resident CTA slots when the tiles
+// leave some empty; 1 when they do not.
+int32_t PrefillKeySplits(const DeviceInfo& device, const SelectionShape& shape,
+                         const BatchDims& dims);
 int64_t PrefillWorkspaceBytes(const SelectionShape& shape, int32_t total_rows, int32_t key_splits);
+// max_visible_blocks: blocks the longest row sees (it sizes the chunks; a
+// batch with longer rows still runs, in larger chunks).
 KernelStatus LaunchPrefill(const SelectionShape& shape, const DeviceBatch& batch,
-                           int32_t max_rows_per_span, int32_t key_splits, void* stream);
+                           int32_t max_rows_per_span, int32_t max_visible_blocks,
+                           int32_t key_splits, void* stream);
 
 // ------------------------------------------------------- plan, then select
 // The one way the server, the GPU tests and the benchmark run a selection:

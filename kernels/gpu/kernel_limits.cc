@@ -31,4 +31,19 @@ bool SupportsShape(const SelectionShape& shape, std::string* reason) {
   return true;
 }
 
+bool SupportsShapeOn(const SelectionShape& shape, const DeviceInfo& device, std::string* reason) {
+  if (!SupportsShape(shape, reason)) return false;
+  const int64_t needed = PrefillSharedBytes(shape);
+  if (needed > device.max_shared_bytes_per_cta) {
+    if (reason != nullptr) {
+      *reason = "topk " + std::to_string(shape.topk) + " at head_dim " +
+                std::to_string(shape.head_dim) + " needs " + std::to_string(needed) +
+                " bytes of shared memory per prefill CTA and " + device.name + " offers " +
+                std::to_string(device.max_shared_bytes_per_cta) + "; lower topk";
+    }
+    return false;
+  }
+  return true;
+}
+
 }  // namespace blocksel::gpu

@@ -5,6 +5,7 @@
 #define BLOCKSEL_KERNELS_GPU_PAGE_TILE_CUH_
 
 #include <cstdint>
+#include <utility>
 
 #include "kernels/gpu/gpu_compat.h"
 #include "kernels/gpu/select_common.cuh"
@@ -38,53 +39,133 @@ __host__ __device__ constexpr int WidenedBytes(int head_dim) {
   return kDtype == KeyDtype::kBf16 ? 0 : StagedPageBytes<KeyDtype::kBf16>(head_dim);
 }
 
-// Starts copying one page into shared memory; every thread of the CTA
-// calls it. Completes at WaitStagedPages.
-template <KeyDtype kDtype>
-__device__ __forceinline__ void StagePage(const void* page, unsigned char* staged, int head_dim,
-                                          int threads) {
-  const int row_bytes = head_dim * kKeyBytes<kDtype>;
-  const int chunks_per_row = row_bytes / 16;
-  const int chunks = kBlockSize * chunks_per_row;
-  for (int chunk = threadIdx.x; chunk < chunks; chunk += threads) {
-    const int row = chunk / chunks_per_row;
-    const int column = (chunk % chunks_per_row) * 16;
-    const unsigned char* source =
-        static_cast<const unsigned char*>(page) + row * row_bytes + column;
-    unsigned char* destination = staged + row * StagedRowBytes<kDtype>(head_dim) + column;
-#if defined(BLOCKSEL_GPU_MMA)
-    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(source));
-#else
-    *reinterpret_cast<uint4*>(destination) = *reinterpret_cast<const uint4*>(source);
-#endif
+// How a bf16 page sits in shared memory. kPadded: rows of head_dim
+// elements plus 16 bytes, so the fragment loads of 8 consecutive keys fall
+// in different banks (ldmatrix, mma.sync). kSwizzled: Hopper's 128-byte
+// swizzle, which warpgroup matrix instructions read through a descriptor:
+// the row is cut into 64-element panels ([kBlockSize][128 B] each, one
+// after the other), and 16-byte chunk c of row r of a panel sits at chunk
+// c ^ (r % 8). Head dims that are multiples of 64 only.
+enum class StagedLayout { kPadded, kSwizzled };
+
+inline constexpr int kSwizzleRowBytes = 128;
+inline constexpr int kSwizzlePanelBytes = kBlockSize * kSwizzleRowBytes;
+
+// Offset of 16-byte chunk `chunk` of bf16 key row `row` in a staged page.
+template <StagedLayout kLayout>
+__host__ __device__ constexpr int Bf16ChunkOffset(int row, int chunk, int head_dim) {
+  if constexpr (kLayout == StagedLayout::kPadded) {
+    return row * StagedRowBytes<KeyDtype::kBf16>(head_dim) + chunk * 16;
+  } else {
+    constexpr int kChunksPerPanelRow = kSwizzleRowBytes / 16;
+    return (chunk / kChunksPerPanelRow) * kSwizzlePanelBytes + row * kSwizzleRowBytes +
+           (((chunk % kChunksPerPanelRow) ^ (row % 8)) * 16);
   }
+}
+
+#if defined(BLOCKSEL_GPU_MMA)
+// One asynchronous 16-byte copy, its offsets immediates.
+template <int kStagedOffset, int kSourceOffset>
+__device__ __forceinline__ void CopyChunkAsync(uint32_t address, const unsigned char* source) {
+  asm volatile("cp.async.cg.shared.global [%0 + %2], [%1 + %3], 16;\n" ::"r"(address), "l"(source),
+               "n"(kStagedOffset), "n"(kSourceOffset));
+}
+
+// Copies from source + i * kSourceStride to shared address + i *
+// kStagedStride, for i in kPasses...
+template <int kStagedStride, int kSourceStride, int... kPasses>
+__device__ __forceinline__ void CopyChunksAsync(uint32_t address, const unsigned char* source,
+                                                std::integer_sequence<int, kPasses...>) {
+  (CopyChunkAsync<kPasses * kStagedStride, kPasses * kSourceStride>(address, source), ...);
+}
+#endif
+
+// Starts copying one page into shared memory; every one of the CTA's
+// kThreads threads calls it. Completes at WaitStagedPages. fp8 pages are
+// staged padded (WidenStagedFp8 lays them out for the scoring).
+//
+// Each thread copies the same 16-byte column of every kRowsPerPass-th row:
+// with rows a multiple of 8 apart the swizzle pattern repeats, so its
+// chunks lie a constant stride apart on both sides and each copy is one
+// instruction with immediate offsets from two base addresses.
+template <KeyDtype kDtype, StagedLayout kLayout, int kHeadDim, int kThreads>
+__device__ __forceinline__ void StagePage(const void* page, unsigned char* staged) {
+  static_assert(kDtype == KeyDtype::kBf16 || kLayout == StagedLayout::kPadded,
+                "fp8 pages are staged padded");
+  constexpr int kRowBytes = kHeadDim * kKeyBytes<kDtype>;
+  constexpr int kChunksPerRow = kRowBytes / 16;
+  static_assert(kThreads % kChunksPerRow == 0, "a thread keeps its column");
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  constexpr int kPasses = (kBlockSize + kRowsPerPass - 1) / kRowsPerPass;
+  constexpr bool kSwizzled = kDtype == KeyDtype::kBf16 && kLayout == StagedLayout::kSwizzled;
+  static_assert(!kSwizzled || kPasses == 1 || kRowsPerPass % 8 == 0, "the swizzle repeats");
+  constexpr int kStagedRowStride = kSwizzled ? kSwizzleRowBytes : StagedRowBytes<kDtype>(kHeadDim);
+  const int row = static_cast<int>(threadIdx.x) / kChunksPerRow;
+  const int column = static_cast<int>(threadIdx.x) % kChunksPerRow;
+  if (kBlockSize % kRowsPerPass != 0 && row >= kBlockSize) return;  // fewer chunks than threads
+  const unsigned char* source =
+      static_cast<const unsigned char*>(page) + row * kRowBytes + column * 16;
+  unsigned char* destination =
+      staged + (kDtype == KeyDtype::kBf16 ? Bf16ChunkOffset<kLayout>(row, column, kHeadDim)
+                                          : row * StagedRowBytes<kDtype>(kHeadDim) + column * 16);
+#if defined(BLOCKSEL_GPU_MMA)
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
+  CopyChunksAsync<kRowsPerPass * kStagedRowStride, kRowsPerPass * kRowBytes>(
+      address, source, std::make_integer_sequence<int, kPasses>{});
+  asm volatile("cp.async.commit_group;\n" ::);
+#else
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    *reinterpret_cast<uint4*>(destination + pass * kRowsPerPass * kStagedRowStride) =
+        *reinterpret_cast<const uint4*>(source + pass * kRowsPerPass * kRowBytes);
+  }
+#endif
+}
+
+// Closes a copy group holding no page, so that a ring's group count stays
+// one per slot at the end of a chunk.
+__device__ __forceinline__ void CommitEmptyStage() {
 #if defined(BLOCKSEL_GPU_MMA)
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 
+// Makes this thread's completed writes to shared memory visible to the
+// async proxy (warpgroup matrix instructions read operands through it);
+// the barrier that follows publishes them to the CTA.
+__device__ __forceinline__ void FenceSharedForAsyncProxy() {
+#if defined(BLOCKSEL_GPU_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // Waits until at most `pending` staged pages are still in flight, then
-// synchronizes the CTA so every thread sees the completed copies.
-template <int kPending>
+// synchronizes the CTA so every thread sees the completed copies
+// (kForAsyncProxy: and the async proxy too).
+template <int kPending, bool kForAsyncProxy = false>
 __device__ __forceinline__ void WaitStagedPages() {
 #if defined(BLOCKSEL_GPU_MMA)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 #endif
+  if constexpr (kForAsyncProxy) FenceSharedForAsyncProxy();
   __syncthreads();
 }
 
 // fp8 pages are staged raw, then widened once per page, exactly, into a
-// bf16 staging buffer that the scoring reads (rather than each of the
-// scoring lane groups widening its own fragments again).
-__device__ __forceinline__ void WidenStagedFp8(const unsigned char* raw, unsigned char* widened,
-                                               int head_dim, int threads) {
-  const int chunks_per_row = head_dim / 8;
-  for (int chunk = threadIdx.x; chunk < kBlockSize * chunks_per_row; chunk += threads) {
-    const int row = chunk / chunks_per_row;
-    const int column = (chunk % chunks_per_row) * 8;
+// bf16 staging buffer of layout kLayout that the scoring reads (rather than
+// each of the scoring lane groups widening its own fragments again).
+template <StagedLayout kLayout, int kHeadDim, int kThreads>
+__device__ __forceinline__ void WidenStagedFp8(const unsigned char* raw, unsigned char* widened) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kChunks = kBlockSize * kChunksPerRow;
+#pragma unroll
+  for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+    const int chunk = static_cast<int>(threadIdx.x) + i * kThreads;
+    if (kChunks % kThreads != 0 && chunk >= kChunks) break;
+    const int row = chunk / kChunksPerRow;
+    const int column = chunk % kChunksPerRow;  // 8 elements: one bf16 chunk
     const uint2 bytes = *reinterpret_cast<const uint2*>(
-        raw + row * StagedRowBytes<KeyDtype::kFp8E4m3>(head_dim) + column);
+        raw + row * StagedRowBytes<KeyDtype::kFp8E4m3>(kHeadDim) + column * 8);
     uint32_t words[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -94,8 +175,8 @@ __device__ __forceinline__ void WidenStagedFp8(const unsigned char* raw, unsigne
       words[i] = (__float_as_uint(Fp8BitsToFloat(low)) >> 16) |
                  (__float_as_uint(Fp8BitsToFloat(high)) & 0xFFFF0000u);
     }
-    *reinterpret_cast<uint4*>(widened + row * StagedRowBytes<KeyDtype::kBf16>(head_dim) +
-                              column * 2) = make_uint4(words[0], words[1], words[2], words[3]);
+    *reinterpret_cast<uint4*>(widened + Bf16ChunkOffset<kLayout>(row, column, kHeadDim)) =
+        make_uint4(words[0], words[1], words[2], words[3]);
   }
 }
 

@@ -44,10 +44,10 @@ KernelStatus Plan(const SelectionShape& shape, const BatchDims& dims, const Devi
         DecodeWorkspaceBytes(shape, dims.num_spans, dims.max_rows_per_span, dims.scored_blocks);
     plan->zero_workspace_once = true;
   } else {
-    plan->splits = options.splits > 0
-                       ? options.splits
-                       : PrefillKeySplits(device, shape, dims.num_spans, dims.max_rows_per_span,
-                                          dims.max_visible_blocks);
+    if (PrefillSharedBytes(shape) > device.max_shared_bytes_per_cta) {
+      return KernelStatus::kUnsupported;  // SupportsShapeOn tells why
+    }
+    plan->splits = options.splits > 0 ? options.splits : PrefillKeySplits(device, shape, dims);
     plan->workspace_bytes = PrefillWorkspaceBytes(shape, dims.total_rows, plan->splits);
     plan->zero_workspace_once = false;
   }
@@ -61,7 +61,8 @@ KernelStatus Select(const SelectionPlan& plan, const DeviceBatch& batch, void* s
   }
   return plan.path == KernelPath::kDecode
              ? LaunchDecode(plan.shape, batch, plan.dims.max_rows_per_span, plan.splits, stream)
-             : LaunchPrefill(plan.shape, batch, plan.dims.max_rows_per_span, plan.splits, stream);
+             : LaunchPrefill(plan.shape, batch, plan.dims.max_rows_per_span,
+                             plan.dims.max_visible_blocks, plan.splits, stream);
 }
 
 }  // namespace blocksel::gpu

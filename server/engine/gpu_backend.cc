@@ -71,6 +71,11 @@ absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const ModelConfig
     return absl::FailedPreconditionError(
         absl::StrCat("GPU device ", device, " is not usable: ", gpu::LastErrorText()));
   }
+  if (std::string unsupported; !gpu::SupportsShapeOn(config.shape(), info, &unsupported)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the GPU kernels cannot run this model on ", info.name, ": ", unsupported,
+                     "; change the model config or use --backend=cpu"));
+  }
   std::unique_ptr<GpuBackend> backend(new GpuBackend(config, num_pages, info, options));
   if (gpu::StreamCreate(&backend->stream_) != KernelStatus::kOk) {
     return backend->DeviceStatus(KernelStatus::kDeviceError, "creating a stream");

@@ -52,5 +52,25 @@ TEST(KernelLimits, NamesTheBrokenLimitAndItsValue) {
   }
 }
 
+TEST(KernelLimits, ChecksThePrefillSharedMemoryOnTheDevice) {
+  gpu::DeviceInfo device;
+  device.name = "test device";
+  device.max_shared_bytes_per_cta = 227 * 1024;
+  std::string reason;
+  EXPECT_TRUE(gpu::SupportsShapeOn(M3Shape(), device, &reason)) << reason;
+  SelectionShape large = M3Shape();
+  large.topk = gpu::kKernelLimits.max_topk;
+  const int64_t needed = gpu::PrefillSharedBytes(large);
+  ASSERT_GT(needed, device.max_shared_bytes_per_cta);
+  EXPECT_FALSE(gpu::SupportsShapeOn(large, device, &reason));
+  EXPECT_EQ(reason, "topk 256 at head_dim 128 needs " + std::to_string(needed) +
+                        " bytes of shared memory per prefill CTA and test device offers 232448; "
+                        "lower topk");
+  // The device-free limits come first.
+  large.num_heads = 0;
+  EXPECT_FALSE(gpu::SupportsShapeOn(large, device, &reason));
+  EXPECT_EQ(reason, "num_heads 0 is outside [1, 64]");
+}
+
 }  // namespace
 }  // namespace blocksel
