@@ -38,7 +38,7 @@ KernelStatus QueryDevice(int device, DeviceInfo* info) {
   info->compute_minor = properties.minor;
   info->total_memory = static_cast<int64_t>(properties.totalGlobalMem);
   info->warp_size = properties.warpSize;
-  info->max_shared_bytes_per_cta = static_cast<int64_t>(properties.sharedMemPerBlockOptin);
+  info->max_shared_bytes_per_cta = static_cast<int64_t>(gpuSharedMemPerBlockOptin(properties));
   return KernelStatus::kOk;
 }
 

@@ -23,6 +23,8 @@ using gpuGraphExec_t = hipGraphExec_t;
 #define gpuGetDeviceCount hipGetDeviceCount
 #define gpuGetDeviceProperties hipGetDeviceProperties
 #define gpuDeviceProp_t hipDeviceProp_t
+// HIP has no opt-in beyond the per-block default (64 KiB of LDS).
+#define gpuSharedMemPerBlockOptin(properties) ((properties).sharedMemPerBlock)
 #define gpuMalloc hipMalloc
 #define gpuHostAlloc hipHostMalloc
 #define gpuHostAllocMapped hipHostMallocMapped
@@ -70,6 +72,7 @@ using gpuGraphExec_t = cudaGraphExec_t;
 #define gpuGetDeviceCount cudaGetDeviceCount
 #define gpuGetDeviceProperties cudaGetDeviceProperties
 #define gpuDeviceProp_t cudaDeviceProp
+#define gpuSharedMemPerBlockOptin(properties) ((properties).sharedMemPerBlockOptin)
 #define gpuMalloc cudaMalloc
 #define gpuHostAlloc cudaHostAlloc
 #define gpuHostAllocMapped cudaHostAllocMapped
