@@ -100,7 +100,8 @@ void DoorbellScanner::Answered(uint32_t slot, uint32_t sequence) {
 void WriteAnswer(SlotControl* control, uint32_t sequence, const absl::Status& status) {
   const absl::string_view message = status.message();
   const size_t bytes = std::min(message.size(), sizeof(control->message));
-  std::memcpy(control->message, message.data(), bytes);
+  // An OK status's message may have no storage at all (a null data()).
+  if (bytes > 0) std::memcpy(control->message, message.data(), bytes);
   control->message_bytes = static_cast<uint32_t>(bytes);
   control->status = static_cast<int32_t>(status.code());
   StoreRelease(control->completion, sequence);
