@@ -33,12 +33,6 @@ __host__ __device__ constexpr int StagedPageBytes(int head_dim) {
   return kBlockSize * StagedRowBytes<kDtype>(head_dim);
 }
 
-// Shared bytes of the widened bf16 copy an fp8 page needs (none for bf16).
-template <KeyDtype kDtype>
-__host__ __device__ constexpr int WidenedBytes(int head_dim) {
-  return kDtype == KeyDtype::kBf16 ? 0 : StagedPageBytes<KeyDtype::kBf16>(head_dim);
-}
-
 // How a bf16 page sits in shared memory. kPadded: rows of head_dim
 // elements plus 16 bytes, so the fragment loads of 8 consecutive keys fall
 // in different banks (ldmatrix, mma.sync). kSwizzled: Hopper's 128-byte
@@ -159,8 +153,8 @@ __device__ __forceinline__ void WidenStagedFp8(const unsigned char* raw, unsigne
   constexpr int kChunksPerRow = kHeadDim / 8;
   constexpr int kChunks = kBlockSize * kChunksPerRow;
 #pragma unroll
-  for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
-    const int chunk = static_cast<int>(threadIdx.x) + i * kThreads;
+  for (int pass = 0; pass < (kChunks + kThreads - 1) / kThreads; ++pass) {
+    const int chunk = static_cast<int>(threadIdx.x) + pass * kThreads;
     if (kChunks % kThreads != 0 && chunk >= kChunks) break;
     const int row = chunk / kChunksPerRow;
     const int column = chunk % kChunksPerRow;  // 8 elements: one bf16 chunk

@@ -34,8 +34,7 @@ struct Region {
   explicit Region(uint32_t slots, uint32_t first_sequence = 0)
       : controls(new SlotControl[slots]),
         sequencer(slots, first_sequence),
-        scanner(slots, first_sequence),
-        slot_count(slots) {
+        scanner(slots, first_sequence) {
     InitializeControls(controls.get(), slots, first_sequence);
   }
 
@@ -51,7 +50,6 @@ struct Region {
   std::unique_ptr<SlotControl[]> controls;
   SlotSequencer sequencer;
   DoorbellScanner scanner;
-  uint32_t slot_count;
 };
 
 TEST(RegionLayout, PlacesEveryPayloadAlignedAndInsideTheRegion) {
