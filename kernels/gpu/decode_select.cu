@@ -309,6 +309,7 @@ struct DecodeShared {
   uint32_t* window_max;
   uint32_t* store_keys;  // [StoreEntries]: winners of runs of long rows
   int32_t* store_ids;    // [StoreEntries]
+  uint64_t* survivors;   // [kWarps][kWarpTopKSurvivors]: each warp's top-k scratch
   int32_t* prefix;       // [num_spans + 1]
   int32_t* partial;      // [kThreads]
 };
@@ -332,7 +333,7 @@ __host__ __device__ inline int64_t StoreEntries(int32_t max_queries, int32_t top
 }
 
 __host__ __device__ inline int64_t SelectingBytes(int32_t max_queries, int32_t topk) {
-  return 8 * StoreEntries(max_queries, topk);
+  return 8 * StoreEntries(max_queries, topk) + 8 * int64_t{kWarps} * kWarpTopKSurvivors;
 }
 
 __host__ __device__ inline int64_t DecodeSharedBytes(int64_t ring_bytes, int32_t m_tiles,
@@ -354,6 +355,8 @@ __device__ inline DecodeShared CarveShared(unsigned char* base, int64_t ring_byt
   shared.store_keys = reinterpret_cast<uint32_t*>(base);
   shared.store_ids =
       reinterpret_cast<int32_t*>(shared.store_keys + StoreEntries(max_queries, topk));
+  shared.survivors =
+      reinterpret_cast<uint64_t*>(shared.store_ids + StoreEntries(max_queries, topk));
   const int64_t scoring = ScoringBytes(ring_bytes, m_tiles, k_steps, max_queries);
   const int64_t selecting = SelectingBytes(max_queries, topk);
   shared.prefix = reinterpret_cast<int32_t*>(base + (scoring > selecting ? scoring : selecting));
@@ -425,6 +428,7 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
   const uint32_t* span_keys = keys + static_cast<int64_t>(shared.prefix[s]) * params.max_queries;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = LaneIndex();
+  uint64_t* scratch = shared.survivors + warp * kWarpTopKSurvivors;
   auto row_of = [&](int32_t q) {
     return CandidatesOf(shape, span.first_position + q / heads,
                         span_keys + static_cast<int64_t>(q) * scored);
@@ -440,7 +444,8 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
       const RowCandidates row = row_of(q);
       int32_t* out = out_of(q);
       WarpTopK([&](int32_t block) { return row.KeyOf(block); }, [](int32_t i) { return i; },
-               row.count, topk, [&](int32_t rank, uint32_t, int32_t id) { out[rank] = id; });
+               row.count, topk, [&](int32_t rank, uint32_t, int32_t id) { out[rank] = id; },
+               scratch);
       const int32_t filled = row.count < topk ? row.count : topk;
       for (int32_t e = filled + lane; e < topk; e += kWarpSize) out[e] = -1;
     }
@@ -472,7 +477,8 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
                [&](int32_t rank, uint32_t key, int32_t id) {
                  shared.store_keys[list + rank] = key;
                  shared.store_ids[list + rank] = id;
-               });
+               },
+               scratch);
       for (int32_t e = (run_count < topk ? run_count : topk) + lane; e < topk; e += kWarpSize) {
         shared.store_keys[list + e] = 0;
         shared.store_ids[list + e] = kNoBlock;
@@ -498,7 +504,8 @@ __device__ void SelectSpan(const DecodeParams& params, const DecodeShared& share
                    shared.store_keys[next + rank] = key;
                    shared.store_ids[next + rank] = id;
                  }
-               });
+               },
+               scratch);
     }
     carried = 1 - carried;
     __syncthreads();  // the carried list is in place; the runs' lists are free

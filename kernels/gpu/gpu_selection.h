@@ -185,14 +185,29 @@ KernelStatus LaunchDecode(const SelectionShape& shape, const DeviceBatch& batch,
 // (PrefillWorkspaceBytes) exactly.
 struct BatchDims;  // below, with the plan
 inline constexpr int32_t kMaxPrefillKeySplits = 32;
+inline constexpr int32_t kPrefillTileQueries = 128;  // (row, head) pairs of a CTA's tile
+
+BLOCKSEL_HOST_DEVICE constexpr int64_t TilesPerSpan(int32_t num_rows, int32_t heads) {
+  return (int64_t{num_rows} * heads + kPrefillTileQueries - 1) / kPrefillTileQueries;
+}
+
+// Blocks seen by tile `tile` of a span of num_rows rows from
+// first_position, with H = heads: those of its last row.
+BLOCKSEL_HOST_DEVICE constexpr int32_t TileBlocks(int64_t first_position, int32_t num_rows,
+                                                  int32_t heads, int32_t tile) {
+  const int64_t queries = int64_t{num_rows} * heads;
+  const int64_t end = (int64_t{tile} + 1) * kPrefillTileQueries;
+  return VisibleBlocks(first_position + ((end < queries ? end : queries) - 1) / heads);
+}
+
 // Shared memory one prefill CTA needs for the shape; a device that offers a
 // CTA less (DeviceInfo::max_shared_bytes_per_cta) cannot run it.
 int64_t PrefillSharedBytes(const SelectionShape& shape);
 
-// A key split that fills the device's resident CTA slots when the tiles
-// leave some empty; 1 when they do not.
-int32_t PrefillKeySplits(const DeviceInfo& device, const SelectionShape& shape,
-                         const BatchDims& dims);
+// A key split that fills the device's resident CTA slots when the tiles,
+// counted by their work (BatchDims::prefill_tile_blocks), leave some
+// empty; 1 when they do not.
+int32_t PrefillKeySplits(const DeviceInfo& device, const BatchDims& dims);
 int64_t PrefillWorkspaceBytes(const SelectionShape& shape, int32_t total_rows, int32_t key_splits);
 // max_visible_blocks: blocks the longest row sees (it sizes the chunks; a
 // batch with longer rows still runs, in larger chunks).
@@ -212,8 +227,9 @@ struct BatchDims {
   int32_t num_spans = 0;
   int32_t total_rows = 0;
   int32_t max_rows_per_span = 0;
-  int32_t max_visible_blocks = 0;  // blocks the longest row sees
-  int64_t scored_blocks = 0;       // DecodeScoredBlocks summed over the spans
+  int32_t max_visible_blocks = 0;   // blocks the longest row sees
+  int64_t scored_blocks = 0;        // DecodeScoredBlocks summed over the spans
+  int64_t prefill_tile_blocks = 0;  // TileBlocks summed over every prefill tile
 };
 
 // Adds a span of num_rows rows from first_position (negative: padding).

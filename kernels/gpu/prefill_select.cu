@@ -30,7 +30,6 @@ namespace blocksel::gpu {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int32_t kPrefillTileQueries = 128;
 // Each warp scores 16 queries of the tile: on sm_90a its share of its
 // warpgroup's m64 tile, elsewhere one mma.sync m-tile.
 static_assert(kPrefillTileQueries == 16 * (kThreads / kGroupLanes), "tile");
@@ -43,19 +42,6 @@ constexpr int kCtasPerMultiprocessor = 2;
 // flight. Two CTAs of two pages each fit in shared memory up to head dim
 // 256; measured, one CTA with a deeper ring was slower (bench/RESULTS.md).
 constexpr int kStages = 2;
-
-__host__ __device__ constexpr int64_t TilesPerSpan(int32_t num_rows, int32_t heads) {
-  return (int64_t{num_rows} * heads + kPrefillTileQueries - 1) / kPrefillTileQueries;
-}
-
-// Blocks seen by tile `tile` of a span of num_rows rows from
-// first_position, with H = heads: those of its last row.
-__host__ __device__ constexpr int32_t TileBlocks(int64_t first_position, int32_t num_rows,
-                                                 int32_t heads, int32_t tile) {
-  const int64_t queries = int64_t{num_rows} * heads;
-  const int64_t end = (int64_t{tile} + 1) * kPrefillTileQueries;
-  return VisibleBlocks(first_position + ((end < queries ? end : queries) - 1) / heads);
-}
 
 // Shared memory of one CTA, the same on the host (launch size, the check at
 // startup) and the device: kStages staged pages, the widened page (fp8),
@@ -212,6 +198,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerMultiprocessor)
   // Every query of the tile sees the pages before this one whole: all but
   // the diagonal pages skip the causal mask.
   const int32_t first_masked_block = (span.first_position + tile_first / heads + 1) / kBlockSize;
+  // The inserting lane's list: its filled entries, and once it is full its
+  // last entry, the one a candidate must beat, kept in registers so that
+  // most pages cost no shared-memory read.
+  int32_t list_filled = 0;
+  float gate_score = -__int_as_float(0x7f800000);
+  int32_t gate_id = kNoBlock;
   // Folds a page's block maxima (best[h] for row lane/4 + 8h of the warp)
   // into this lane's query's list or score row. Every lane of a quad holds
   // both rows' maxima: lane 4j takes row j, lane 4j + 1 row j + 8, so two
@@ -230,11 +222,17 @@ __global__ void __launch_bounds__(kThreads, kCtasPerMultiprocessor)
             visible ? block_max : -__int_as_float(0x7f800000);
       }
     } else if (visible) {
-      const int32_t local = query - tile_first;
-      InsertCandidate(list_scores + local * topk, list_ids + local * topk, topk,
-                      BlockPriority(block_max, block, VisibleBlocks(position), shape.init_blocks,
-                                    shape.local_blocks),
-                      block);
+      const float priority = BlockPriority(block_max, block, VisibleBlocks(position),
+                                           shape.init_blocks, shape.local_blocks);
+      if (list_filled == topk && !RanksBefore(priority, block, gate_score, gate_id)) return;
+      float* scores = list_scores + (query - tile_first) * topk;
+      int32_t* ids = list_ids + (query - tile_first) * topk;
+      InsertCandidate(scores, ids, topk, list_filled, priority, block);
+      list_filled += list_filled < topk ? 1 : 0;
+      if (list_filled == topk) {
+        gate_score = scores[topk - 1];
+        gate_id = ids[topk - 1];
+      }
     }
   };
 #pragma unroll
@@ -432,17 +430,22 @@ KernelStatus LaunchTiles(const SelectionShape& shape, const DeviceBatch& batch,
 
 }  // namespace
 
-int32_t PrefillKeySplits(const DeviceInfo& device, const SelectionShape& shape,
-                         const BatchDims& dims) {
-  // Split only while the tiles leave resident CTA slots empty: a split
-  // that adds waves pays each chunk's start (its queries, the ring's first
-  // pages, its list) for no balance, which measured slower on every causal
-  // shape. At least kMinBlocksPerChunk blocks per chunk keep the merge
-  // cheap.
+int32_t PrefillKeySplits(const DeviceInfo& device, const BatchDims& dims) {
+  // Split only while the tiles leave resident CTA slots empty, counting
+  // tiles by their work: a causal span's tiles see from one block to all
+  // of them, so they keep the device as busy as half as many tiles of the
+  // longest would (the work of all tiles over that of the longest). A
+  // split beyond that pays each chunk's start (its queries, the ring's
+  // first pages, its list) for no balance, and measured slower on every
+  // causal shape. At least kMinBlocksPerChunk blocks per chunk keep the
+  // merge cheap.
   constexpr int64_t kMinBlocksPerChunk = 16;
   const int64_t resident = int64_t{kCtasPerMultiprocessor} * device.multiprocessors;
-  const int64_t ctas = TilesPerSpan(dims.max_rows_per_span, shape.num_heads) * dims.num_spans;
-  const int64_t wanted = ctas > 0 ? resident / ctas : 1;
+  const int64_t full_tiles =
+      dims.max_visible_blocks > 0
+          ? (dims.prefill_tile_blocks + dims.max_visible_blocks - 1) / dims.max_visible_blocks
+          : 0;
+  const int64_t wanted = full_tiles > 0 ? resident / full_tiles : 1;
   const int64_t most = dims.max_visible_blocks / kMinBlocksPerChunk;
   return static_cast<int32_t>(std::clamp<int64_t>(std::min(wanted, most), 1, kMaxPrefillKeySplits));
 }

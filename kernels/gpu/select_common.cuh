@@ -87,12 +87,13 @@ __device__ __forceinline__ float BlockPriority(float score, int32_t block, int32
   return score;
 }
 
-// Inserts (score, id) into a list of k entries sorted best first, if it
-// ranks before the last one. One thread owns a list.
-__device__ __forceinline__ void InsertCandidate(float* scores, int32_t* ids, int32_t k, float score,
-                                                int32_t id) {
-  if (!RanksBefore(score, id, scores[k - 1], ids[k - 1])) return;
-  int32_t slot = k - 1;
+// Inserts (score, id) into a list of k entries sorted best first whose
+// first `filled` entries hold candidates (the rest hold kNoBlock and lose to
+// every candidate); a full list drops its last entry, which (score, id)
+// must rank before. One thread owns a list.
+__device__ __forceinline__ void InsertCandidate(float* scores, int32_t* ids, int32_t k,
+                                                int32_t filled, float score, int32_t id) {
+  int32_t slot = filled < k ? filled : k - 1;
   while (slot > 0 && RanksBefore(score, id, scores[slot - 1], ids[slot - 1])) {
     scores[slot] = scores[slot - 1];
     ids[slot] = ids[slot - 1];

@@ -15,6 +15,11 @@ void AddSpan(const SelectionShape& shape, int64_t first_position, int32_t num_ro
   dims->max_rows_per_span = std::max(dims->max_rows_per_span, num_rows);
   dims->max_visible_blocks = std::max(dims->max_visible_blocks, VisibleBlocks(last));
   dims->scored_blocks += DecodeScoredBlocks(shape, last);
+  if (first_position < 0) return;  // padding: no tile reads a key
+  const int64_t tiles = TilesPerSpan(num_rows, shape.num_heads);
+  for (int32_t tile = 0; tile < tiles; ++tile) {
+    dims->prefill_tile_blocks += TileBlocks(first_position, num_rows, shape.num_heads, tile);
+  }
 }
 
 namespace {
@@ -47,7 +52,7 @@ KernelStatus Plan(const SelectionShape& shape, const BatchDims& dims, const Devi
     if (PrefillSharedBytes(shape) > device.max_shared_bytes_per_cta) {
       return KernelStatus::kUnsupported;  // SupportsShapeOn tells why
     }
-    plan->splits = options.splits > 0 ? options.splits : PrefillKeySplits(device, shape, dims);
+    plan->splits = options.splits > 0 ? options.splits : PrefillKeySplits(device, dims);
     plan->workspace_bytes = PrefillWorkspaceBytes(shape, dims.total_rows, plan->splits);
     plan->zero_workspace_once = false;
   }

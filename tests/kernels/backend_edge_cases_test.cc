@@ -207,6 +207,33 @@ TYPED_TEST(BackendEdgeCases, TiesGoToTheLowerBlockId) {
   }
 }
 
+TYPED_TEST(BackendEdgeCases, EqualScoresGoToTheLowestBlocks) {
+  // Zero queries score every block 0: far more candidates tie than a warp
+  // ranks at once, so the selection falls back to taking them one by one.
+  const SelectionShape shape = M3Shape();
+  ProblemBuilder builder(shape, 12, Values::kNormal);
+  builder.AddRequest(12000, 11999, 1);
+  for (int32_t head = 0; head < shape.num_heads; ++head) {
+    for (int32_t element = 0; element < shape.head_dim; ++element) {
+      builder.SetQuery(0, head, element, 0.0f);
+    }
+  }
+  const SelectionProblem problem = builder.Build();
+  std::vector<int32_t> out;
+  ASSERT_TRUE(this->Run(problem, &out));
+  EXPECT_EQ(out, problem.Reference());
+  // 94 visible blocks: the local block 93, then blocks 0 .. 14.
+  std::vector<int32_t> expected = {93};
+  for (int32_t block = 0; block < 15; ++block) expected.push_back(block);
+  EXPECT_EQ(std::vector<int32_t>(out.begin(), out.begin() + 16), expected);
+}
+
+TYPED_TEST(BackendEdgeCases, DecodeOfAThousandBlocks) {
+  // 1024 visible blocks: runs of one warp each, then their winners merged.
+  this->ExpectOracle(
+      ProblemBuilder(M3Shape(), 13, Values::kNormal).AddRequest(131072, 131071, 1).Build());
+}
+
 TYPED_TEST(BackendEdgeCases, LastPartialPageOfShuffledPages) {
   // Pages lie in shuffled order with garbage past each sequence's last key;
   // rows end one key into a page, mid-page and one key before its end.
