@@ -15,7 +15,7 @@ gpu::DeviceInfo H200Like() {
   gpu::DeviceInfo device;
   device.name = "test device";
   device.multiprocessors = 132;
-  device.max_shared_bytes_per_cta = 227 * 1024;
+  device.max_shared_bytes_per_cta = int64_t{227} * 1024;
   return device;
 }
 
