@@ -52,9 +52,12 @@ int Run(const absl::flat_hash_set<std::string>& on_command_line) {
   }
   spdlog::info("blocksel-server {}: model {}", kBlockselVersion, config->model.ToString());
   spdlog::info("effective configuration: {}", EffectiveFlags(kServerFlagsFile));
-  spdlog::info("cache: {} pages of {} bytes ({} MiB), max {} sequences, lease {}s",
-               config->NumPages(), config->model.PageBytes(), absl::GetFlag(FLAGS_cache_mib),
-               config->max_sequences, absl::ToInt64Seconds(config->default_lease));
+  spdlog::info(
+      "cache: {} pages of {} bytes ({} of {} sparse layers store keys; {} MiB), max {} "
+      "sequences, lease {}s",
+      config->NumPages(), config->model.PageBytes(), config->model.num_selecting_layers(),
+      config->model.num_sparse_layers(), absl::GetFlag(FLAGS_cache_mib), config->max_sequences,
+      absl::ToInt64Seconds(config->default_lease));
   absl::StatusOr<std::unique_ptr<BlockselServer>> server = BlockselServer::Start(*config);
   if (!server.ok()) {
     spdlog::error("cannot start: {}", std::string(server.status().message()));

@@ -1,6 +1,11 @@
 #include "server/config/server_flags.h"
 
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 
@@ -38,6 +43,13 @@ ABSL_FLAG(int, init_blocks, kDefaults.model.init_blocks, "Leading blocks always 
 ABSL_FLAG(int, local_blocks, kDefaults.model.local_blocks,
           "Trailing visible blocks always selected");
 ABSL_FLAG(int64_t, max_positions, kDefaults.model.max_positions, "Longest sequence in tokens");
+ABSL_FLAG(int, select_every, 1,
+          "Selection reuse: sparse layers first_sparse_layer, +K, +2K, ... select and every "
+          "other sparse layer reuses the selection of the nearest one before it, storing no "
+          "index keys (1: every sparse layer selects)");
+ABSL_FLAG(std::string, selecting_layers, "",
+          "Selection reuse by list instead of --select_every: the selecting layers, "
+          "comma-separated and ascending from first_sparse_layer (e.g. 3,7,11)");
 ABSL_FLAG(int64_t, cache_mib, kDefaults.cache_bytes >> 20,
           "Key cache size in MiB over all sparse layers (the page count is "
           "this over the bytes of one page)");
@@ -103,6 +115,25 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.model.init_blocks = absl::GetFlag(FLAGS_init_blocks);
   config.model.local_blocks = absl::GetFlag(FLAGS_local_blocks);
   config.model.max_positions = absl::GetFlag(FLAGS_max_positions);
+  const int select_every = absl::GetFlag(FLAGS_select_every);
+  const std::string selecting_layers = absl::GetFlag(FLAGS_selecting_layers);
+  if (select_every != 1 && !selecting_layers.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--select_every=", select_every,
+                                                   " and --selecting_layers=", selecting_layers,
+                                                   " both set the selecting layers; set one"));
+  }
+  if (select_every < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--select_every must be >= 1, got ", select_every));
+  }
+  if (select_every > 1) {
+    config.model.selecting_layers =
+        EveryKthLayer(config.model.first_sparse_layer, config.model.num_layers, select_every);
+  } else if (!selecting_layers.empty()) {
+    absl::StatusOr<std::vector<int32_t>> layers = ParseLayerList(selecting_layers);
+    if (!layers.ok()) return layers.status();
+    config.model.selecting_layers = *std::move(layers);
+  }
   config.backend.kind = absl::GetFlag(FLAGS_backend);
   config.backend.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   config.backend.gpu_device = absl::GetFlag(FLAGS_gpu_device);

@@ -19,6 +19,8 @@ ABSL_DECLARE_FLAG(int64_t, drain_propagation_seconds);
 ABSL_DECLARE_FLAG(int64_t, shutdown_grace_seconds);
 ABSL_DECLARE_FLAG(std::string, log_level);
 ABSL_DECLARE_FLAG(std::string, config);
+ABSL_DECLARE_FLAG(int, select_every);
+ABSL_DECLARE_FLAG(std::string, selecting_layers);
 
 namespace blocksel {
 

@@ -18,7 +18,7 @@ namespace blocksel {
 // Keys of num_tokens consecutive tokens of one sparse layer, all inside one
 // page: slots [first_slot, first_slot + num_tokens) of page.
 struct KeyWrite {
-  int32_t layer_index = 0;  // sparse layer index: model layer - first sparse
+  int32_t layer_index = 0;  // key layer index (ModelConfig::KeyLayerIndex)
   int32_t page = 0;
   int32_t first_slot = 0;
   int32_t num_tokens = 0;
@@ -77,7 +77,7 @@ class Backend : public KeyStore {
   virtual absl::string_view name() const = 0;  // "cpu", "cuda", "hip"
   virtual std::string detail() const = 0;      // ISA, device name, threads
 
-  // Starts one selection over sparse layer layer_index, after writing
+  // Starts one selection over key layer layer_index, after writing
   // `writes` (keys the batch's requests carry, validated and accounted by
   // the cache) into the store. batch.key_pool and batch.num_pages are
   // ignored: the backend uses its own storage. The batch's host inputs

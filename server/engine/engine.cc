@@ -7,6 +7,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "server/common/status_macros.h"
 #include "server/engine/wire_enums.h"
 
@@ -31,6 +32,7 @@ v1::ModelConfig ToProto(const ModelConfig& model) {
   proto.set_local_blocks(model.local_blocks);
   proto.set_block_size(kBlockSize);
   proto.set_max_positions(model.max_positions);
+  for (const int32_t layer : model.SelectingLayerList()) proto.add_selecting_layers(layer);
   return proto;
 }
 
@@ -83,6 +85,17 @@ absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(const v1::AppendKeysRe
                        ") are not all sparse; sparse layers are [", model.first_sparse_layer, ", ",
                        model.num_layers, ")"));
     }
+    for (uint32_t l = 0; l < num_layers; ++l) {
+      const int64_t layer = static_cast<int64_t>(append.first_layer()) + l;
+      if (model.KeyLayerIndex(layer) < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("append ", i, ": layer ", layer, " reuses the selection of layer ",
+                         model.SelectionSource(layer),
+                         " and stores no index keys; append keys for the "
+                         "selecting layers only (",
+                         absl::StrJoin(model.SelectingLayerList(), ","), ")"));
+      }
+    }
     BLOCKSEL_RETURN_IF_ERROR(CheckKeyDtype(append.key_dtype(), model.key_dtype,
                                            absl::StrCat("append ", i, ": key_dtype")));
     if (append.start_position() > static_cast<uint64_t>(model.max_positions)) {
@@ -92,7 +105,7 @@ absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(const v1::AppendKeysRe
     }
     KeyRange range;
     range.sequence_id = append.sequence_id();
-    range.first_layer_index = static_cast<int32_t>(append.first_layer()) - model.first_sparse_layer;
+    range.first_layer_index = model.KeyLayerIndex(append.first_layer());
     range.num_layers = static_cast<int32_t>(num_layers);
     range.start_position = static_cast<int64_t>(append.start_position());
     range.num_tokens = append.num_tokens();

@@ -163,7 +163,7 @@ class GpuBackend final : public Backend {
   const int64_t num_pages_;
   const gpu::DeviceInfo device_;
   void* stream_ = nullptr;
-  void* pool_ = nullptr;    // [sparse layers][num_pages][kBlockSize][D]
+  void* pool_ = nullptr;    // [selecting layers][num_pages][kBlockSize][D]
   void* tables_ = nullptr;  // int32 [tables_arena_.capacity()]: resident block tables
   BlockTableArena tables_arena_;
   std::array<Slot, kMaxPending> slots_;

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace blocksel {
 namespace {
@@ -44,7 +45,7 @@ absl::StatusOr<uint64_t> KeyCache::Open(uint64_t requested_id, absl::Duration le
     sequence.table_slot = free_table_slots_.back();
     free_table_slots_.pop_back();
   }
-  sequence.layer_fill.assign(config_.num_sparse_layers(), 0);
+  sequence.layer_fill.assign(config_.num_selecting_layers(), 0);
   sequence.lease = lease;
   sequence.last_used = now;
   return id;
@@ -88,12 +89,12 @@ absl::Status KeyCache::ValidateRanges(absl::Span<const KeyRange> ranges,
     const KeyRange& range = ranges[i];
     const std::string where = absl::StrCat("append ", i, " (sequence ", range.sequence_id, ")");
     if (range.num_layers < 1 || range.first_layer_index < 0 ||
-        range.first_layer_index + range.num_layers > config_.num_sparse_layers()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": layers [", range.first_layer_index + config_.first_sparse_layer, ", ",
-          range.first_layer_index + range.num_layers + config_.first_sparse_layer,
-          ") are not all sparse; sparse layers are [", config_.first_sparse_layer, ", ",
-          config_.num_layers, ")"));
+        range.first_layer_index + range.num_layers > config_.num_selecting_layers()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": key layers [", range.first_layer_index, ", ",
+                       range.first_layer_index + range.num_layers,
+                       ") are not all stored; the cache stores ", config_.num_selecting_layers(),
+                       " layers (", absl::StrJoin(config_.SelectingLayerList(), ","), ")"));
     }
     if (range.num_tokens < 1) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": num_tokens must be >= 1"));
@@ -120,10 +121,10 @@ absl::Status KeyCache::ValidateRanges(absl::Span<const KeyRange> ranges,
     for (int32_t l = 0; l < range.num_layers; ++l) {
       int64_t& fill = fill_it->second[range.first_layer_index + l];
       if (range.start_position > fill) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            where, ": layer ", range.first_layer_index + l + config_.first_sparse_layer, " holds ",
-            fill, " tokens, so an append must start at or before ", "position ", fill, ", got ",
-            range.start_position));
+        return absl::FailedPreconditionError(
+            absl::StrCat(where, ": layer ", config_.SelectingLayer(range.first_layer_index + l),
+                         " holds ", fill, " tokens, so an append must start at or before ",
+                         "position ", fill, ", got ", range.start_position));
       }
       fill = range.start_position + range.num_tokens;
     }

@@ -25,7 +25,7 @@ struct Sequence {
   // release (the store is told: KeyStore::ForgetBlockTable).
   int32_t table_slot = 0;
   std::vector<int32_t> block_table;
-  std::vector<int64_t> layer_fill;  // tokens present, per sparse layer index
+  std::vector<int64_t> layer_fill;  // tokens present, per key layer index
   absl::Duration lease;
   absl::Time last_used;
 };
@@ -34,7 +34,7 @@ struct Sequence {
 // layers of one sequence, layer-major ([num_layers][num_tokens][D]).
 struct KeyRange {
   uint64_t sequence_id = 0;
-  int32_t first_layer_index = 0;  // sparse layer index
+  int32_t first_layer_index = 0;  // key layer index (ModelConfig::KeyLayerIndex)
   int32_t num_layers = 1;
   int64_t start_position = 0;
   int64_t num_tokens = 0;

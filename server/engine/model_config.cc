@@ -1,9 +1,12 @@
 #include "server/engine/model_config.h"
 
+#include <algorithm>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 
 namespace blocksel {
 
@@ -16,6 +19,37 @@ SelectionShape ModelConfig::shape() const {
   shape.init_blocks = init_blocks;
   shape.local_blocks = local_blocks;
   return shape;
+}
+
+int32_t ModelConfig::num_selecting_layers() const {
+  return selecting_layers.empty() ? num_sparse_layers()
+                                  : static_cast<int32_t>(selecting_layers.size());
+}
+
+int32_t ModelConfig::SelectionSource(int64_t layer) const {
+  if (selecting_layers.empty()) return static_cast<int32_t>(layer);
+  // The last selecting layer at or before `layer`.
+  const auto after = std::upper_bound(selecting_layers.begin(), selecting_layers.end(), layer);
+  return after == selecting_layers.begin() ? -1 : *(after - 1);
+}
+
+int32_t ModelConfig::KeyLayerIndex(int64_t layer) const {
+  if (!IsSparseLayer(layer)) return -1;
+  if (selecting_layers.empty()) return static_cast<int32_t>(layer - first_sparse_layer);
+  const auto at = std::lower_bound(selecting_layers.begin(), selecting_layers.end(), layer);
+  return at != selecting_layers.end() && *at == layer
+             ? static_cast<int32_t>(at - selecting_layers.begin())
+             : -1;
+}
+
+int32_t ModelConfig::SelectingLayer(int32_t key_layer_index) const {
+  return selecting_layers.empty() ? first_sparse_layer + key_layer_index
+                                  : selecting_layers[key_layer_index];
+}
+
+std::vector<int32_t> ModelConfig::SelectingLayerList() const {
+  return selecting_layers.empty() ? EveryKthLayer(first_sparse_layer, num_layers, 1)
+                                  : selecting_layers;
 }
 
 absl::Status ModelConfig::Validate() const {
@@ -47,6 +81,22 @@ absl::Status ModelConfig::Validate() const {
     problems.push_back(
         absl::StrCat("max_positions must be in [1, 2^31 - 128], got ", max_positions));
   }
+  if (!selecting_layers.empty()) {
+    if (selecting_layers.front() != first_sparse_layer) {
+      problems.push_back(
+          absl::StrCat("selecting layers must start at first_sparse_layer=", first_sparse_layer,
+                       " (it has no earlier selection to reuse), got ", selecting_layers.front()));
+    }
+    for (size_t i = 0; i < selecting_layers.size(); ++i) {
+      if (!IsSparseLayer(selecting_layers[i]) ||
+          (i > 0 && selecting_layers[i] <= selecting_layers[i - 1])) {
+        problems.push_back(absl::StrCat("selecting layers must be ascending sparse layers in [",
+                                        first_sparse_layer, ", ", num_layers, "), got ",
+                                        absl::StrJoin(selecting_layers, ",")));
+        break;
+      }
+    }
+  }
   if (problems.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat("invalid model config: ", absl::StrJoin(problems, "; ")));
@@ -57,7 +107,29 @@ std::string ModelConfig::ToString() const {
                       ") heads=", num_heads, " head_dim=", head_dim,
                       " key_dtype=", KeyDtypeName(key_dtype), " topk=", topk,
                       " init_blocks=", init_blocks, " local_blocks=", local_blocks,
-                      " max_positions=", max_positions);
+                      " max_positions=", max_positions, " selecting_layers=",
+                      selecting_layers.empty() ? "all" : absl::StrJoin(selecting_layers, ","));
+}
+
+std::vector<int32_t> EveryKthLayer(int32_t first_sparse_layer, int32_t num_layers, int32_t every) {
+  std::vector<int32_t> layers;
+  for (int32_t layer = first_sparse_layer; layer < num_layers; layer += every) {
+    layers.push_back(layer);
+  }
+  return layers;
+}
+
+absl::StatusOr<std::vector<int32_t>> ParseLayerList(absl::string_view text) {
+  std::vector<int32_t> layers;
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    int32_t layer = 0;
+    if (!absl::SimpleAtoi(item, &layer)) {
+      return absl::InvalidArgumentError(absl::StrCat("layer list '", text, "': '", item,
+                                                     "' is not a layer number; write e.g. 3,7,11"));
+    }
+    layers.push_back(layer);
+  }
+  return layers;
 }
 
 absl::StatusOr<KeyDtype> ParseKeyDtype(absl::string_view name) {

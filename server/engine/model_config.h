@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -23,17 +24,32 @@ struct ModelConfig {
   int32_t init_blocks = 0;
   int32_t local_blocks = 1;
   int64_t max_positions = int64_t{1} << 20;
+  // The sparse layers that select, ascending from first_sparse_layer; every
+  // other sparse layer reuses the selection of the nearest one before it
+  // and stores no index keys. Empty: every sparse layer selects.
+  std::vector<int32_t> selecting_layers;
 
   int32_t num_sparse_layers() const { return num_layers - first_sparse_layer; }
   bool IsSparseLayer(int64_t layer) const {
     return layer >= first_sparse_layer && layer < num_layers;
   }
+  int32_t num_selecting_layers() const;
+  // The selecting layer whose selection sparse layer `layer` uses: itself
+  // when it selects.
+  int32_t SelectionSource(int64_t layer) const;
+  // Where a selecting layer's keys are stored, in [0, num_selecting_layers());
+  // -1 for a layer that does not select.
+  int32_t KeyLayerIndex(int64_t layer) const;
+  // The model layer stored at key_layer_index.
+  int32_t SelectingLayer(int32_t key_layer_index) const;
+  // Every selecting layer (all sparse layers when selecting_layers is empty).
+  std::vector<int32_t> SelectingLayerList() const;
   // Bytes of one token's key in one layer.
   int64_t TokenBytes() const { return static_cast<int64_t>(head_dim) * KeyDtypeBytes(key_dtype); }
   // Bytes of one page (kBlockSize tokens) of one layer.
   int64_t LayerPageBytes() const { return TokenBytes() * kBlockSize; }
-  // Bytes of one page over all sparse layers: the unit of cache capacity.
-  int64_t PageBytes() const { return LayerPageBytes() * num_sparse_layers(); }
+  // Bytes of one page over all selecting layers: the unit of cache capacity.
+  int64_t PageBytes() const { return LayerPageBytes() * num_selecting_layers(); }
 
   SelectionShape shape() const;
 
@@ -42,6 +58,12 @@ struct ModelConfig {
 
   std::string ToString() const;
 };
+
+// The selecting layers of a model whose sparse layers from
+// first_sparse_layer select every `every`-th (every >= 1).
+std::vector<int32_t> EveryKthLayer(int32_t first_sparse_layer, int32_t num_layers, int32_t every);
+// A comma-separated list of layer numbers ("3,7,11").
+absl::StatusOr<std::vector<int32_t>> ParseLayerList(absl::string_view text);
 
 // "bf16" or "fp8_e4m3" (also "fp8").
 absl::StatusOr<KeyDtype> ParseKeyDtype(absl::string_view name);

@@ -89,12 +89,18 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const Mo
         absl::StrCat("layer ", request.layer(), " is not a sparse layer; sparse layers are [",
                      model.first_sparse_layer, ", ", model.num_layers, ")"));
   }
+  if (model.KeyLayerIndex(request.layer()) < 0) {
+    const int32_t source = model.SelectionSource(request.layer());
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer ", request.layer(), " reuses the selection of layer ", source,
+        " and is not selected on the server; select layer ", source, " and use its block ids"));
+  }
   BLOCKSEL_RETURN_IF_ERROR(CheckEnums(request, model));
   absl::StatusOr<std::vector<RowRequest>> rows = CollectRows(request, model);
   if (!rows.ok()) return rows.status();
 
   SelectPlan plan;
-  plan.layer_index = static_cast<int32_t>(request.layer()) - model.first_sparse_layer;
+  plan.layer_index = model.KeyLayerIndex(request.layer());
   const char* kind = request.has_prefill() ? "prefill" : "decode";
   absl::flat_hash_set<uint64_t> seen;
   int64_t total_rows = 0;

@@ -1,5 +1,9 @@
 #include "server/config/server_flags.h"
 
+#include <cstdint>
+#include <string>
+#include <vector>
+
 #include "absl/flags/flag.h"
 #include "gtest/gtest.h"
 
@@ -34,6 +38,28 @@ TEST(ServerFlagsTest, UnsetFlagsGiveTheDefaultConfig) {
   EXPECT_EQ(flags.snapshot_path, defaults.snapshot_path);
   EXPECT_EQ(flags.grpc_memory_bytes, defaults.grpc_memory_bytes);
   EXPECT_EQ(flags.metrics_address, defaults.metrics_address);
+}
+
+TEST(ServerFlagsTest, SelectEveryOrALayerListMakesTheSelectingLayers) {
+  absl::SetFlag(&FLAGS_select_every, 4);
+  absl::StatusOr<ServerConfig> every = ServerConfigFromFlags();
+  ASSERT_TRUE(every.ok()) << every.status();
+  EXPECT_EQ(every->model.selecting_layers.size(), 15u);
+  EXPECT_EQ(every->model.selecting_layers.front(), 3);
+  EXPECT_EQ(every->model.selecting_layers.back(), 59);
+  absl::SetFlag(&FLAGS_selecting_layers, std::string("3,9"));
+  EXPECT_EQ(ServerConfigFromFlags().status().message(),
+            "--select_every=4 and --selecting_layers=3,9 both set the selecting layers; set one");
+  absl::SetFlag(&FLAGS_select_every, 1);
+  absl::StatusOr<ServerConfig> listed = ServerConfigFromFlags();
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->model.selecting_layers, (std::vector<int32_t>{3, 9}));
+  absl::SetFlag(&FLAGS_selecting_layers, std::string("4,9"));
+  EXPECT_EQ(ServerConfigFromFlags().status().code(), absl::StatusCode::kInvalidArgument);
+  absl::SetFlag(&FLAGS_selecting_layers, std::string());
+  absl::SetFlag(&FLAGS_select_every, 0);
+  EXPECT_EQ(ServerConfigFromFlags().status().message(), "--select_every must be >= 1, got 0");
+  absl::SetFlag(&FLAGS_select_every, 1);
 }
 
 // The defaults the README documents, through the component options.

@@ -47,9 +47,9 @@ class SnapshotTest : public testing::SnapshotServerTest {
     ASSERT_TRUE(client.AppendKeys(request).ok());
   }
 
-  static absl::StatusOr<SelectResult> Decode(BlockselClient& client) {
+  static absl::StatusOr<SelectResult> Decode(BlockselClient& client, uint32_t layer = 2) {
     v1::SelectRequest request;
-    request.set_layer(2);
+    request.set_layer(layer);
     v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
     decode->set_sequence_id(kSequence);
     decode->set_seq_len(kTokens);
@@ -129,6 +129,54 @@ TEST_F(SnapshotTest, SnapshotOfAnotherModelIsRefused) {
   EXPECT_NE(server->Log().find("head_dim=32"), std::string::npos) << server->Log();
   BlockselClient client(server->target());
   EXPECT_EQ(client.GetInfo()->cache().open_sequences(), 0u);
+}
+
+TEST_F(SnapshotTest, SnapshotOfAnotherGroupingIsRefused) {
+  {
+    std::unique_ptr<ServerProcess> server = Start();
+    BlockselClient client(server->target());
+    Fill(client);
+    ASSERT_TRUE(client.WriteSnapshot().ok());
+  }
+  std::unique_ptr<ServerProcess> server = Start({"--select_every=2"});
+  EXPECT_NE(server->Log().find("snapshot refused"), std::string::npos) << server->Log();
+  EXPECT_NE(server->Log().find("written for selecting layers 1,2,3; this server selects at 1,3"),
+            std::string::npos)
+      << server->Log();
+  BlockselClient client(server->target());
+  EXPECT_EQ(client.GetInfo()->cache().open_sequences(), 0u);
+}
+
+TEST_F(SnapshotTest, AGroupedCacheSurvivesARestart) {
+  absl::StatusOr<SelectResult> before;
+  {
+    std::unique_ptr<ServerProcess> server = Start({"--select_every=2"});
+    BlockselClient client(server->target());
+    ASSERT_EQ(client.OpenSequence(kSequence, 600).value_or(0), kSequence);
+    // Keys for the selecting layers 1 and 3, one append each.
+    for (const uint32_t layer : {1u, 3u}) {
+      std::vector<float> values(kTokens * 32);
+      for (size_t i = 0; i < values.size(); ++i) {
+        values[i] = static_cast<float>((i * 37 + layer) % 11) - 5;
+      }
+      v1::AppendKeysRequest request;
+      v1::KeyAppend* append = request.add_appends();
+      append->set_sequence_id(kSequence);
+      append->set_first_layer(layer);
+      append->set_num_tokens(kTokens);
+      append->set_keys(EncodeBf16(values));
+      ASSERT_TRUE(client.AppendKeys(request).ok());
+    }
+    before = Decode(client, 3);
+    ASSERT_TRUE(before.ok()) << before.status();
+    ASSERT_TRUE(client.WriteSnapshot().ok());
+  }
+  std::unique_ptr<ServerProcess> server = Start({"--select_every=2"});
+  BlockselClient client(server->target());
+  EXPECT_EQ(client.GetInfo()->cache().open_sequences(), 1u) << server->Log();
+  absl::StatusOr<SelectResult> after = Decode(client, 3);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->block_ids, before->block_ids);
 }
 
 TEST_F(SnapshotTest, WithoutAPathTheRequestIsFailedPrecondition) {

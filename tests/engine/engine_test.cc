@@ -30,8 +30,11 @@ using Encoded = testing::EncodedBf16;
 
 class EngineTest : public ::testing::Test {
  protected:
+  // The model the engine is made for.
+  virtual ModelConfig Model() const { return testing::SmallTestModel(); }
+
   void SetUp() override {
-    model_ = testing::SmallTestModel();
+    model_ = Model();
     absl::StatusOr<std::unique_ptr<CpuBackend>> backend =
         CpuBackend::Create(model_, kPages, /*num_threads=*/1);
     ASSERT_TRUE(backend.ok()) << backend.status();
@@ -140,6 +143,80 @@ TEST_F(EngineTest, FillInfoDescribesModelCacheAndBackend) {
   EXPECT_EQ(info.backend(), "cpu");
   EXPECT_FALSE(info.backend_detail().empty());
   EXPECT_EQ(info.default_lease_seconds(), 600u);
+}
+
+// Sparse layers 1 and 3 select; layer 2 reuses layer 1's selection.
+class GroupedEngineTest : public EngineTest {
+ protected:
+  ModelConfig Model() const override {
+    ModelConfig model = testing::SmallTestModel();
+    model.selecting_layers = {1, 3};
+    return model;
+  }
+};
+
+TEST_F(GroupedEngineTest, InfoListsTheSelectingLayersAndPagesHoldOnlyTheirKeys) {
+  v1::GetInfoResponse info;
+  engine_->FillInfo(&info);
+  EXPECT_EQ(std::vector<uint32_t>(info.model().selecting_layers().begin(),
+                                  info.model().selecting_layers().end()),
+            (std::vector<uint32_t>{1, 3}));
+  // 128 tokens x 32 bf16 elements x 2 selecting layers.
+  EXPECT_EQ(info.cache().page_bytes(), 128u * 32u * 2u * 2u);
+}
+
+TEST_F(GroupedEngineTest, AppendsToAReusingLayerAreRejectedWhole) {
+  const uint64_t id = Open();
+  for (const uint32_t num_layers : {1u, 2u}) {
+    v1::AppendKeysRequest request;
+    v1::KeyAppend* good = request.add_appends();
+    good->set_sequence_id(id);
+    good->set_first_layer(3);
+    good->set_num_tokens(1);
+    good->set_keys(RandomKeys(1).bytes);
+    // Layer 2 alone, then layers [1, 3): both hold the reusing layer 2.
+    v1::KeyAppend* reusing = request.add_appends();
+    reusing->set_sequence_id(id);
+    reusing->set_first_layer(num_layers == 1 ? 2 : 1);
+    reusing->set_num_layers(num_layers);
+    reusing->set_num_tokens(1);
+    reusing->set_keys(RandomBf16(num_layers * model_.head_dim).bytes);
+    const absl::StatusOr<v1::AppendKeysResponse> appended = engine_->AppendKeys(request);
+    ASSERT_FALSE(appended.ok());
+    EXPECT_EQ(appended.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(appended.status().message(),
+              "append 1: layer 2 reuses the selection of layer 1 and stores no index keys; "
+              "append keys for the selecting layers only (1,3)");
+    EXPECT_EQ(FreePages(), kPages);  // the good append did not land either
+  }
+}
+
+TEST_F(GroupedEngineTest, SelectingLayersSelectAndReusingOnesAreRejected) {
+  const uint64_t id = Open();
+  ASSERT_TRUE(AppendRandom(id, 1, 0, 700).ok());
+  ASSERT_TRUE(AppendRandom(id, 3, 0, 700).ok());
+  Encoded queries = RandomQueries(1);
+  v1::SelectRequest request;
+  request.mutable_decode()->set_tokens_per_request(1);
+  v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+  decode->set_sequence_id(id);
+  decode->set_seq_len(700);
+  request.set_queries(queries.bytes);
+  for (const int32_t layer : {1, 3}) {
+    request.set_layer(layer);
+    v1::Selection selection;
+    const absl::Status status = engine_->Select(request, &selection);
+    ASSERT_TRUE(status.ok()) << status;
+    EXPECT_EQ(Ids(selection), Reference({{KeysOf(id, layer), 699, 1}}, queries.values))
+        << "layer " << layer;
+  }
+  request.set_layer(2);
+  v1::Selection selection;
+  const absl::Status status = engine_->Select(request, &selection);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(status.message(),
+            "layer 2 reuses the selection of layer 1 and is not selected on the server; select "
+            "layer 1 and use its block ids");
 }
 
 TEST_F(EngineTest, OpenSequenceHonoursIdsAndLeases) {

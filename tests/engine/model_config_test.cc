@@ -1,6 +1,7 @@
 #include "server/engine/model_config.h"
 
 #include <cstdint>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "server/blocksel_server.h"
@@ -25,6 +26,62 @@ TEST(ModelConfigTest, CapacityNumbersOfTheOperationsGuide) {
   EXPECT_EQ(config.model.PageBytes(), 933'888);
   EXPECT_EQ(config.NumPages(), 73'584);
   EXPECT_EQ(config.NumPages() * kBlockSize, 9'418'752);
+}
+
+// M3 with every fourth sparse layer selecting: 15 of 57 layers store keys,
+// so the same cache holds 3.8 times the tokens.
+TEST(ModelConfigTest, CapacityWhenEveryFourthLayerSelects) {
+  ServerConfig config;
+  config.cache_bytes = int64_t{64} << 30;
+  config.model.selecting_layers = EveryKthLayer(3, 60, 4);
+  ASSERT_TRUE(config.model.Validate().ok()) << config.model.Validate();
+  EXPECT_EQ(config.model.num_selecting_layers(), 15);
+  EXPECT_EQ(config.model.PageBytes(), 491'520);
+  EXPECT_EQ(config.NumPages(), 139'810);
+  EXPECT_EQ(config.NumPages() * kBlockSize, 17'895'680);
+}
+
+TEST(ModelConfigTest, ReusingLayersMapToTheSelectingLayerBeforeThem) {
+  ModelConfig model;  // sparse layers 3 .. 59
+  model.selecting_layers = {3, 4, 10};
+  EXPECT_EQ(model.num_selecting_layers(), 3);
+  EXPECT_EQ(model.SelectionSource(3), 3);
+  EXPECT_EQ(model.SelectionSource(5), 4);
+  EXPECT_EQ(model.SelectionSource(59), 10);
+  EXPECT_EQ(model.KeyLayerIndex(4), 1);
+  EXPECT_EQ(model.KeyLayerIndex(10), 2);
+  EXPECT_EQ(model.KeyLayerIndex(5), -1);
+  EXPECT_EQ(model.KeyLayerIndex(2), -1);  // dense
+  EXPECT_EQ(model.SelectingLayer(2), 10);
+  EXPECT_EQ(model.SelectingLayerList(), (std::vector<int32_t>{3, 4, 10}));
+  // Without a list every sparse layer selects and is its own source.
+  model.selecting_layers.clear();
+  EXPECT_EQ(model.num_selecting_layers(), 57);
+  EXPECT_EQ(model.KeyLayerIndex(5), 2);
+  EXPECT_EQ(model.SelectionSource(5), 5);
+  EXPECT_EQ(model.SelectingLayer(2), 5);
+  EXPECT_EQ(model.SelectingLayerList().size(), 57u);
+}
+
+TEST(ModelConfigTest, SelectingLayersMustStartAtTheFirstSparseLayerAndAscend) {
+  ModelConfig model;
+  model.selecting_layers = {4, 8};
+  EXPECT_EQ(model.Validate().message(),
+            "invalid model config: selecting layers must start at first_sparse_layer=3 (it has "
+            "no earlier selection to reuse), got 4");
+  model.selecting_layers = {3, 9, 7};
+  EXPECT_EQ(model.Validate().message(),
+            "invalid model config: selecting layers must be ascending sparse layers in [3, 60), "
+            "got 3,9,7");
+  model.selecting_layers = {3, 60};
+  EXPECT_EQ(model.Validate().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ModelConfigTest, ParsesLayerListsAndEveryKth) {
+  EXPECT_EQ(EveryKthLayer(3, 12, 4), (std::vector<int32_t>{3, 7, 11}));
+  EXPECT_EQ(*ParseLayerList("3, 7,11"), (std::vector<int32_t>{3, 7, 11}));
+  EXPECT_EQ(ParseLayerList("3,x").status().message(),
+            "layer list '3,x': 'x' is not a layer number; write e.g. 3,7,11");
 }
 
 }  // namespace
