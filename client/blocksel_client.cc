@@ -170,7 +170,17 @@ absl::StatusOr<v1::WriteSnapshotResponse> BlockselClient::WriteSnapshot() {
 }
 
 absl::StatusOr<std::unique_ptr<SelectSession>> BlockselClient::StartSelectSession() {
-  std::unique_ptr<SelectSession> session(new SelectSession());
+  std::vector<int32_t> selecting_layers;
+  const absl::StatusOr<v1::GetInfoResponse> info = GetInfo();
+  if (info.ok()) {
+    const v1::ModelConfig& model = info->model();
+    // Only a server that reuses selections needs the list.
+    if (model.selecting_layers_size() > 0 && static_cast<uint32_t>(model.selecting_layers_size()) <
+                                                 model.num_layers() - model.first_sparse_layer()) {
+      selecting_layers.assign(model.selecting_layers().begin(), model.selecting_layers().end());
+    }
+  }
+  std::unique_ptr<SelectSession> session(new SelectSession(std::move(selecting_layers)));
   // A session is long-lived: no deadline on the call itself.
   session->context_ = std::make_unique<grpc::ClientContext>();
   session->stream_ = stub_->StreamSelect(session->context_.get());
@@ -187,8 +197,23 @@ SelectSession::~SelectSession() {
   }
 }
 
+int64_t SelectSession::ReusedLayer(int64_t layer) const {
+  if (selecting_layers_.empty() || layer < selecting_layers_.front()) return -1;
+  // The last selecting layer at or before `layer`.
+  const int64_t source =
+      *(std::upper_bound(selecting_layers_.begin(), selecting_layers_.end(), layer) - 1);
+  return source == layer ? -1 : source;
+}
+
 absl::Status SelectSession::Send(const v1::SelectRequest& request) {
   if (closed_) return absl::FailedPreconditionError("the session is closed");
+  const int64_t reused = ReusedLayer(request.layer());
+  {
+    // Queued before the write, so the answer never arrives before its entry.
+    absl::MutexLock lock(&mutex_);
+    pending_.push_back({request.request_id(), request.layer(), reused});
+  }
+  if (reused >= 0) return absl::OkStatus();  // Receive answers it
   if (!stream_->Write(request)) {
     closed_ = true;
     grpc::Status status = stream_->Finish();
@@ -199,13 +224,40 @@ absl::Status SelectSession::Send(const v1::SelectRequest& request) {
 
 absl::StatusOr<SelectResult> SelectSession::Receive() {
   if (closed_) return absl::FailedPreconditionError("the session is closed");
+  Pending next;
+  {
+    absl::MutexLock lock(&mutex_);
+    mutex_.Await(absl::Condition(
+        +[](std::deque<Pending>* pending) { return !pending->empty(); }, &pending_));
+    next = pending_.front();
+    pending_.pop_front();
+    if (next.reused_layer >= 0) {
+      const auto latest = latest_.find(next.reused_layer);
+      if (latest == latest_.end()) {
+        // INVALID_ARGUMENT, not FAILED_PRECONDITION: the batch is wrong, the
+        // stream is fine (AsyncSelectSession reads the latter as its end).
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", next.layer, " reuses the selection of layer ", next.reused_layer,
+                         ", which this session has not selected yet; select layer ",
+                         next.reused_layer, " first"));
+      }
+      absl::StatusOr<SelectResult> reused = latest->second;
+      if (reused.ok()) reused->request_id = next.request_id;
+      return reused;
+    }
+  }
   v1::SelectResponse response;
   if (!stream_->Read(&response)) {
     closed_ = true;
     grpc::Status status = stream_->Finish();
     return status.ok() ? absl::UnavailableError("the server ended the stream") : ToAbsl(status);
   }
-  return ToSelectResult(response);
+  absl::StatusOr<SelectResult> result = ToSelectResult(response);
+  if (!selecting_layers_.empty()) {
+    absl::MutexLock lock(&mutex_);
+    latest_.insert_or_assign(next.layer, result);
+  }
+  return result;
 }
 
 absl::StatusOr<SelectResult> SelectSession::Call(const v1::SelectRequest& request) {

@@ -3,12 +3,17 @@
 #define BLOCKSEL_CLIENT_BLOCKSEL_CLIENT_H_
 
 #include <cstdint>
+#include <deque>
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "blocksel/v1/block_selector.grpc.pb.h"
@@ -47,7 +52,15 @@ struct SelectResult {
 
 // One StreamSelect call: the per-layer loop of an attention worker. Send
 // and Receive may run on two threads (one each); responses come in request
-// order.
+// order, and Receive waits for the Send it answers.
+//
+// On a server that reuses selections across layers (GetInfo's
+// selecting_layers), a batch for a reusing layer never leaves the client:
+// Receive answers it with this session's latest selection of the layer it
+// reuses, under the batch's own request_id. So a worker that calls once per
+// sparse layer sends only the selecting layers' batches; the keys its
+// reusing layers' batches carry are dropped (the server stores none for
+// those layers).
 class SelectSession {
  public:
   ~SelectSession();
@@ -63,8 +76,26 @@ class SelectSession {
 
  private:
   friend class BlockselClient;
-  SelectSession() = default;
+  // selecting_layers: the server's, ascending (empty: every layer selects).
+  explicit SelectSession(std::vector<int32_t> selecting_layers)
+      : selecting_layers_(std::move(selecting_layers)) {}
 
+  // What Receive answers next, in the order of the Sends.
+  struct Pending {
+    uint64_t request_id = 0;
+    int64_t layer = 0;
+    int64_t reused_layer = -1;  // >= 0: answered from that layer's selection
+  };
+  // The selecting layer whose selection `layer` reuses; -1 when the server
+  // selects it (or it is no sparse layer, which the server refuses).
+  int64_t ReusedLayer(int64_t layer) const;
+
+  const std::vector<int32_t> selecting_layers_;
+  absl::Mutex mutex_;
+  std::deque<Pending> pending_ ABSL_GUARDED_BY(mutex_);
+  // The latest answer for each layer, kept while the server reuses
+  // selections.
+  std::map<int64_t, absl::StatusOr<SelectResult>> latest_ ABSL_GUARDED_BY(mutex_);
   std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<grpc::ClientReaderWriter<v1::SelectRequest, v1::SelectResponse>> stream_;
   bool closed_ = false;
@@ -89,7 +120,9 @@ class BlockselClient {
   absl::StatusOr<SelectResult> Select(const v1::SelectRequest& request);
   // Asks the server to write its cache snapshot now.
   absl::StatusOr<v1::WriteSnapshotResponse> WriteSnapshot();
-  // Opens a StreamSelect session; it lives until Close or destruction.
+  // Opens a StreamSelect session; it lives until Close or destruction. It
+  // asks GetInfo for the layers whose selections the server reuses; if that
+  // call fails, the session sends every batch.
   absl::StatusOr<std::unique_ptr<SelectSession>> StartSelectSession();
 
  private:

@@ -51,7 +51,7 @@ ABSL_FLAG(std::string, selecting_layers, "",
           "Selection reuse by list instead of --select_every: the selecting layers, "
           "comma-separated and ascending from first_sparse_layer (e.g. 3,7,11)");
 ABSL_FLAG(int64_t, cache_mib, kDefaults.cache_bytes >> 20,
-          "Key cache size in MiB over all sparse layers (the page count is "
+          "Key cache size in MiB over all selecting layers (the page count is "
           "this over the bytes of one page)");
 ABSL_FLAG(int64_t, max_sequences, kDefaults.max_sequences, "Most sequences open at once");
 ABSL_FLAG(int64_t, default_lease_seconds, absl::ToInt64Seconds(kDefaults.default_lease),

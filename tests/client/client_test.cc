@@ -9,6 +9,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -29,9 +30,11 @@ namespace {
 
 constexpr int32_t kLayer = testing::kTestFirstSparseLayer;
 
-std::unique_ptr<BlockselServer> StartServer(const std::string& address) {
+std::unique_ptr<BlockselServer> StartServer(const std::string& address,
+                                            std::vector<int32_t> selecting_layers = {}) {
   ServerConfig config;
   config.model = testing::SmallTestModel();
+  config.model.selecting_layers = std::move(selecting_layers);
   config.backend.kind = "cpu";
   config.backend.cpu_threads = 1;
   config.cache_bytes = 64 * config.model.PageBytes();
@@ -159,6 +162,73 @@ TEST(RoutedClientTest, SequencesLiveOnTheirOwnerAndBatchesSpanServers) {
   int used = 0;
   for (int count : per_server) used += count > 0 ? 1 : 0;
   EXPECT_GT(used, 1) << "the batch should span servers";
+}
+
+// Sparse layers 1 and 3 select, layer 2 reuses layer 1: the session
+// answers layer 2 from layer 1's selection without sending it.
+TEST(SelectSessionTest, AReusingLayerGetsTheSelectionItReusesWithoutARoundTrip) {
+  const std::string address = SocketAddress("reuse");
+  std::unique_ptr<BlockselServer> server = StartServer(address, {1, 3});
+  ASSERT_NE(server, nullptr);
+  BlockselClient client(address);
+  const ModelConfig model = testing::SmallTestModel();
+  std::mt19937_64 random(7);
+  absl::StatusOr<uint64_t> id = client.OpenSequence();
+  ASSERT_TRUE(id.ok()) << id.status();
+  std::map<int32_t, testing::EncodedBf16> keys;
+  for (const int32_t layer : {1, 3}) {
+    keys[layer] = testing::RandomBf16(random, 600 * model.head_dim);
+    v1::AppendKeysRequest append;
+    v1::KeyAppend* key_append = append.add_appends();
+    key_append->set_sequence_id(*id);
+    key_append->set_first_layer(layer);
+    key_append->set_num_tokens(600);
+    key_append->set_keys(keys[layer].bytes);
+    ASSERT_TRUE(client.AppendKeys(append).ok());
+  }
+  absl::StatusOr<std::unique_ptr<SelectSession>> session = client.StartSelectSession();
+  ASSERT_TRUE(session.ok()) << session.status();
+  auto request_for = [&](int32_t layer, const testing::EncodedBf16& queries) {
+    v1::SelectRequest request;
+    request.set_request_id(10 + layer);
+    request.set_layer(layer);
+    v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+    decode->set_sequence_id(*id);
+    decode->set_seq_len(600);
+    request.set_queries(queries.bytes);
+    return request;
+  };
+  // Layer 2 first: nothing to reuse yet.
+  const testing::EncodedBf16 queries =
+      testing::RandomBf16(random, model.num_heads * model.head_dim);
+  absl::StatusOr<SelectResult> early = (*session)->Call(request_for(2, queries));
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(early.status().message(),
+            "layer 2 reuses the selection of layer 1, which this session has not selected yet; "
+            "select layer 1 first");
+  // Layers 1, 2, 3 pipelined. Layer 2's batch carries no queries at all: the
+  // server would refuse it, so its answer can only come from layer 1's.
+  v1::SelectRequest reusing = request_for(2, queries);
+  reusing.clear_queries();
+  ASSERT_TRUE((*session)->Send(request_for(1, queries)).ok());
+  ASSERT_TRUE((*session)->Send(reusing).ok());
+  ASSERT_TRUE((*session)->Send(request_for(3, queries)).ok());
+  absl::StatusOr<SelectResult> first = (*session)->Receive();
+  absl::StatusOr<SelectResult> second = (*session)->Receive();
+  absl::StatusOr<SelectResult> third = (*session)->Receive();
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_TRUE(third.ok()) << third.status();
+  for (const auto& [layer, result] :
+       std::vector<std::pair<int32_t, const SelectResult*>>{{1, &*first}, {3, &*third}}) {
+    EXPECT_EQ(result->block_ids,
+              ReferenceSelect(model.shape(), {{keys[layer].values.data(), 599, 1}},
+                              queries.values.data()))
+        << "layer " << layer;
+  }
+  EXPECT_EQ(second->request_id, 12u);
+  EXPECT_EQ(second->block_ids, first->block_ids);
+  EXPECT_TRUE((*session)->Close().ok());
 }
 
 TEST(AsyncSelectSessionTest, PipelinedBatchesAnswerInOrderThroughCallbacks) {
