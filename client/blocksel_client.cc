@@ -207,13 +207,15 @@ int64_t SelectSession::ReusedLayer(int64_t layer) const {
 
 absl::Status SelectSession::Send(const v1::SelectRequest& request) {
   if (closed_) return absl::FailedPreconditionError("the session is closed");
-  const int64_t reused = ReusedLayer(request.layer());
-  {
-    // Queued before the write, so the answer never arrives before its entry.
-    absl::MutexLock lock(&mutex_);
-    pending_.push_back({request.request_id(), request.layer(), reused});
+  if (!selecting_layers_.empty()) {
+    const int64_t reused = ReusedLayer(request.layer());
+    {
+      // Queued before the write, so the answer never arrives before its entry.
+      absl::MutexLock lock(&mutex_);
+      pending_.push_back({request.request_id(), request.layer(), reused});
+    }
+    if (reused >= 0) return absl::OkStatus();  // Receive answers it
   }
-  if (reused >= 0) return absl::OkStatus();  // Receive answers it
   if (!stream_->Write(request)) {
     closed_ = true;
     grpc::Status status = stream_->Finish();
@@ -225,7 +227,7 @@ absl::Status SelectSession::Send(const v1::SelectRequest& request) {
 absl::StatusOr<SelectResult> SelectSession::Receive() {
   if (closed_) return absl::FailedPreconditionError("the session is closed");
   Pending next;
-  {
+  if (!selecting_layers_.empty()) {
     absl::MutexLock lock(&mutex_);
     mutex_.Await(absl::Condition(
         +[](std::deque<Pending>* pending) { return !pending->empty(); }, &pending_));

@@ -52,10 +52,11 @@ struct SelectResult {
 
 // One StreamSelect call: the per-layer loop of an attention worker. Send
 // and Receive may run on two threads (one each); responses come in request
-// order, and Receive waits for the Send it answers.
+// order.
 //
 // On a server that reuses selections across layers (GetInfo's
-// selecting_layers), a batch for a reusing layer never leaves the client:
+// selecting_layers), Receive waits for the Send it answers, and a batch for
+// a reusing layer never leaves the client:
 // Receive answers it with this session's latest selection of the layer it
 // reuses, under the batch's own request_id. So a worker that calls once per
 // sparse layer sends only the selecting layers' batches; the keys its
