@@ -120,6 +120,32 @@ absl::StatusOr<bool> BlockselClient::ReleaseSequence(uint64_t sequence_id) {
   return response.released();
 }
 
+absl::StatusOr<v1::AttachResponse> BlockselClient::Attach(const v1::AttachRequest& request) {
+  v1::AttachResponse response;
+  grpc::Status status = Retried(
+      [&](grpc::ClientContext* context) { return stub_->Attach(context, request, &response); });
+  if (!status.ok()) return ToAbsl(status);
+  return response;
+}
+
+absl::Status BlockselClient::RenewAttachment(uint64_t attachment_id, uint32_t lease_seconds) {
+  v1::RenewAttachmentRequest request;
+  request.set_attachment_id(attachment_id);
+  request.set_lease_seconds(lease_seconds);
+  v1::RenewAttachmentResponse response;
+  return ToAbsl(Retried([&](grpc::ClientContext* context) {
+    return stub_->RenewAttachment(context, request, &response);
+  }));
+}
+
+absl::Status BlockselClient::Detach(uint64_t attachment_id) {
+  v1::DetachRequest request;
+  request.set_attachment_id(attachment_id);
+  v1::DetachResponse response;
+  return ToAbsl(Retried(
+      [&](grpc::ClientContext* context) { return stub_->Detach(context, request, &response); }));
+}
+
 absl::Status BlockselClient::RenewLease(absl::Span<const uint64_t> sequence_ids) {
   v1::RenewLeaseRequest request;
   request.mutable_sequence_ids()->Add(sequence_ids.begin(), sequence_ids.end());

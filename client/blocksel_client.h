@@ -121,6 +121,10 @@ class BlockselClient {
   absl::StatusOr<SelectResult> Select(const v1::SelectRequest& request);
   // Asks the server to write its cache snapshot now.
   absl::StatusOr<v1::WriteSnapshotResponse> WriteSnapshot();
+  // The co-located data plane's control (GpuSelectSession uses them).
+  absl::StatusOr<v1::AttachResponse> Attach(const v1::AttachRequest& request);
+  absl::Status RenewAttachment(uint64_t attachment_id, uint32_t lease_seconds);
+  absl::Status Detach(uint64_t attachment_id);
   // Opens a StreamSelect session; it lives until Close or destruction. It
   // asks GetInfo for the layers whose selections the server reuses; if that
   // call fails, the session sends every batch.

@@ -105,6 +105,7 @@ void WriteAnswer(SlotControl* control, uint32_t sequence, const absl::Status& st
   control->message_bytes = static_cast<uint32_t>(bytes);
   control->status = static_cast<int32_t>(status.code());
   StoreRelease(control->completion, sequence);
+  StoreRelease(control->answer_flag, 1);
 }
 
 std::optional<absl::Status> ReadAnswer(const SlotControl& control, uint32_t sequence) {

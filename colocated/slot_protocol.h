@@ -100,7 +100,8 @@ class DoorbellScanner {
 
 // Writes the answer to `sequence` into a slot's control block in host
 // memory: status code and message first, then the completion word with
-// release order, so a reader that sees the completion sees the status.
+// release order, so a reader that sees the completion sees the status, and
+// last the answer flag.
 void WriteAnswer(SlotControl* control, uint32_t sequence, const absl::Status& status);
 
 // The answer to `sequence`, once the slot's completion word holds it

@@ -19,26 +19,28 @@ absl::StatusOr<RegionLayout> RegionLayoutFor(const RegionSizes& sizes, int64_t m
                                                    " is not a power of two in [1, ", kMaxSlots,
                                                    "]; ask for 1, 2, 4, ... slots"));
   }
-  if (sizes.query_bytes == 0 || sizes.ids_bytes == 0) {
+  if (sizes.query_bytes == 0 || sizes.metadata_bytes == 0 || sizes.ids_bytes == 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("a slot needs room for queries and block ids (query_bytes ", sizes.query_bytes,
-                     ", ids_bytes ", sizes.ids_bytes, "); size them for the largest batch"));
+        absl::StrCat("a slot needs room for queries, metadata and block ids (query_bytes ",
+                     sizes.query_bytes, ", metadata_bytes ", sizes.metadata_bytes, ", ids_bytes ",
+                     sizes.ids_bytes, "); size them for the largest batch"));
   }
   RegionLayout layout;
   layout.sizes = sizes;
   layout.controls_offset = static_cast<int64_t>(sizeof(RegionHeader));
-  layout.payloads_offset = AlignUp(layout.ControlOffset(slots), kPayloadAlignment);
+  layout.metadata_offset = AlignUp(layout.ControlOffset(slots), kPayloadAlignment);
+  layout.metadata_stride = AlignUp(sizes.metadata_bytes, kPayloadAlignment);
+  layout.host_bytes = layout.MetadataOffset(slots);
   layout.query_offset = 0;
   layout.key_offset = AlignUp(layout.query_offset + sizes.query_bytes, kPayloadAlignment);
-  layout.metadata_offset = AlignUp(layout.key_offset + sizes.key_bytes, kPayloadAlignment);
-  layout.ids_offset = AlignUp(layout.metadata_offset + sizes.metadata_bytes, kPayloadAlignment);
+  layout.ids_offset = AlignUp(layout.key_offset + sizes.key_bytes, kPayloadAlignment);
   layout.slot_stride = AlignUp(layout.ids_offset + sizes.ids_bytes, kPayloadAlignment);
-  layout.total_bytes = layout.PayloadOffset(slots);
-  if (layout.total_bytes > max_region_bytes) {
+  layout.device_bytes = layout.PayloadOffset(slots);
+  if (layout.device_bytes > max_region_bytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("a region of ", slots, " slots of ", layout.slot_stride, " bytes needs ",
-                     layout.total_bytes, " bytes, above the server's ", max_region_bytes,
-                     " per attachment; ask for fewer or smaller slots"));
+                     layout.device_bytes, " bytes of GPU memory, above the server's ",
+                     max_region_bytes, " per attachment; ask for fewer or smaller slots"));
   }
   return layout;
 }

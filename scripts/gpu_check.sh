@@ -5,12 +5,15 @@
 #
 #   scripts/gpu_check.sh BUNDLE [steps...]
 #   steps: tests service sanitizers bench batching sass completion transport
-#          e2e peer (default: the first six)
+#          e2e peer colocated (default: the first six)
 #   service: the fault and drain tests and a 2-minute soak, on the GPU
 #   backend. bench: every shape, or those matching BENCH_FILTER.
 #   completion: how fast the host notices finished GPU work, and copy costs.
 #   transport: gRPC round trips alone, callback and completion-queue APIs.
 #   e2e: scripts/e2e_bench.sh on the GPU backend (JSON in $LOG_DIR/e2e).
+#   colocated: scripts/colocated_bench.sh (a worker process beside the
+#   server on one GPU; JSON lines in $LOG_DIR/colocated), and the kernel
+#   alone at its shapes.
 #   peer: scripts/peer_compare.sh, our kernels beside vLLM's in this call
 #   (PEER_DIR, default .peer: the peer benchmark; VLLM_FILE, default
 #   $PEER_DIR/index_topk.py); the table and JSON in $LOG_DIR/peer.
@@ -62,6 +65,13 @@ for s in "${steps[@]}"; do
       step gpu_engine_test "$bundle/bin/gpu_engine_test"
       step golden_test "$bundle/bin/golden_test"
       step snapshot_test "$bundle/bin/snapshot_test"
+      step gpu_session_test "$bundle/bin/gpu_session_test"
+      ;;
+    colocated)
+      # Two processes on one GPU, plain and under MPS, and the kernel alone
+      # at the same shapes in the same call.
+      MPS=1 step colocated_bench scripts/colocated_bench.sh "$bundle/bin" "$logs/colocated"
+      step colocated_kernels "$bundle/bin/gpu_selection_bench" "L=32K Q=1"
       ;;
     service)
       step fault_test "$bundle/bin/fault_test"

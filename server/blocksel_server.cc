@@ -12,6 +12,35 @@
 #include "server/version.h"
 
 namespace blocksel {
+namespace {
+
+// The hub of the co-located data plane, on the backend's GPU when it has
+// one; otherwise every attach is refused with the reason.
+std::unique_ptr<ColocatedHub> CreateColocatedHub(const ServerConfig& config,
+                                                 absl::string_view backend, SelectBatcher* batcher,
+                                                 ServerMetrics* metrics) {
+  std::unique_ptr<RegionDevice> device;
+  std::string why_not;
+  if (backend == "cpu") {
+    why_not =
+        "the server runs the cpu backend; the co-located data plane needs a GPU backend "
+        "(--backend=cuda or hip): use StreamSelect";
+  } else {
+    absl::StatusOr<std::unique_ptr<RegionDevice>> created =
+        CreateGpuRegionDevice(config.backend.gpu_device);
+    if (created.ok()) {
+      device = std::move(*created);
+    } else {
+      why_not = std::string(created.status().message());
+    }
+  }
+  ColocatedOptions options = config.colocated;
+  options.on_answered = [metrics](const SelectTimes& times) { metrics->OnColocatedStages(times); };
+  return std::make_unique<ColocatedHub>(config.model, batcher, std::move(device),
+                                        std::move(why_not), std::move(options));
+}
+
+}  // namespace
 
 absl::Status ServerConfig::Validate() const {
   std::vector<std::string> problems;
@@ -46,6 +75,12 @@ absl::Status ServerConfig::Validate() const {
     problems.push_back("batch window must be in [0, 100000] microseconds");
   }
   if (batch_max_rows < 1) problems.push_back("batch max rows must be >= 1");
+  if (colocated.max_attachments < 0) {
+    problems.push_back("co-located max attachments must be >= 0");
+  }
+  if (colocated.max_region_bytes < (int64_t{1} << 20)) {
+    problems.push_back("a co-located region must be allowed at least 1 MiB");
+  }
   if (grpc_memory_bytes < 4 * max_message_bytes) {
     problems.push_back("gRPC memory must hold at least 4 messages of the maximum size");
   }
@@ -60,6 +95,7 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
       CreateBackend(config.backend, config.model, config.NumPages());
   if (!backend.ok()) return backend.status();
 
+  const std::string backend_name((*backend)->name());
   std::unique_ptr<BlockselServer> server(new BlockselServer());
   server->backend_description_ = absl::StrCat((*backend)->name(), " (", (*backend)->detail(), ")");
   const ModelConfig& model = config.model;
@@ -115,9 +151,12 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   batcher_options.max_group_rows = config.batch_max_rows;
   server->batcher_ =
       std::make_unique<SelectBatcher>(engine, server->executor_.get(), batcher_options);
+  server->colocated_ =
+      CreateColocatedHub(config, backend_name, server->batcher_.get(), server->metrics_.get());
+  server->colocated_->StartPolling();
   server->service_ = std::make_unique<BlockSelectorService>(
-      engine, server->executor_.get(), server->batcher_.get(), server->metrics_.get(),
-      service_options);
+      engine, server->executor_.get(), server->batcher_.get(), server->colocated_.get(),
+      server->metrics_.get(), service_options);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -191,6 +230,9 @@ absl::StatusOr<SnapshotSummary> BlockselServer::Shutdown(absl::Duration grace) {
   // shutdown; the server cancelled every call, so none should remain.)
   SelectStreamCall::AwaitNoCalls(stream_select_, grace + absl::Seconds(10));
   poller_->Stop();
+  // Co-located workers see their regions closed; slots still in the engine
+  // are answered as the executor drains.
+  colocated_->Shutdown();
   executor_->Stop();
   if (snapshot_path_.empty()) return absl::NotFoundError("no --snapshot_path");
   return engine_->WriteSnapshot(snapshot_path_);

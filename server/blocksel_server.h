@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
+#include "server/colocated/colocated_hub.h"
 #include "server/engine/backend_factory.h"
 #include "server/engine/engine.h"
 #include "server/engine/executor.h"
@@ -46,6 +47,8 @@ struct ServerConfig {
   // window turns it off.
   absl::Duration batch_window = SelectBatcher::Options{}.window;
   int64_t batch_max_rows = SelectBatcher::Options{}.max_group_rows;
+  // The co-located GPU data plane (GPU backends only).
+  ColocatedOptions colocated;
   // Where the cache is loaded from at start and written to on Shutdown and
   // on request; empty: no snapshots.
   std::string snapshot_path;
@@ -106,6 +109,7 @@ class BlockselServer {
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<SelectBatcher> batcher_;
+  std::unique_ptr<ColocatedHub> colocated_;
   std::unique_ptr<BlockSelectorService> service_;
   // StreamSelect calls on completion queues: what they share, and the
   // threads serving the queues (after the server in destruction, as gRPC

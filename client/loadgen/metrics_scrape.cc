@@ -79,6 +79,7 @@ absl::StatusOr<ServerTimes> ScrapeServerTimes(const std::string& host_port) {
   ServerTimes times;
   times.backend = ParseHistogram(*text, "blocksel_backend_duration_seconds", "path");
   times.stages = ParseHistogram(*text, "blocksel_select_stage_seconds", "stage");
+  times.colocated = ParseHistogram(*text, "blocksel_colocated_stage_seconds", "stage");
   if (times.backend.empty() || times.stages.empty()) {
     return absl::UnavailableError(
         absl::StrCat("no blocksel timing metrics at http://", host_port, "/metrics"));

@@ -21,8 +21,9 @@ using HistogramTotals = std::map<std::string, SeriesTotals>;
 
 // The metrics the load generator reads.
 struct ServerTimes {
-  HistogramTotals backend;  // blocksel_backend_duration_seconds by path
-  HistogramTotals stages;   // blocksel_select_stage_seconds by stage
+  HistogramTotals backend;    // blocksel_backend_duration_seconds by path
+  HistogramTotals stages;     // blocksel_select_stage_seconds by stage
+  HistogramTotals colocated;  // blocksel_colocated_stage_seconds by stage
 };
 
 // The series of histogram `name` by label `label`, from a scrape's text.

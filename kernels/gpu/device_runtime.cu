@@ -1,6 +1,12 @@
 // The runtime calls of gpu_selection.h: device discovery, memory, streams
 // and graphs, each returning a KernelStatus.
+#include <cstring>
+#include <string>
+
 #include "kernels/gpu/gpu_compat.h"
+#if !defined(BLOCKSEL_GPU_HIP)
+#include <cuda.h>
+#endif
 #include "kernels/gpu/gpu_selection.h"
 
 namespace blocksel::gpu {
@@ -43,6 +49,13 @@ KernelStatus QueryDevice(int device, DeviceInfo* info) {
 }
 
 KernelStatus SetDevice(int device) { return Check(gpuSetDevice(device)); }
+
+KernelStatus PciBusId(int device, std::string* bus_id) {
+  char text[32] = {};
+  const KernelStatus status = Check(gpuDeviceGetPCIBusId(text, sizeof(text), device));
+  if (status == KernelStatus::kOk) *bus_id = text;
+  return status;
+}
 
 const char* LastErrorText() { return gpuGetErrorString(last_error); }
 
@@ -89,6 +102,72 @@ KernelStatus CopyHostToDevice(void* device, const void* host, int64_t bytes, voi
 KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, void* stream) {
   return Check(gpuMemcpyAsync(host, device, static_cast<size_t>(bytes), gpuMemcpyDeviceToHost,
                               static_cast<gpuStream_t>(stream)));
+}
+
+#if defined(BLOCKSEL_GPU_HIP)
+
+KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value) {
+  return Check(hipStreamWaitValue32(static_cast<hipStream_t>(stream), const_cast<uint32_t*>(word),
+                                    value, hipStreamWaitValueEq, 0xFFFFFFFFu));
+}
+
+#else
+
+// The runtime has no call for a stream's wait on a word; the driver's is
+// looked up once through the runtime, so nothing links the driver library.
+KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value) {
+  using WaitValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+  static WaitValue wait_value = [] {
+    void* function = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &function, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<WaitValue>(nullptr);
+    }
+    return reinterpret_cast<WaitValue>(function);
+  }();
+  if (wait_value == nullptr) return KernelStatus::kUnsupported;
+  return wait_value(static_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(word), value,
+                    CU_STREAM_WAIT_VALUE_EQ) == CUDA_SUCCESS
+             ? KernelStatus::kOk
+             : KernelStatus::kDeviceError;
+}
+
+#endif
+
+KernelStatus HostRegister(void* host, int64_t bytes, void** device) {
+  KernelStatus status =
+      Check(gpuHostRegister(host, static_cast<size_t>(bytes), gpuHostRegisterMapped));
+  if (status != KernelStatus::kOk) return status;
+  status = Check(gpuHostGetDevicePointer(device, host, 0));
+  if (status != KernelStatus::kOk) (void)gpuHostUnregister(host);
+  return status;
+}
+
+void HostUnregister(void* host) {
+  if (host != nullptr) (void)gpuHostUnregister(host);
+}
+
+static_assert(sizeof(gpuIpcMemHandle_t) == kIpcHandleBytes);
+
+KernelStatus IpcExport(void* device, std::string* handle) {
+  gpuIpcMemHandle_t exported;
+  const KernelStatus status = Check(gpuIpcGetMemHandle(&exported, device));
+  if (status == KernelStatus::kOk) handle->assign(exported.reserved, sizeof(exported.reserved));
+  return status;
+}
+
+KernelStatus IpcOpen(const std::string& handle, void** device) {
+  if (handle.size() != kIpcHandleBytes) return KernelStatus::kInvalidArgument;
+  gpuIpcMemHandle_t opened;
+  std::memcpy(opened.reserved, handle.data(), sizeof(opened.reserved));
+  return Check(gpuIpcOpenMemHandle(device, opened, gpuIpcMemLazyEnablePeerAccess));
+}
+
+void IpcClose(void* device) {
+  if (device != nullptr) (void)gpuIpcCloseMemHandle(device);
 }
 
 KernelStatus ZeroDevice(void* device, int64_t bytes, void* stream) {

@@ -30,6 +30,15 @@ using gpuGraphExec_t = hipGraphExec_t;
 #define gpuHostAllocMapped hipHostMallocMapped
 #define gpuHostGetDevicePointer hipHostGetDevicePointer
 #define gpuFree hipFree
+#define gpuHostRegister hipHostRegister
+#define gpuDeviceGetPCIBusId hipDeviceGetPCIBusId
+#define gpuHostRegisterMapped (hipHostRegisterMapped | hipHostRegisterPortable)
+#define gpuHostUnregister hipHostUnregister
+using gpuIpcMemHandle_t = hipIpcMemHandle_t;
+#define gpuIpcGetMemHandle hipIpcGetMemHandle
+#define gpuIpcOpenMemHandle hipIpcOpenMemHandle
+#define gpuIpcMemLazyEnablePeerAccess hipIpcMemLazyEnablePeerAccess
+#define gpuIpcCloseMemHandle hipIpcCloseMemHandle
 #define gpuFreeHost hipHostFree
 #define gpuMemcpyAsync hipMemcpyAsync
 #define gpuMemsetAsync hipMemsetAsync
@@ -78,6 +87,15 @@ using gpuGraphExec_t = cudaGraphExec_t;
 #define gpuHostAllocMapped cudaHostAllocMapped
 #define gpuHostGetDevicePointer cudaHostGetDevicePointer
 #define gpuFree cudaFree
+#define gpuHostRegister cudaHostRegister
+#define gpuDeviceGetPCIBusId cudaDeviceGetPCIBusId
+#define gpuHostRegisterMapped (cudaHostRegisterMapped | cudaHostRegisterPortable)
+#define gpuHostUnregister cudaHostUnregister
+using gpuIpcMemHandle_t = cudaIpcMemHandle_t;
+#define gpuIpcGetMemHandle cudaIpcGetMemHandle
+#define gpuIpcOpenMemHandle cudaIpcOpenMemHandle
+#define gpuIpcMemLazyEnablePeerAccess cudaIpcMemLazyEnablePeerAccess
+#define gpuIpcCloseMemHandle cudaIpcCloseMemHandle
 #define gpuFreeHost cudaFreeHost
 #define gpuMemcpyAsync cudaMemcpyAsync
 #define gpuMemsetAsync cudaMemsetAsync

@@ -28,6 +28,9 @@ struct DeviceInfo {
 int DeviceCount();
 KernelStatus QueryDevice(int device, DeviceInfo* info);
 KernelStatus SetDevice(int device);
+// The device's PCI bus id ("0000:1b:00.0"), which names the same GPU in
+// every process whatever its visible-device numbering.
+KernelStatus PciBusId(int device, std::string* bus_id);
 // The runtime's text for the last error seen by this thread's calls.
 const char* LastErrorText();
 
@@ -43,6 +46,20 @@ void StreamDestroy(void* stream);
 KernelStatus StreamSynchronize(void* stream);
 KernelStatus CopyHostToDevice(void* device, const void* host, int64_t bytes, void* stream);
 KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, void* stream);
+// Makes the stream wait, without occupying the GPU, until the 32-bit word
+// at device address `word` (device memory, or registered host memory as
+// kernels reach it) equals value. Capturable into a graph.
+KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value);
+// Host memory allocated elsewhere (shared memory, say) made reachable by
+// kernels: *device is the address they use.
+KernelStatus HostRegister(void* host, int64_t bytes, void** device);
+void HostUnregister(void* host);
+// Interprocess sharing of a DeviceAlloc'ed buffer: the opaque handle
+// another process on the same host opens to map it.
+inline constexpr int kIpcHandleBytes = 64;
+KernelStatus IpcExport(void* device, std::string* handle);
+KernelStatus IpcOpen(const std::string& handle, void** device);
+void IpcClose(void* device);
 // Sets bytes of device memory to zero, in stream order.
 KernelStatus ZeroDevice(void* device, int64_t bytes, void* stream);
 

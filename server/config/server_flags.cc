@@ -85,6 +85,10 @@ ABSL_FLAG(int64_t, batch_window_us, absl::ToInt64Microseconds(kDefaults.batch_wi
           "to this much latency; pays off when several workers share the server");
 ABSL_FLAG(int64_t, batch_max_rows, kDefaults.batch_max_rows,
           "Most query rows one merged decode launch holds");
+ABSL_FLAG(int, colocated_max_attachments, kDefaults.colocated.max_attachments,
+          "Co-located workers attached at once (GPU backends; 0 refuses every attach)");
+ABSL_FLAG(int64_t, colocated_max_region_mib, kDefaults.colocated.max_region_bytes >> 20,
+          "GPU memory one co-located worker's slots may take, in MiB");
 ABSL_FLAG(int64_t, drain_propagation_seconds, 5,
           "On SIGTERM/SIGINT, readiness turns NOT_SERVING first; the server keeps "
           "accepting calls this long so load balancers stop routing to it");
@@ -153,6 +157,8 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.batch_window = absl::Microseconds(absl::GetFlag(FLAGS_batch_window_us));
   config.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   config.batch_max_rows = absl::GetFlag(FLAGS_batch_max_rows);
+  config.colocated.max_attachments = absl::GetFlag(FLAGS_colocated_max_attachments);
+  config.colocated.max_region_bytes = absl::GetFlag(FLAGS_colocated_max_region_mib) << 20;
   config.snapshot_path = absl::GetFlag(FLAGS_snapshot_path);
   absl::Status valid = config.Validate();
   if (!valid.ok()) return valid;

@@ -35,6 +35,29 @@ struct KeyRead {
   uint8_t* keys = nullptr;  // num_tokens * token bytes
 };
 
+// A selection whose payload stays in GPU memory: a co-located worker's
+// slot (colocated/slot_region.h). The backend reads the queries and the
+// keys from the slot, writes the block ids into it and then signals the
+// slot's answer words, all in stream order on the device, so the worker
+// has its answer without any host in between.
+struct DevicePayload {
+  const void* queries = nullptr;  // device: bf16 [rows][H][D]
+  int64_t query_bytes = 0;        // room the slot has for them
+  // Device, or null when the batch carries no keys: the requests' new keys
+  // in request order, [Q][D] each for every request that is not padding.
+  const uint8_t* keys = nullptr;
+  int64_t key_bytes = 0;         // room the slot has for them
+  int32_t* block_ids = nullptr;  // device: int32 [H][rows][topk]
+  int64_t ids_bytes = 0;         // room the slot has for them
+  // The slot's answer words, as kernels address them: status OK and no
+  // message, then sequence in the completion word, then the answer flag.
+  int32_t* status = nullptr;
+  uint32_t* message_bytes = nullptr;
+  uint32_t* completion = nullptr;
+  uint32_t* answer_flag = nullptr;
+  uint32_t sequence = 0;
+};
+
 // How a backend ran a selection.
 enum class LaunchMode { kDirect, kGraph };
 
@@ -85,8 +108,13 @@ class Backend : public KeyStore {
   // Start returns; its block_ids and block_scores (host memory) are written
   // by the time FinishOldest returns for it, and must stay valid until then.
   // Needs pending() < max_pending(). On error nothing was started.
+  //
+  // With a device payload (may be null), batch.queries and every write's
+  // keys are device addresses inside it, and the block ids also go to the
+  // payload, which is signalled once they are there. A backend without a
+  // GPU refuses it (FAILED_PRECONDITION).
   virtual absl::Status Start(int32_t layer_index, const SelectionBatch& batch,
-                             absl::Span<const KeyWrite> writes) = 0;
+                             absl::Span<const KeyWrite> writes, const DevicePayload* device) = 0;
   // Selections started and not finished.
   virtual int pending() const = 0;
   // How many may be pending at once.

@@ -58,7 +58,12 @@ absl::Status CpuBackend::ReadKeys(absl::Span<const KeyRead> reads) {
 }
 
 absl::Status CpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
-                               absl::Span<const KeyWrite> writes) {
+                               absl::Span<const KeyWrite> writes, const DevicePayload* device) {
+  if (device != nullptr) {
+    return absl::FailedPreconditionError(
+        "the cpu backend cannot read a payload in GPU memory; run the server with a GPU backend "
+        "(--backend=cuda or hip) to serve co-located workers");
+  }
   if (finished_.has_value()) {
     return absl::FailedPreconditionError("a selection is already pending on the cpu backend");
   }

@@ -29,7 +29,7 @@ class CpuBackend final : public Backend {
   // Runs the whole selection in Start: one is pending at most, and always
   // ready.
   absl::Status Start(int32_t layer_index, const SelectionBatch& batch,
-                     absl::Span<const KeyWrite> writes) override;
+                     absl::Span<const KeyWrite> writes, const DevicePayload* device) override;
   int pending() const override { return finished_.has_value() ? 1 : 0; }
   int max_pending() const override { return 1; }
   bool OldestReady() override { return true; }

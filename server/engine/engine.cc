@@ -159,9 +159,10 @@ void FillBlockIds(const ModelConfig& model, const int32_t* head_major, int32_t t
 
 }  // namespace
 
-absl::StatusOr<SelectPlan> Engine::PlanChecked(const v1::SelectRequest& request) const {
+absl::StatusOr<SelectPlan> Engine::PlanChecked(const v1::SelectRequest& request,
+                                               const DevicePayload* device) const {
   const ModelConfig& model = options_.model;
-  BLOCKSEL_ASSIGN_OR_RETURN(SelectPlan plan, PlanSelect(request, model, cache_));
+  BLOCKSEL_ASSIGN_OR_RETURN(SelectPlan plan, PlanSelect(request, model, cache_, device));
   if (request.return_block_scores()) {
     const int64_t bytes =
         int64_t{model.num_heads} * plan.total_rows * MaxVisibleBlocks(plan) * int64_t{4};
@@ -188,21 +189,22 @@ void Engine::SelectMany(absl::Span<SelectCall> calls, absl::AnyInvocable<void()>
   std::vector<PreparedCall> launch;
   std::vector<KeyWrite> writes;  // keys the launch's calls carry
   absl::flat_hash_set<uint64_t> launch_sequences;
-  bool launch_has_scores = false;
+  bool launch_alone = false;  // the launch takes no further call
   auto flush = [&] {
     if (!launch.empty()) Launch(std::move(launch), writes, group);
     launch.clear();
     writes.clear();
     launch_sequences.clear();
-    launch_has_scores = false;
+    launch_alone = false;
   };
   for (SelectCall& call : calls) {
-    absl::StatusOr<SelectPlan> plan = PlanChecked(*call.request);
+    absl::StatusOr<SelectPlan> plan = PlanChecked(*call.request, call.device);
     if (!plan.ok()) {
       call.status = plan.status();
       continue;
     }
-    bool conflicts = launch_has_scores || call.request->return_block_scores();
+    const bool alone = call.request->return_block_scores() || call.device != nullptr;
+    bool conflicts = launch_alone || alone;
     for (const PlannedSpan& span : plan->spans) {
       conflicts = conflicts || launch_sequences.contains(span.sequence_id);
     }
@@ -216,7 +218,7 @@ void Engine::SelectMany(absl::Span<SelectCall> calls, absl::AnyInvocable<void()>
       if (span.sequence_id != 0) launch_sequences.insert(span.sequence_id);
     }
     if (call.times != nullptr) call.times->planned = absl::Now();
-    launch_has_scores = call.request->return_block_scores();
+    launch_alone = alone;
     launch.push_back({&call, std::move(*plan)});
   }
   flush();
@@ -255,6 +257,7 @@ void Engine::Launch(std::vector<PreparedCall> calls, absl::Span<const KeyWrite> 
     for (const PreparedCall& prepared : calls) packed_queries += prepared.call->request->queries();
     queries = &packed_queries;
   }
+  const DevicePayload* device = calls.front().call->device;  // such a call launches alone
 
   StartedLaunch started;
   started.total_rows = total_rows;
@@ -268,7 +271,8 @@ void Engine::Launch(std::vector<PreparedCall> calls, absl::Span<const KeyWrite> 
   SelectionBatch batch;
   batch.spans = spans.data();
   batch.num_spans = static_cast<int32_t>(spans.size());
-  batch.queries = reinterpret_cast<const uint16_t*>(queries->data());
+  batch.queries =
+      static_cast<const uint16_t*>(device != nullptr ? device->queries : queries->data());
   batch.total_rows = total_rows;
   batch.block_ids = started.head_major.data();
   if (started.max_blocks > 0) {
@@ -279,7 +283,8 @@ void Engine::Launch(std::vector<PreparedCall> calls, absl::Span<const KeyWrite> 
   while (backend_->pending() >= backend_->max_pending()) FinishOldest();
   if (options_.observer != nullptr) options_.observer->OnBackendRunning(+1);
   started.started = absl::Now();
-  const absl::Status status = backend_->Start(calls.front().plan.layer_index, batch, writes);
+  const absl::Status status =
+      backend_->Start(calls.front().plan.layer_index, batch, writes, device);
   select_launches_.fetch_add(1, std::memory_order_relaxed);
   if (!status.ok()) {
     if (options_.observer != nullptr) options_.observer->OnBackendRunning(-1);
@@ -328,8 +333,11 @@ void Engine::FinishOldest() {
         call.times->compute = report->compute;
         call.times->downloaded = downloaded;
       }
-      FillBlockIds(model, launch.head_major.data(), launch.total_rows, first_row,
-                   prepared.plan.total_rows, call.request->layout(), call.selection);
+      // A device payload's ids are already in its slot.
+      if (call.selection != nullptr) {
+        FillBlockIds(model, launch.head_major.data(), launch.total_rows, first_row,
+                     prepared.plan.total_rows, call.request->layout(), call.selection);
+      }
       if (launch.max_blocks > 0) {
         call.selection->set_max_blocks(launch.max_blocks);
         call.selection->set_block_scores(std::move(launch.block_scores));

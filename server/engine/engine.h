@@ -46,6 +46,10 @@ struct SelectCall {
   absl::Status status;
   // Optional: the engine sets planned, upload, compute and downloaded.
   SelectTimes* times = nullptr;
+  // Optional: the request's queries and keys are in GPU memory and its
+  // block ids go there (a co-located worker's slot); request.queries and
+  // the requests' keys fields are then empty, and selection may be null.
+  const DevicePayload* device = nullptr;
 };
 
 // Every operation validates its request completely before it changes any
@@ -72,8 +76,9 @@ class Engine {
   // Runs every call as Select would, in order, with as few backend launches
   // as keep that equivalence: consecutive calls share a launch unless a call
   // reads a sequence already in the launch (its appends could change what
-  // the earlier call sees) or asks for block scores (which come back per
-  // launch). Each call is validated on its own, so a bad one fails alone.
+  // the earlier call sees), asks for block scores (which come back per
+  // launch) or has a device payload (whose answer goes to its own slot). Each call is validated on
+  // its own, so a bad one fails alone.
   //
   // Returns once every call is validated and its launch started; `done`
   // runs (on this thread, from SelectMany or FinishSelections) once every
@@ -129,7 +134,8 @@ class Engine {
   };
 
   // Validates a request; nothing changes.
-  absl::StatusOr<SelectPlan> PlanChecked(const v1::SelectRequest& request) const;
+  absl::StatusOr<SelectPlan> PlanChecked(const v1::SelectRequest& request,
+                                         const DevicePayload* device) const;
   // Starts one backend selection over the prepared calls, whose cache
   // bookkeeping is done and whose keys are `writes`; on failure sets every
   // call's status.

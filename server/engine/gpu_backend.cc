@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "kernels/gpu/colocated_signals.h"
 #include "server/common/status_macros.h"
 
 namespace blocksel {
@@ -342,12 +343,13 @@ absl::Status GpuBackend::CaptureDecodeGraphs() {
         &slot.graph_results, int64_t{max_batch} * max_tokens * shape.num_heads * shape.topk * 4,
         Memory::kPinned));
     // The graphs reach the pinned buffers at their device addresses.
-    void* results = nullptr;
     BLOCKSEL_RETURN_IF_ERROR(
         DeviceStatus(gpu::DevicePointerOf(slot.graph_upload.data, &slot.graph_upload_device),
                      "mapping pinned memory"));
-    BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(gpu::DevicePointerOf(slot.graph_results.data, &results),
-                                          "mapping pinned memory"));
+    BLOCKSEL_RETURN_IF_ERROR(
+        DeviceStatus(gpu::DevicePointerOf(slot.graph_results.data, &slot.graph_results_device),
+                     "mapping pinned memory"));
+    void* const results = slot.graph_results_device;
     auto* runs_base = static_cast<unsigned char*>(slot.graph_upload_device);
     for (int32_t bucket = 1; bucket <= max_batch; bucket *= 2) {
       for (int32_t tokens = 1; tokens <= max_tokens; ++tokens) {
@@ -440,8 +442,10 @@ int64_t GpuBackend::StageUpload(const UploadLayout& layout, int32_t layer_index,
                                 absl::Span<const KeyWrite> writes,
                                 absl::Span<const BlockTableArena::Placement> placements,
                                 unsigned char* staging, const unsigned char* source_base,
-                                bool to_graph_inputs) const {
+                                bool to_graph_inputs, const DevicePayload* device) const {
   const SelectionShape shape = config_.shape();
+  const int64_t query_bytes =
+      static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.head_dim * 2;
   const auto source = reinterpret_cast<uint64_t>(source_base);
   auto* spans = reinterpret_cast<gpu::DeviceSpan*>(staging + layout.spans);
   const int32_t num_spans = std::max(bucket, batch.num_spans);
@@ -454,20 +458,30 @@ int64_t GpuBackend::StageUpload(const UploadLayout& layout, int32_t layer_index,
     spans[s] = {span.first_position, span.num_rows, span.first_row,
                 static_cast<int32_t>(placements[s].offset)};
   }
-  std::memcpy(staging + layout.queries, batch.queries,
-              static_cast<int64_t>(batch.total_rows) * shape.num_heads * shape.head_dim * 2);
+  // Device payloads are read in place by the kernels (queries of a direct
+  // launch) or by copy runs from where they are.
+  if (device == nullptr) std::memcpy(staging + layout.queries, batch.queries, query_bytes);
   auto* const first_run = reinterpret_cast<gpu::CopyRun*>(staging + layout.runs);
   gpu::CopyRun* run = first_run;
-  // Bytes at `offset` of the image go to `destination`, in pieces.
-  auto add_run = [&](uint64_t destination, int64_t offset, int64_t bytes) {
+  // Bytes at absolute address `from` go to `destination`, in pieces.
+  auto add_copy = [&](uint64_t destination, uint64_t from, int64_t bytes) {
     for (int64_t done = 0; done < bytes; done += kPieceBytes) {
       const int64_t piece = std::min(kPieceBytes, bytes - done);
-      *run++ = {destination + done, source + offset + done, static_cast<uint32_t>(piece), 0};
+      *run++ = {destination + done, from + done, static_cast<uint32_t>(piece), 0};
     }
   };
+  // Bytes at `offset` of the image go to `destination`.
+  auto add_run = [&](uint64_t destination, int64_t offset, int64_t bytes) {
+    add_copy(destination, source + offset, bytes);
+  };
   if (to_graph_inputs) {
-    add_run(reinterpret_cast<uint64_t>(graph_inputs_.data), 0,
-            layout.queries + int64_t{batch.total_rows} * shape.num_heads * shape.head_dim * 2);
+    const auto inputs = reinterpret_cast<uint64_t>(graph_inputs_.data);
+    if (device == nullptr) {
+      add_run(inputs, 0, layout.queries + query_bytes);
+    } else {
+      add_run(inputs, 0, layout.queries);
+      add_copy(inputs + layout.queries, reinterpret_cast<uint64_t>(batch.queries), query_bytes);
+    }
   }
   int64_t data = layout.data;
   auto add_data = [&](uint64_t destination, const void* bytes_from, int64_t bytes) {
@@ -476,8 +490,13 @@ int64_t GpuBackend::StageUpload(const UploadLayout& layout, int32_t layer_index,
     data += AlignUp16(bytes);
   };
   for (const KeyWrite& write : writes) {
-    add_data(static_cast<uint64_t>(KeyAddress(write)), write.keys,
-             write.num_tokens * config_.TokenBytes());
+    const auto destination = static_cast<uint64_t>(KeyAddress(write));
+    const int64_t bytes = write.num_tokens * config_.TokenBytes();
+    if (device != nullptr) {
+      add_copy(destination, reinterpret_cast<uint64_t>(write.keys), bytes);
+    } else {
+      add_data(destination, write.keys, bytes);
+    }
   }
   for (int32_t s = 0; s < batch.num_spans; ++s) {
     const RowSpan& span = batch.spans[s];
@@ -497,7 +516,7 @@ int64_t GpuBackend::StageUpload(const UploadLayout& layout, int32_t layer_index,
 
 absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch& batch,
                                       const gpu::BatchDims& dims, const UploadLayout& layout,
-                                      int32_t runs) {
+                                      int32_t runs, const DevicePayload* device) {
   const SelectionShape shape = config_.shape();
   auto* inputs = static_cast<unsigned char*>(inputs_.data);
   if (runs > 0) {
@@ -525,7 +544,9 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
   device_batch.spans = reinterpret_cast<const gpu::DeviceSpan*>(inputs + layout.spans);
   device_batch.num_spans = batch.num_spans;
   device_batch.block_table = static_cast<const int32_t*>(tables_);
-  device_batch.queries = reinterpret_cast<const uint16_t*>(inputs + layout.queries);
+  device_batch.queries = device != nullptr
+                             ? batch.queries
+                             : reinterpret_cast<const uint16_t*>(inputs + layout.queries);
   device_batch.total_rows = batch.total_rows;
   device_batch.block_ids = static_cast<int32_t*>(outputs_.data);
   device_batch.workspace = workspace->data;
@@ -545,7 +566,7 @@ absl::Status GpuBackend::LaunchDirect(int32_t layer_index, const SelectionBatch&
 }
 
 absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
-                               absl::Span<const KeyWrite> writes) {
+                               absl::Span<const KeyWrite> writes, const DevicePayload* device) {
   if (pending_ >= kMaxPending) {
     return absl::FailedPreconditionError(
         absl::StrCat("the GPU backend already has ", kMaxPending, " selections pending"));
@@ -560,7 +581,9 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
   int32_t bucket = 0;
   int32_t tokens = 0;
   const gpu::BatchDims dims = DimsOf(shape, batch);
-  gpu::CapturedGraph* graph = FindGraph(slot, batch, dims, runs, data_bytes, &bucket, &tokens);
+  // A device payload's queries reach a graph's inputs through one more run.
+  gpu::CapturedGraph* graph = FindGraph(slot, batch, dims, runs + (device != nullptr ? 1 : 0),
+                                        data_bytes, &bucket, &tokens);
   slot.rows = batch.total_rows;
   slot.block_ids = batch.block_ids;
   slot.block_scores = batch.block_scores;
@@ -573,10 +596,14 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
     StageUpload(GraphLayout(bucket, tokens), layer_index, batch, bucket, tokens, writes, placements,
                 static_cast<unsigned char*>(slot.graph_upload.data),
                 static_cast<const unsigned char*>(slot.graph_upload_device),
-                /*to_graph_inputs=*/true);
+                /*to_graph_inputs=*/true, device);
     slot.staged = absl::Now();
     BLOCKSEL_RETURN_IF_ERROR(Record(slot, 1));
     BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(graph->Replay(stream_), "replaying a decode graph"));
+    if (device != nullptr) {
+      BLOCKSEL_RETURN_IF_ERROR(
+          Deliver(*device, slot.graph_results_device, slot.device_rows, batch.total_rows));
+    }
     BLOCKSEL_RETURN_IF_ERROR(Record(slot, 3));
   } else {
     slot.mode = LaunchMode::kDirect;
@@ -592,15 +619,18 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
     BLOCKSEL_RETURN_IF_ERROR(Reserve(&inputs_, layout.data + data_bytes, Memory::kDevice));
     BLOCKSEL_RETURN_IF_ERROR(Reserve(&slot.staging, layout.data + data_bytes, Memory::kPinned));
     auto* staging = static_cast<unsigned char*>(slot.staging.data);
-    const int64_t upload_bytes =
-        StageUpload(layout, layer_index, batch, 0, 0, writes, placements, staging,
-                    static_cast<const unsigned char*>(inputs_.data), /*to_graph_inputs=*/false);
+    const int64_t upload_bytes = StageUpload(
+        layout, layer_index, batch, 0, 0, writes, placements, staging,
+        static_cast<const unsigned char*>(inputs_.data), /*to_graph_inputs=*/false, device);
     slot.staged = absl::Now();
     BLOCKSEL_RETURN_IF_ERROR(Record(slot, 0));
     BLOCKSEL_RETURN_IF_ERROR(DeviceStatus(
         gpu::CopyHostToDevice(inputs_.data, staging, upload_bytes, stream_), "uploading a batch"));
     BLOCKSEL_RETURN_IF_ERROR(Record(slot, 1));
-    BLOCKSEL_RETURN_IF_ERROR(LaunchDirect(layer_index, batch, dims, layout, runs));
+    BLOCKSEL_RETURN_IF_ERROR(LaunchDirect(layer_index, batch, dims, layout, runs, device));
+    if (device != nullptr) {
+      BLOCKSEL_RETURN_IF_ERROR(Deliver(*device, outputs_.data, batch.total_rows, batch.total_rows));
+    }
     BLOCKSEL_RETURN_IF_ERROR(Record(slot, 2));
     const int64_t id_bytes = int64_t{batch.total_rows} * shape.num_heads * shape.topk * 4;
     slot.score_bytes = batch.block_scores == nullptr ? 0
@@ -624,6 +654,25 @@ absl::Status GpuBackend::Start(int32_t layer_index, const SelectionBatch& batch,
   }
   ++pending_;
   return absl::OkStatus();
+}
+
+absl::Status GpuBackend::Deliver(const DevicePayload& device, const void* block_ids,
+                                 int32_t computed_rows, int32_t rows) {
+  const SelectionShape shape = config_.shape();
+  const int64_t row_bytes = int64_t{shape.topk} * 4;
+  gpu::DeliveredAnswer answer;
+  answer.from = block_ids;
+  answer.from_pitch = computed_rows * row_bytes;
+  answer.to = device.block_ids;
+  answer.to_pitch = rows * row_bytes;
+  answer.row_bytes = rows * row_bytes;
+  answer.rows = shape.num_heads;
+  answer.status = device.status;
+  answer.message_bytes = device.message_bytes;
+  answer.completion = device.completion;
+  answer.answer_flag = device.answer_flag;
+  answer.sequence = device.sequence;
+  return DeviceStatus(gpu::LaunchDeliverAnswer(answer, stream_), "answering a co-located slot");
 }
 
 bool GpuBackend::OldestReady() {

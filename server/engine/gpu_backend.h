@@ -70,7 +70,7 @@ class GpuBackend final : public Backend {
   absl::Status ReadKeys(absl::Span<const KeyRead> reads) override;
   void ForgetBlockTable(int32_t table_slot) override { tables_arena_.Forget(table_slot); }
   absl::Status Start(int32_t layer_index, const SelectionBatch& batch,
-                     absl::Span<const KeyWrite> writes) override;
+                     absl::Span<const KeyWrite> writes, const DevicePayload* device) override;
   int pending() const override { return pending_; }
   int max_pending() const override { return kMaxPending; }
   bool OldestReady() override;
@@ -103,7 +103,8 @@ class GpuBackend final : public Backend {
     // graph results, both pinned and of a fixed size.
     Buffer graph_upload;
     Buffer graph_results;
-    void* graph_upload_device = nullptr;  // graph_upload as kernels address it
+    void* graph_upload_device = nullptr;   // graph_upload as kernels address it
+    void* graph_results_device = nullptr;  // graph_results as kernels address it
     std::map<std::pair<int32_t, int32_t>, std::unique_ptr<gpu::CapturedGraph>> graphs;
     // Before the upload, after it, after the kernels, after the download.
     std::array<void*, 4> events{};
@@ -146,15 +147,23 @@ class GpuBackend final : public Backend {
   // runs with their data. A run reads its data at source_base + its offset
   // in the image: the device copy of the image, or the image itself for a
   // graph, whose runs then also copy the header, spans and queries to
-  // graph_inputs_. Returns the image's size.
+  // graph_inputs_. A device payload's queries and keys are not staged: runs
+  // copy them from where they are (a direct launch reads its queries in
+  // place). Returns the image's size.
   int64_t StageUpload(const UploadLayout& layout, int32_t layer_index, const SelectionBatch& batch,
                       int32_t bucket, int32_t tokens, absl::Span<const KeyWrite> writes,
                       absl::Span<const BlockTableArena::Placement> placements,
                       unsigned char* staging, const unsigned char* source_base,
-                      bool to_graph_inputs) const;
+                      bool to_graph_inputs, const DevicePayload* device) const;
   // Enqueues the direct launches of a staged selection.
   absl::Status LaunchDirect(int32_t layer_index, const SelectionBatch& batch,
-                            const gpu::BatchDims& dims, const UploadLayout& layout, int32_t runs);
+                            const gpu::BatchDims& dims, const UploadLayout& layout, int32_t runs,
+                            const DevicePayload* device);
+  // Enqueues a device payload's answer: rows rows of each head's block ids
+  // out of block_ids (head-major, computed_rows per head) into the
+  // payload, then its answer words.
+  absl::Status Deliver(const DevicePayload& device, const void* block_ids, int32_t computed_rows,
+                       int32_t rows);
   absl::Status Record(Slot& slot, int event);
   void* LayerPool(int32_t layer_index) const;
   int64_t KeyAddress(const KeyWrite& write) const;

@@ -113,7 +113,7 @@ void SelectBatcher::RunTasks(Engine* engine, std::vector<SelectTask> tasks) {
     if (task.admit) run->statuses[i] = task.admit();
     if (!run->statuses[i].ok()) continue;
     if (task.times != nullptr) task.times->started = started;
-    run->calls.push_back({task.request, task.selection, absl::OkStatus(), task.times});
+    run->calls.push_back({task.request, task.selection, absl::OkStatus(), task.times, task.device});
     run->admitted.push_back(i);
   }
   const absl::Span<SelectCall> calls = absl::MakeSpan(run->calls);

@@ -36,6 +36,9 @@ struct SelectTask {
   // Optional: stage times; the batcher sets started, the engine the rest of
   // its part. Must stay valid until done has been called.
   SelectTimes* times = nullptr;
+  // Optional: a payload in GPU memory (see SelectCall::device). Must stay
+  // valid until done has been called.
+  const DevicePayload* device = nullptr;
 };
 
 // Decode batches without block scores are grouped per layer: the first one

@@ -4,6 +4,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "server/common/status_macros.h"
 #include "server/engine/wire_enums.h"
 
@@ -80,10 +81,18 @@ absl::StatusOr<std::vector<RowRequest>> CollectRows(const v1::SelectRequest& req
   return rows;
 }
 
+// Where a device payload's bytes run out: INVALID_ARGUMENT naming the part.
+absl::Status CheckRoom(absl::string_view part, int64_t needed, int64_t room) {
+  if (needed <= room) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("the batch needs ", needed, " bytes of ", part,
+                                                 " but its slot holds ", room,
+                                                 "; attach with room for the largest batch"));
+}
+
 }  // namespace
 
 absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const ModelConfig& model,
-                                      const KeyCache& cache) {
+                                      const KeyCache& cache, const DevicePayload* device) {
   if (!model.IsSparseLayer(request.layer())) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", request.layer(), " is not a sparse layer; sparse layers are [",
@@ -104,6 +113,7 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const Mo
   const char* kind = request.has_prefill() ? "prefill" : "decode";
   absl::flat_hash_set<uint64_t> seen;
   int64_t total_rows = 0;
+  int64_t device_key_bytes = 0;  // of the payload's keys, taken so far
   for (size_t i = 0; i < rows->size(); ++i) {
     const RowRequest& row = (*rows)[i];
     if (total_rows + row.num_rows > kMaxBatchRows) {
@@ -134,15 +144,23 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const Mo
                        "expired)"));
     }
     const int64_t end = row.first_position + row.num_rows;
-    if (!row.keys->empty()) {
+    const bool has_keys = device != nullptr ? device->keys != nullptr : !row.keys->empty();
+    if (has_keys) {
       KeyRange range;
       range.sequence_id = row.sequence_id;
       range.first_layer_index = plan.layer_index;
       range.num_layers = 1;
       range.start_position = row.first_position;
       range.num_tokens = row.num_rows;
-      range.keys = reinterpret_cast<const uint8_t*>(row.keys->data());
-      range.keys_size = static_cast<int64_t>(row.keys->size());
+      if (device != nullptr) {
+        range.keys = device->keys + device_key_bytes;
+        range.keys_size = row.num_rows * model.TokenBytes();
+        device_key_bytes += range.keys_size;
+        BLOCKSEL_RETURN_IF_ERROR(CheckRoom("keys", device_key_bytes, device->key_bytes));
+      } else {
+        range.keys = reinterpret_cast<const uint8_t*>(row.keys->data());
+        range.keys_size = static_cast<int64_t>(row.keys->size());
+      }
       if (range.keys_size != row.num_rows * model.TokenBytes()) {
         return absl::InvalidArgumentError(
             absl::StrCat(where, ": keys must be empty or ", row.num_rows * model.TokenBytes(),
@@ -161,6 +179,12 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const Mo
   plan.total_rows = static_cast<int32_t>(total_rows);
 
   const int64_t query_bytes = total_rows * model.num_heads * model.head_dim * int64_t{2};
+  if (device != nullptr) {
+    BLOCKSEL_RETURN_IF_ERROR(CheckRoom("queries", query_bytes, device->query_bytes));
+    BLOCKSEL_RETURN_IF_ERROR(CheckRoom(
+        "block ids", total_rows * model.num_heads * model.topk * int64_t{4}, device->ids_bytes));
+    return plan;
+  }
   if (static_cast<int64_t>(request.queries().size()) != query_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "queries must be ", query_bytes, " bytes ([", total_rows, " rows, ", model.num_heads,

@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "blocksel/v1/block_selector.pb.h"
+#include "server/engine/backend.h"
 #include "server/engine/key_cache.h"
 #include "server/engine/model_config.h"
 
@@ -37,8 +38,13 @@ struct SelectPlan {
 // byte sizes, positions, repeated sequences), NOT_FOUND (sequence not open),
 // FAILED_PRECONDITION (keys a row needs are neither in the cache nor in the
 // request). Appends themselves are validated when the cache applies them.
+//
+// With a device payload (may be null) the queries and keys are in it, not
+// in the request: a request with keys takes its Q tokens' keys from the
+// payload's keys, in request order, and the payload must have room for all
+// of them and for the batch's queries and block ids.
 absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const ModelConfig& model,
-                                      const KeyCache& cache);
+                                      const KeyCache& cache, const DevicePayload* device);
 
 }  // namespace blocksel
 

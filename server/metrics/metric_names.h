@@ -18,6 +18,7 @@ inline constexpr char kBackendDuration[] = "blocksel_backend_duration_seconds";
 // Time one answered selection spent in each stage (label stage: receive,
 // queue, plan, upload, compute, download, respond; see select_times.h).
 inline constexpr char kSelectStageDuration[] = "blocksel_select_stage_seconds";
+inline constexpr char kColocatedStageDuration[] = "blocksel_colocated_stage_seconds";
 // Requests one backend selection served (above 1 when batched).
 inline constexpr char kBackendBatchRequests[] = "blocksel_backend_batch_requests";
 

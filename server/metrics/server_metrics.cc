@@ -12,8 +12,9 @@ namespace blocksel {
 namespace {
 
 constexpr std::array<const char*, kRpcMethods> kMethodNames = {
-    "GetInfo",          "OpenSequence", "ReleaseSequence", "RenewLease",   "AppendKeys",
-    "StreamAppendKeys", "Select",       "StreamSelect",    "WriteSnapshot"};
+    "GetInfo",       "OpenSequence",     "ReleaseSequence", "RenewLease",
+    "AppendKeys",    "StreamAppendKeys", "Select",          "StreamSelect",
+    "WriteSnapshot", "Attach",           "RenewAttachment", "Detach"};
 
 // gRPC's status code names, indexed by code.
 constexpr std::array<const char*, 17> kCodeNames = {
@@ -82,6 +83,17 @@ ServerMetrics::ServerMetrics(const std::map<std::string, std::string>& static_la
           .Register(*registry_);
   for (int s = 0; s < kSelectStages; ++s) {
     stage_duration_[s] = &stage_duration.Add({{"stage", kSelectStageNames[s]}}, StageBuckets());
+  }
+  auto& colocated_stage_duration =
+      prometheus::BuildHistogram()
+          .Name(metric_names::kColocatedStageDuration)
+          .Help(
+              "Time one selection of a co-located worker spent in each server stage before its "
+              "answer was on the GPU: queue, plan, upload, compute")
+          .Register(*registry_);
+  for (int s = 0; s < kColocatedStages; ++s) {
+    colocated_stage_duration_[s] = &colocated_stage_duration.Add(
+        {{"stage", kSelectStageNames[static_cast<int>(SelectStage::kQueue) + s]}}, StageBuckets());
   }
   backend_batch_requests_ =
       &prometheus::BuildHistogram()
@@ -156,6 +168,14 @@ void ServerMetrics::OnSelectStages(const SelectTimes& times) {
   const std::array<absl::Duration, kSelectStages> stages = times.Stages();
   for (int s = 0; s < kSelectStages; ++s) {
     stage_duration_[s]->Observe(absl::ToDoubleSeconds(stages[s]));
+  }
+}
+
+void ServerMetrics::OnColocatedStages(const SelectTimes& times) {
+  const std::array<absl::Duration, kSelectStages> stages = times.Stages();
+  for (int s = 0; s < kColocatedStages; ++s) {
+    colocated_stage_duration_[s]->Observe(
+        absl::ToDoubleSeconds(stages[static_cast<int>(SelectStage::kQueue) + s]));
   }
 }
 

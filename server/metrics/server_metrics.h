@@ -32,14 +32,21 @@ enum class RpcMethod {
   kSelect,
   kStreamSelect,
   kWriteSnapshot,
+  kAttach,
+  kRenewAttachment,
+  kDetach,
 };
-inline constexpr int kRpcMethods = 9;
+inline constexpr int kRpcMethods = 12;
 
 // Every series is created up front (each method with each status code), so
 // recording is a lookup in fixed arrays plus an atomic update, with no lock
 // shared across series; only a histogram's own observation takes that
 // histogram's mutex (prometheus-cpp 1.0).
 //
+// The stages of SelectTimes a co-located selection goes through before the
+// worker has its answer: SelectStage kQueue up to kCompute.
+inline constexpr int kColocatedStages = 4;
+
 // Thread-safe.
 class ServerMetrics final : public EngineObserver {
  public:
@@ -63,6 +70,10 @@ class ServerMetrics final : public EngineObserver {
                  int64_t sent_bytes);
   // The stages of one selection that was answered, times.written set.
   void OnSelectStages(const SelectTimes& times);
+  // The server's stages of one selection a co-located worker got through
+  // the GPU (queue, plan, upload, compute; the answer needs no host after
+  // the launch).
+  void OnColocatedStages(const SelectTimes& times);
   void OnStreamOpened() { open_streams_->Increment(); }
   void OnStreamClosed() { open_streams_->Decrement(); }
 
@@ -88,6 +99,8 @@ class ServerMetrics final : public EngineObserver {
   prometheus::Histogram* queue_wait_ = nullptr;
   std::array<prometheus::Histogram*, kSelectPaths> backend_duration_{};
   std::array<prometheus::Histogram*, kSelectStages> stage_duration_{};
+  // queue, plan, upload and compute of the co-located data plane.
+  std::array<prometheus::Histogram*, kColocatedStages> colocated_stage_duration_{};
   prometheus::Histogram* backend_batch_requests_ = nullptr;
   prometheus::Counter* appended_keys_ = nullptr;
   prometheus::Counter* selected_rows_ = nullptr;

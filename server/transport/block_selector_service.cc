@@ -10,11 +10,12 @@
 namespace blocksel {
 
 BlockSelectorService::BlockSelectorService(Engine* engine, Executor* executor,
-                                           SelectBatcher* batcher, ServerMetrics* metrics,
-                                           ServiceOptions options)
+                                           SelectBatcher* batcher, ColocatedHub* colocated,
+                                           ServerMetrics* metrics, ServiceOptions options)
     : engine_(engine),
       executor_(executor),
       batcher_(batcher),
+      colocated_(colocated),
       metrics_(metrics),
       options_(std::move(options)) {}
 
@@ -155,6 +156,37 @@ grpc::ServerUnaryReactor* BlockSelectorService::WriteSnapshot(
     response->set_bytes(written->bytes);
     return absl::OkStatus();
   });
+}
+
+grpc::ServerUnaryReactor* BlockSelectorService::Attach(grpc::CallbackServerContext* context,
+                                                       const v1::AttachRequest* request,
+                                                       v1::AttachResponse* response) {
+  const absl::Time arrived = absl::Now();
+  absl::StatusOr<v1::AttachResponse> attached = colocated_->Attach(*request);
+  if (attached.ok()) *response = std::move(*attached);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FinishUnary(reactor, RpcMethod::kAttach, arrived, attached.status(), *request, *response);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* BlockSelectorService::RenewAttachment(
+    grpc::CallbackServerContext* context, const v1::RenewAttachmentRequest* request,
+    v1::RenewAttachmentResponse* response) {
+  const absl::Time arrived = absl::Now();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FinishUnary(reactor, RpcMethod::kRenewAttachment, arrived, colocated_->Renew(*request), *request,
+              *response);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* BlockSelectorService::Detach(grpc::CallbackServerContext* context,
+                                                       const v1::DetachRequest* request,
+                                                       v1::DetachResponse* response) {
+  const absl::Time arrived = absl::Now();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FinishUnary(reactor, RpcMethod::kDetach, arrived, colocated_->Detach(*request), *request,
+              *response);
+  return reactor;
 }
 
 }  // namespace blocksel

@@ -7,6 +7,7 @@
 
 #include "blocksel/v1/block_selector.grpc.pb.h"
 #include "proto/blocksel/v1/wire_limits.h"
+#include "server/colocated/colocated_hub.h"
 #include "server/engine/engine.h"
 #include "server/engine/executor.h"
 #include "server/engine/select_batcher.h"
@@ -35,16 +36,21 @@ using BlockSelectorServiceBase = v1::BlockSelector::WithCallbackMethod_GetInfo<
                         v1::BlockSelector::WithCallbackMethod_Select<
                             v1::BlockSelector::WithAsyncMethod_StreamSelect<
                                 v1::BlockSelector::WithCallbackMethod_WriteSnapshot<
-                                    v1::BlockSelector::Service>>>>>>>>>;
+                                    v1::BlockSelector::WithCallbackMethod_Attach<
+                                        v1::BlockSelector::WithCallbackMethod_RenewAttachment<
+                                            v1::BlockSelector::WithCallbackMethod_Detach<
+                                                v1::BlockSelector::Service>>>>>>>>>>>>;
 
 // Every engine operation runs on the executor, selections through the
-// batcher; the reactors only decode, queue and answer. Status codes pass
-// through unchanged.
+// batcher; the reactors only decode, queue and answer. The co-located
+// control calls go to the hub, which is thread-safe, on gRPC's thread
+// (an attach allocates GPU memory, which the executor should not wait for).
+// Status codes pass through unchanged.
 class BlockSelectorService final : public BlockSelectorServiceBase {
  public:
   // metrics records every request and stream.
   BlockSelectorService(Engine* engine, Executor* executor, SelectBatcher* batcher,
-                       ServerMetrics* metrics, ServiceOptions options);
+                       ColocatedHub* colocated, ServerMetrics* metrics, ServiceOptions options);
 
   grpc::ServerUnaryReactor* GetInfo(grpc::CallbackServerContext* context,
                                     const v1::GetInfoRequest* request,
@@ -69,6 +75,15 @@ class BlockSelectorService final : public BlockSelectorServiceBase {
   grpc::ServerUnaryReactor* WriteSnapshot(grpc::CallbackServerContext* context,
                                           const v1::WriteSnapshotRequest* request,
                                           v1::WriteSnapshotResponse* response) override;
+  grpc::ServerUnaryReactor* Attach(grpc::CallbackServerContext* context,
+                                   const v1::AttachRequest* request,
+                                   v1::AttachResponse* response) override;
+  grpc::ServerUnaryReactor* RenewAttachment(grpc::CallbackServerContext* context,
+                                            const v1::RenewAttachmentRequest* request,
+                                            v1::RenewAttachmentResponse* response) override;
+  grpc::ServerUnaryReactor* Detach(grpc::CallbackServerContext* context,
+                                   const v1::DetachRequest* request,
+                                   v1::DetachResponse* response) override;
 
  private:
   // Runs operation() on the executor and finishes the call with its status,
@@ -86,6 +101,7 @@ class BlockSelectorService final : public BlockSelectorServiceBase {
   Engine* const engine_;
   Executor* const executor_;
   SelectBatcher* const batcher_;
+  ColocatedHub* const colocated_;
   ServerMetrics* const metrics_;
   const ServiceOptions options_;
 };

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "colocated/slot_region.h"
+#include "colocated/slot_request.h"
 #include "gtest/gtest.h"
 
 namespace blocksel::colocated {
@@ -52,18 +53,22 @@ struct Region {
   DoorbellScanner scanner;
 };
 
-TEST(RegionLayout, PlacesEveryPayloadAlignedAndInsideTheRegion) {
+TEST(RegionLayout, PlacesEveryPartAlignedAndInsideItsMemory) {
   const absl::StatusOr<RegionLayout> layout = RegionLayoutFor(Sizes(4), kUnlimited);
   ASSERT_TRUE(layout.ok()) << layout.status();
+  // Host part: header, 4 controls of 384 bytes, then the metadata.
   EXPECT_EQ(layout->controls_offset, static_cast<int64_t>(sizeof(RegionHeader)));
-  EXPECT_EQ(layout->payloads_offset % kPayloadAlignment, 0);
-  EXPECT_GE(layout->payloads_offset, layout->ControlOffset(4));
-  EXPECT_EQ(layout->key_offset, 1024);       // 1000 query bytes, aligned
-  EXPECT_EQ(layout->metadata_offset, 1024);  // no keys
-  EXPECT_EQ(layout->ids_offset, 1280);
-  EXPECT_EQ(layout->slot_stride, 1792);
-  EXPECT_EQ(layout->total_bytes, layout->payloads_offset + 4 * 1792);
-  EXPECT_EQ(layout->PayloadOffset(3) + layout->slot_stride, layout->total_bytes);
+  EXPECT_EQ(layout->metadata_offset, 1792);  // 64 + 4 * 384 = 1600, aligned
+  EXPECT_EQ(layout->metadata_stride, 256);   // 100 bytes, aligned
+  EXPECT_EQ(layout->host_bytes, 1792 + 4 * 256);
+  EXPECT_EQ(layout->MetadataOffset(3) + layout->metadata_stride, layout->host_bytes);
+  // Device part: queries, no keys, ids.
+  EXPECT_EQ(layout->query_offset, 0);
+  EXPECT_EQ(layout->key_offset, 1024);  // 1000 query bytes, aligned
+  EXPECT_EQ(layout->ids_offset, 1024);  // no keys
+  EXPECT_EQ(layout->slot_stride, 1536);
+  EXPECT_EQ(layout->device_bytes, 4 * 1536);
+  EXPECT_EQ(layout->PayloadOffset(3) + layout->slot_stride, layout->device_bytes);
 }
 
 TEST(RegionLayout, RefusesBadSizesWithTheLimitAndTheFix) {
@@ -78,14 +83,30 @@ TEST(RegionLayout, RefusesBadSizesWithTheLimitAndTheFix) {
   RegionSizes no_ids = Sizes(2);
   no_ids.ids_bytes = 0;
   EXPECT_EQ(RegionLayoutFor(no_ids, kUnlimited).status().message(),
-            "a slot needs room for queries and block ids (query_bytes 1000, ids_bytes 0); size "
-            "them for the largest batch");
+            "a slot needs room for queries, metadata and block ids (query_bytes 1000, "
+            "metadata_bytes 100, ids_bytes 0); size them for the largest batch");
   layout = RegionLayoutFor(Sizes(4), 4096);
   EXPECT_EQ(layout.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(layout.status().message(),
-            "a region of 4 slots of 1792 bytes needs " +
-                std::to_string(RegionLayoutFor(Sizes(4), kUnlimited)->total_bytes) +
-                " bytes, above the server's 4096 per attachment; ask for fewer or smaller slots");
+            "a region of 4 slots of 1536 bytes needs 6144 bytes of GPU memory, above the "
+            "server's 4096 per attachment; ask for fewer or smaller slots");
+}
+
+TEST(SlotRequest, SizesASlotForTheLargestBatch) {
+  // M3's indexer: H=64, D=128, bf16 keys (256 bytes a token), topk 16.
+  const SlotModel model{64, 128, 256, 16};
+  const RegionSizes sizes = SlotSizesFor(model, 4, /*max_requests=*/8, /*tokens=*/2, true);
+  EXPECT_EQ(sizes.slot_count, 4u);
+  EXPECT_EQ(sizes.query_bytes, 16u * 64 * 128 * 2);  // 16 rows
+  EXPECT_EQ(sizes.key_bytes, 16u * 256);
+  EXPECT_EQ(sizes.metadata_bytes, sizeof(SlotBatchHeader) + 8 * sizeof(SlotDecodeRequest));
+  EXPECT_EQ(sizes.ids_bytes, 64u * 16 * 16 * 4);
+  EXPECT_EQ(SlotSizesFor(model, 4, 8, 2, /*with_keys=*/false).key_bytes, 0u);
+  // Past 32 bits a size saturates, and the region limit refuses it.
+  const RegionSizes huge = SlotSizesFor(model, 1, 1u << 20, 64, false);
+  EXPECT_EQ(huge.query_bytes, UINT32_MAX);
+  EXPECT_EQ(RegionLayoutFor(huge, int64_t{256} << 20).status().code(),
+            absl::StatusCode::kResourceExhausted);
 }
 
 TEST(SlotProtocol, ANewRegionIsIdle) {
@@ -172,7 +193,9 @@ TEST(SlotProtocol, StatusWordsCarryTheCodeAndTheMessage) {
   region.Ring();
   ASSERT_EQ(region.scanner.Scan(region.controls.get()).size(), 1u);
   EXPECT_FALSE(ReadAnswer(region.controls[0], 0).has_value()) << "answered before the server";
+  EXPECT_EQ(region.controls[0].answer_flag, 0u);
   WriteAnswer(&region.controls[0], 0, absl::NotFoundError("sequence 7 is not open"));
+  EXPECT_EQ(region.controls[0].answer_flag, 1u);  // what a worker's stream waits on
   const std::optional<absl::Status> answer = ReadAnswer(region.controls[0], 0);
   ASSERT_TRUE(answer.has_value());
   EXPECT_EQ(*answer, absl::NotFoundError("sequence 7 is not open"));

@@ -43,7 +43,7 @@ class DeferredBackend final : public Backend {
   absl::Status ReadKeys(absl::Span<const KeyRead> reads) override { return cpu_->ReadKeys(reads); }
 
   absl::Status Start(int32_t layer_index, const SelectionBatch& batch,
-                     absl::Span<const KeyWrite> writes) override {
+                     absl::Span<const KeyWrite> writes, const DevicePayload* device) override {
     EXPECT_LT(pending(), max_pending_) << "the engine started past max_pending";
     const size_t ids = static_cast<size_t>(batch.total_rows) * shape_.num_heads * shape_.topk;
     Started started;
@@ -51,7 +51,7 @@ class DeferredBackend final : public Backend {
     started.ids.resize(ids);
     SelectionBatch local = batch;
     local.block_ids = started.ids.data();
-    absl::Status status = cpu_->Start(layer_index, local, writes);
+    absl::Status status = cpu_->Start(layer_index, local, writes, device);
     if (!status.ok()) return status;
     absl::StatusOr<SelectionReport> report = cpu_->FinishOldest();
     if (!report.ok()) return report.status();
