@@ -35,6 +35,9 @@ ABSL_FLAG(int64_t, context, 32768, "Tokens each sequence holds (L)");
 ABSL_FLAG(int, iterations, 300, "Timed selections per mode");
 ABSL_FLAG(int, graph_layers, 4, "Selections one captured worker graph holds");
 ABSL_FLAG(std::string, label, "", "Names this worker in the JSON (several run at once)");
+ABSL_FLAG(int64_t, start_at, 0,
+          "Unix time (seconds) at which the timed part starts, so that several workers time "
+          "their selections at once (0: right after the checks)");
 ABSL_FLAG(std::string, metrics, "",
           "The server's metrics host:port: the server's own stage means of the timed "
           "selections go into the JSON");
@@ -157,6 +160,9 @@ int Run() {
   // Enqueue to ids available, one selection at a time, split at the
   // doorbell: the post (copies and ring) and the wait for the answer (the
   // server's poll, plan and launch, the kernel, the delivery, the copy out).
+  if (const int64_t start_at = absl::GetFlag(FLAGS_start_at); start_at > 0) {
+    absl::SleepFor(absl::FromUnixSeconds(start_at) - absl::Now());
+  }
   const std::string metrics = absl::GetFlag(FLAGS_metrics);
   absl::StatusOr<ServerTimes> before = absl::NotFoundError("no --metrics");
   if (!metrics.empty()) before = ScrapeServerTimes(metrics);

@@ -161,10 +161,17 @@ def check_deployment(source, deployment, problems):
     limits = sidecar.get("resources", {}).get("limits", {})
     wanted = GPU_RESOURCE.get(backend)
     gpu_limits = [name for name in limits if name.endswith("/gpu")]
-    if wanted is None and gpu_limits:
-        problems.append(f"{where}: --backend={backend} but GPU limits {gpu_limits}")
-    if wanted is not None and gpu_limits != [wanted]:
+    # A GPU may also come from a resource claim of the pod (DRA).
+    pod_claims = {c["name"] for c in pod.get("resourceClaims", [])}
+    claims = {c["name"] for c in sidecar.get("resources", {}).get("claims", [])}
+    if claims - pod_claims:
+        problems.append(f"{where}: blocksel names claims {sorted(claims - pod_claims)} the pod lacks")
+    if wanted is None and (gpu_limits or claims):
+        problems.append(f"{where}: --backend={backend} but GPU limits {gpu_limits} or claims")
+    if wanted is not None and not claims and gpu_limits != [wanted]:
         problems.append(f"{where}: --backend={backend} needs the limit {wanted}, has {gpu_limits}")
+    if claims:
+        check_colocated(where, pod, sidecar, claims, args, problems)
     memory_limit = limits.get("memory")
     if memory_limit is None:
         problems.append(f"{where}: blocksel has no memory limit")
@@ -186,6 +193,30 @@ def check_deployment(source, deployment, problems):
     if annotations.get("prometheus.io/scrape") != "true" or \
             annotations.get("prometheus.io/port") != str(metrics_port):
         problems.append(f"{where}: scrape annotations do not name the metrics port {metrics_port}")
+
+
+def check_colocated(where, pod, sidecar, claims, args, problems):
+    """A container sharing blocksel's GPU claim is a co-located worker: both
+    must mount one memory-backed volume at /dev/shm, and attaches must be
+    allowed."""
+    def shm_volume(container):
+        mounts = [m["name"] for m in container.get("volumeMounts", [])
+                  if m.get("mountPath") == "/dev/shm"]
+        return mounts[0] if mounts else None
+
+    workers = [c for c in pod.get("containers", [])
+               if claims & {x["name"] for x in c.get("resources", {}).get("claims", [])}]
+    if not workers:
+        return
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for container in [sidecar] + workers:
+        name = shm_volume(container)
+        if name is None or name != shm_volume(sidecar):
+            problems.append(f"{where}: {container['name']} does not mount blocksel's /dev/shm")
+        elif volumes.get(name, {}).get("emptyDir", {}).get("medium") != "Memory":
+            problems.append(f"{where}: /dev/shm volume {name} is not memory-backed")
+    if int(flag(args, "colocated_max_attachments") or 16) < 1:
+        problems.append(f"{where}: a co-located worker but --colocated_max_attachments=0")
 
 
 def check_documents(source, documents, problems):

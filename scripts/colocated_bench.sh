@@ -44,9 +44,11 @@ runs() {  # mode label
     "$bin/colocated_bench" --target="unix:$socket" --metrics="$metrics" --batch=$b \
       --label="${mode}_b$b" | tee -a "$results"
   done
-  local workers=()
+  # Each worker fills its sequences first; the timed parts start together.
+  local workers=() start_at=$(($(date +%s) + 12))
   for w in 1 2 3 4; do
-    "$bin/colocated_bench" --target="unix:$socket" --batch=8 --label="${mode}_four_workers_b8_w$w" \
+    "$bin/colocated_bench" --target="unix:$socket" --batch=8 --start_at=$start_at \
+      --label="${mode}_four_workers_b8_w$w" \
       >"$out/worker_${mode}_$w.json" &
     workers+=($!)
   done
