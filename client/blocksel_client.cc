@@ -7,6 +7,7 @@
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "client/encoding.h"
+#include "client/layer_groups.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 
@@ -197,16 +198,15 @@ absl::StatusOr<v1::WriteSnapshotResponse> BlockselClient::WriteSnapshot() {
 
 absl::StatusOr<std::unique_ptr<SelectSession>> BlockselClient::StartSelectSession() {
   std::vector<int32_t> selecting_layers;
+  std::vector<int32_t> audited_layers;
   const absl::StatusOr<v1::GetInfoResponse> info = GetInfo();
   if (info.ok()) {
-    const v1::ModelConfig& model = info->model();
-    // Only a server that reuses selections needs the list.
-    if (model.selecting_layers_size() > 0 && static_cast<uint32_t>(model.selecting_layers_size()) <
-                                                 model.num_layers() - model.first_sparse_layer()) {
-      selecting_layers.assign(model.selecting_layers().begin(), model.selecting_layers().end());
-    }
+    selecting_layers = ReusingSelectingLayers(info->model());
+    audited_layers.assign(info->model().audited_layers().begin(),
+                          info->model().audited_layers().end());
   }
-  std::unique_ptr<SelectSession> session(new SelectSession(std::move(selecting_layers)));
+  std::unique_ptr<SelectSession> session(
+      new SelectSession(std::move(selecting_layers), std::move(audited_layers)));
   // A session is long-lived: no deadline on the call itself.
   session->context_ = std::make_unique<grpc::ClientContext>();
   session->stream_ = stub_->StreamSelect(session->context_.get());
@@ -224,10 +224,7 @@ SelectSession::~SelectSession() {
 }
 
 int64_t SelectSession::ReusedLayer(int64_t layer) const {
-  if (selecting_layers_.empty() || layer < selecting_layers_.front()) return -1;
-  // The last selecting layer at or before `layer`.
-  const int64_t source =
-      *(std::upper_bound(selecting_layers_.begin(), selecting_layers_.end(), layer) - 1);
+  const int64_t source = SelectionSourceOf(selecting_layers_, layer);
   return source == layer ? -1 : source;
 }
 
@@ -235,13 +232,25 @@ absl::Status SelectSession::Send(const v1::SelectRequest& request) {
   if (closed_) return absl::FailedPreconditionError("the session is closed");
   if (!selecting_layers_.empty()) {
     const int64_t reused = ReusedLayer(request.layer());
+    const bool audit =
+        reused >= 0 && std::binary_search(audited_layers_.begin(), audited_layers_.end(),
+                                          static_cast<int32_t>(request.layer()));
     {
       // Queued before the write, so the answer never arrives before its entry.
       absl::MutexLock lock(&mutex_);
-      pending_.push_back({request.request_id(), request.layer(), reused});
+      pending_.push_back({request.request_id(), request.layer(), reused, audit});
+    }
+    if (audit) {
+      v1::SelectRequest audited = request;
+      audited.set_audit(true);
+      return Write(audited);
     }
     if (reused >= 0) return absl::OkStatus();  // Receive answers it
   }
+  return Write(request);
+}
+
+absl::Status SelectSession::Write(const v1::SelectRequest& request) {
   if (!stream_->Write(request)) {
     closed_ = true;
     grpc::Status status = stream_->Finish();
@@ -260,6 +269,7 @@ absl::StatusOr<SelectResult> SelectSession::Receive() {
     next = pending_.front();
     pending_.pop_front();
     if (next.reused_layer >= 0) {
+      if (next.audit) ++audit_replies_to_drop_;
       const auto latest = latest_.find(next.reused_layer);
       if (latest == latest_.end()) {
         // INVALID_ARGUMENT, not FAILED_PRECONDITION: the batch is wrong, the
@@ -275,7 +285,7 @@ absl::StatusOr<SelectResult> SelectSession::Receive() {
     }
   }
   v1::SelectResponse response;
-  if (!stream_->Read(&response)) {
+  if (!DropAuditReplies() || !stream_->Read(&response)) {
     closed_ = true;
     grpc::Status status = stream_->Finish();
     return status.ok() ? absl::UnavailableError("the server ended the stream") : ToAbsl(status);
@@ -288,6 +298,19 @@ absl::StatusOr<SelectResult> SelectSession::Receive() {
   return result;
 }
 
+bool SelectSession::DropAuditReplies() {
+  int64_t drop = 0;
+  {
+    absl::MutexLock lock(&mutex_);
+    std::swap(drop, audit_replies_to_drop_);
+  }
+  v1::SelectResponse reply;
+  for (; drop > 0; --drop) {
+    if (!stream_->Read(&reply)) return false;
+  }
+  return true;
+}
+
 absl::StatusOr<SelectResult> SelectSession::Call(const v1::SelectRequest& request) {
   absl::Status sent = Send(request);
   if (!sent.ok()) return sent;
@@ -298,6 +321,9 @@ absl::Status SelectSession::Close() {
   if (closed_) return absl::OkStatus();
   closed_ = true;
   stream_->WritesDone();
+  // Finish expects every reply read, those to audits Receive answered
+  // included; a broken stream shows in its status.
+  DropAuditReplies();
   return ToAbsl(stream_->Finish());
 }
 

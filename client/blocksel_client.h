@@ -62,6 +62,13 @@ struct SelectResult {
 // sparse layer sends only the selecting layers' batches; the keys its
 // reusing layers' batches carry are dropped (the server stores none for
 // those layers).
+//
+// A batch for a layer the server audits (GetInfo's audited_layers) is
+// answered the same way, and also sent to the server marked `audit`, so
+// that the server can compare that layer's own selection with the one it
+// reuses. The answer never changes: the server's reply to an audit carries
+// no blocks and is read and dropped before the next answer from the server.
+// A worker appends keys for audited layers too (AppendKeys accepts them).
 class SelectSession {
  public:
   ~SelectSession();
@@ -77,26 +84,38 @@ class SelectSession {
 
  private:
   friend class BlockselClient;
-  // selecting_layers: the server's, ascending (empty: every layer selects).
-  explicit SelectSession(std::vector<int32_t> selecting_layers)
-      : selecting_layers_(std::move(selecting_layers)) {}
+  // selecting_layers: the server's, ascending (empty: every layer selects);
+  // audited_layers: the reusing layers it audits.
+  SelectSession(std::vector<int32_t> selecting_layers, std::vector<int32_t> audited_layers)
+      : selecting_layers_(std::move(selecting_layers)),
+        audited_layers_(std::move(audited_layers)) {}
 
   // What Receive answers next, in the order of the Sends.
   struct Pending {
     uint64_t request_id = 0;
     int64_t layer = 0;
     int64_t reused_layer = -1;  // >= 0: answered from that layer's selection
+    bool audit = false;         // also sent as an audit, whose reply is dropped
   };
   // The selecting layer whose selection `layer` reuses; -1 when the server
   // selects it (or it is no sparse layer, which the server refuses).
   int64_t ReusedLayer(int64_t layer) const;
+  // Writes one request; on failure the session is closed and the call's
+  // status returned.
+  absl::Status Write(const v1::SelectRequest& request);
+  // Reads and drops the replies to audits that Receive answered already;
+  // false if the stream ended.
+  bool DropAuditReplies();
 
   const std::vector<int32_t> selecting_layers_;
+  const std::vector<int32_t> audited_layers_;
   absl::Mutex mutex_;
   std::deque<Pending> pending_ ABSL_GUARDED_BY(mutex_);
   // The latest answer for each layer, kept while the server reuses
   // selections.
   std::map<int64_t, absl::StatusOr<SelectResult>> latest_ ABSL_GUARDED_BY(mutex_);
+  // Replies to audits already answered here, still to read and drop.
+  int64_t audit_replies_to_drop_ ABSL_GUARDED_BY(mutex_) = 0;
   std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<grpc::ClientReaderWriter<v1::SelectRequest, v1::SelectResponse>> stream_;
   bool closed_ = false;

@@ -7,6 +7,7 @@
 //   3. Decode steps over a StreamSelect session: for each sparse layer, one
 //      message appends the new token's keys and selects (B=2 plus a padding
 //      request).
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -19,6 +20,7 @@
 #include "absl/time/clock.h"
 #include "client/blocksel_client.h"
 #include "client/encoding.h"
+#include "client/layer_groups.h"
 #include "client/reference_selection.h"
 
 ABSL_FLAG(std::string, server, "localhost:50051", "Server address (host:port or unix:/path)");
@@ -39,7 +41,11 @@ struct DemoSequence {
 class Demo {
  public:
   Demo(BlockselClient* client, const v1::ModelConfig& model, uint64_t seed)
-      : client_(client), model_(model), random_(seed) {
+      : client_(client),
+        model_(model),
+        selecting_(ReusingSelectingLayers(model)),
+        audited_(model.audited_layers().begin(), model.audited_layers().end()),
+        random_(seed) {
     shape_.num_heads = static_cast<int32_t>(model.num_heads());
     shape_.head_dim = static_cast<int32_t>(model.head_dim());
     shape_.topk = static_cast<int32_t>(model.topk());
@@ -51,22 +57,19 @@ class Demo {
     return static_cast<int>(model_.num_layers() - model_.first_sparse_layer());
   }
 
-  int selecting_layers() const {
-    int count = 0;
-    for (int l = 0; l < sparse_layers(); ++l) count += SourceOf(l) == l ? 1 : 0;
-    return count;
+  // The model layer of sparse layer l (counted from the first sparse layer).
+  int64_t Layer(int l) const { return model_.first_sparse_layer() + l; }
+  bool Selects(int l) const { return SelectionSourceOf(selecting_, Layer(l)) == Layer(l); }
+  // Whether the server stores keys of sparse layer l: it selects or is
+  // audited.
+  bool StoresKeys(int l) const {
+    return Selects(l) || std::find(audited_.begin(), audited_.end(), Layer(l)) != audited_.end();
   }
 
-  // The sparse index of the layer whose selection sparse layer l uses: l
-  // itself when it selects (GetInfo's selecting_layers; all when empty).
-  int SourceOf(int l) const {
-    int source = l;
-    if (model_.selecting_layers_size() == 0) return source;
-    for (const uint32_t layer : model_.selecting_layers()) {
-      const int index = static_cast<int>(layer - model_.first_sparse_layer());
-      if (index <= l) source = index;
-    }
-    return source;
+  int selecting_layers() const {
+    int count = 0;
+    for (int l = 0; l < sparse_layers(); ++l) count += Selects(l) ? 1 : 0;
+    return count;
   }
 
   // Random keys for tokens of one layer, returned encoded; their decoded
@@ -99,11 +102,11 @@ class Demo {
     for (int64_t start = 0; start < tokens; start += kChunk) {
       const int64_t count = std::min(kChunk, tokens - start);
       v1::AppendKeysRequest request;
-      // Keys for the selecting layers only (the others store none), one
-      // append per run of consecutive selecting layers.
+      // Keys for the selecting and audited layers only (the others store
+      // none), one append per run of consecutive such layers.
       for (int first = 0; first < sparse_layers();) {
         int end = first;
-        while (end < sparse_layers() && SourceOf(end) == end) ++end;
+        while (end < sparse_layers() && StoresKeys(end)) ++end;
         if (end > first) {
           v1::KeyAppend* append = request.add_appends();
           append->set_sequence_id(sequence.id);
@@ -122,9 +125,11 @@ class Demo {
     absl::StatusOr<uint64_t> appended = client_->StreamAppendKeys(requests);
     if (!appended.ok()) return appended.status();
     sequence.length = tokens;
-    std::printf("sequence %llu: %lld prompt tokens x %d selecting layers appended (%llu keys)\n",
-                static_cast<unsigned long long>(sequence.id), static_cast<long long>(tokens),
-                selecting_layers(), static_cast<unsigned long long>(*appended));
+    std::printf(
+        "sequence %llu: %lld prompt tokens x %d selecting and %zu audited layers appended (%llu "
+        "keys)\n",
+        static_cast<unsigned long long>(sequence.id), static_cast<long long>(tokens),
+        selecting_layers(), audited_.size(), static_cast<unsigned long long>(*appended));
     return absl::OkStatus();
   }
 
@@ -198,9 +203,9 @@ class Demo {
           std::printf("decode failed: %s\n", result.status().ToString().c_str());
           return false;
         }
-        const std::vector<int32_t> expected = SourceOf(l) == l
-                                                  ? ReferenceSelect(shape_, rows, queries.data())
-                                                  : step_ids[SourceOf(l)];
+        const std::vector<int32_t> expected =
+            Selects(l) ? ReferenceSelect(shape_, rows, queries.data())
+                       : step_ids[SelectionSourceOf(selecting_, Layer(l)) - Layer(0)];
         step_ids[l] = result->block_ids;
         if (result->block_ids == expected) {
           ++matched_layers;
@@ -212,8 +217,10 @@ class Demo {
       for (DemoSequence& sequence : sequences) ++sequence.length;
       std::printf(
           "decode step %d (StreamSelect, append+select): %d of %d layers match "
-          "the reference (%d of them reuse a selection, answered without a round trip)\n",
-          step, matched_layers, sparse_layers(), sparse_layers() - selecting_layers());
+          "the reference (%d of them reuse a selection, answered without a round trip; %zu "
+          "of those also sent to the server as audits)\n",
+          step, matched_layers, sparse_layers(), sparse_layers() - selecting_layers(),
+          audited_.size());
     }
     return (*session)->Close().ok() && all_match;
   }
@@ -221,6 +228,8 @@ class Demo {
  private:
   BlockselClient* client_;
   v1::ModelConfig model_;
+  const std::vector<int32_t> selecting_;  // empty: every sparse layer selects
+  const std::vector<int32_t> audited_;
   SelectionShape shape_;
   std::mt19937_64 random_;
   std::normal_distribution<float> normal_;

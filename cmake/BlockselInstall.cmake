@@ -11,7 +11,7 @@ target_include_directories(blocksel_client PUBLIC $<INSTALL_INTERFACE:${CMAKE_IN
 install(TARGETS blocksel_client blocksel_proto EXPORT blockselTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(FILES client/async_select_session.h client/blocksel_client.h client/encoding.h client/reference_selection.h
-              client/routed_client.h
+              client/layer_groups.h client/routed_client.h
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/client)
 set(blocksel_kernel_targets blocksel_kernels blocksel_kernels_cpu)
 if(TARGET blocksel_kernels_gpu)

@@ -1,6 +1,8 @@
 #include "server/blocksel_server.h"
 
+#include <set>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -99,19 +101,30 @@ absl::StatusOr<std::unique_ptr<BlockselServer>> BlockselServer::Start(const Serv
   std::unique_ptr<BlockselServer> server(new BlockselServer());
   server->backend_description_ = absl::StrCat((*backend)->name(), " (", (*backend)->detail(), ")");
   const ModelConfig& model = config.model;
-  server->metrics_ = std::make_unique<ServerMetrics>(std::map<std::string, std::string>{
-      {"version", kBlockselVersion},
-      {"backend", std::string((*backend)->name())},
-      {"num_layers", absl::StrCat(model.num_layers)},
-      {"first_sparse_layer", absl::StrCat(model.first_sparse_layer)},
-      {"num_heads", absl::StrCat(model.num_heads)},
-      {"head_dim", absl::StrCat(model.head_dim)},
-      {"key_dtype", std::string(KeyDtypeName(model.key_dtype))},
-      {"topk", absl::StrCat(model.topk)},
-      {"init_blocks", absl::StrCat(model.init_blocks)},
-      {"local_blocks", absl::StrCat(model.local_blocks)},
-      {"cache_pages", absl::StrCat(config.NumPages())},
-      {"batch_window_seconds", absl::StrCat(absl::ToDoubleSeconds(config.batch_window))}});
+  std::set<int32_t> audit_distances;
+  for (const int32_t layer : model.audited_layers) {
+    audit_distances.insert(layer - model.SelectionSource(layer));
+  }
+  server->metrics_ = std::make_unique<ServerMetrics>(
+      std::map<std::string, std::string>{
+          {"version", kBlockselVersion},
+          {"backend", std::string((*backend)->name())},
+          {"num_layers", absl::StrCat(model.num_layers)},
+          {"first_sparse_layer", absl::StrCat(model.first_sparse_layer)},
+          {"num_heads", absl::StrCat(model.num_heads)},
+          {"head_dim", absl::StrCat(model.head_dim)},
+          {"key_dtype", std::string(KeyDtypeName(model.key_dtype))},
+          {"topk", absl::StrCat(model.topk)},
+          {"init_blocks", absl::StrCat(model.init_blocks)},
+          {"local_blocks", absl::StrCat(model.local_blocks)},
+          {"cache_pages", absl::StrCat(config.NumPages())},
+          {"batch_window_seconds", absl::StrCat(absl::ToDoubleSeconds(config.batch_window))},
+          {"selecting_layers",
+           model.selecting_layers.empty() ? "all" : absl::StrJoin(model.selecting_layers, ",")},
+          {"audited_layers",
+           model.audited_layers.empty() ? "none" : absl::StrJoin(model.audited_layers, ",")},
+          {"audit_every", absl::StrCat(model.audit_every)}},
+      std::vector<int32_t>(audit_distances.begin(), audit_distances.end()));
   if (!config.metrics_address.empty()) {
     absl::Status serving = server->metrics_->Serve(config.metrics_address);
     if (!serving.ok()) return serving;

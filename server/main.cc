@@ -10,6 +10,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/blocksel_server.h"
@@ -55,9 +56,18 @@ int Run(const absl::flat_hash_set<std::string>& on_command_line) {
   spdlog::info(
       "cache: {} pages of {} bytes ({} of {} sparse layers store keys; {} MiB), max {} "
       "sequences, lease {}s",
-      config->NumPages(), config->model.PageBytes(), config->model.num_selecting_layers(),
+      config->NumPages(), config->model.PageBytes(), config->model.num_key_layers(),
       config->model.num_sparse_layers(), absl::GetFlag(FLAGS_cache_mib), config->max_sequences,
       absl::ToInt64Seconds(config->default_lease));
+  if (!config->model.audited_layers.empty()) {
+    const ModelConfig& model = config->model;
+    spdlog::info(
+        "reuse audit of layers {}, selected on one in {} of their audit batches: {} bytes of "
+        "keys per token per audited layer, {} of the {} bytes per token the cache stores",
+        absl::StrJoin(model.audited_layers, ","), model.audit_every, model.TokenBytes(),
+        model.TokenBytes() * static_cast<int64_t>(model.audited_layers.size()),
+        model.TokenBytes() * model.num_key_layers());
+  }
   absl::StatusOr<std::unique_ptr<BlockselServer>> server = BlockselServer::Start(*config);
   if (!server.ok()) {
     spdlog::error("cannot start: {}", std::string(server.status().message()));

@@ -14,16 +14,26 @@
 // answered. Open loop: batches are due at Poisson arrivals totalling
 // --rate per second, and latency counts from when a batch was due, so a
 // server that falls behind shows it (no coordinated omission).
+//
+// With --audit, against a server that audits layers reusing the first
+// sparse layer's selection (--audit_layers), each stream also stores keys
+// for those layers (the first layer's, one value in eight changed) and, in
+// the closed loop, sends every decode batch again for each of them: its
+// session answers those with the first layer's blocks (checked equal) and
+// sends them to the server as audits. The report then gives the server's
+// reuse overlap per layer distance over the measured window.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <deque>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -37,8 +47,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "client/blocksel_client.h"
 #include "client/encoding.h"
+#include "client/layer_groups.h"
 #include "client/loadgen/metrics_scrape.h"
 #include "client/loadgen/selection_checks.h"
 #include "client/reference_selection.h"
@@ -61,6 +73,9 @@ ABSL_FLAG(double, decode_fraction, 1.0, "Share of batches that are decode; the r
 ABSL_FLAG(int, oracle_every, 100, "Check one response in this many against the reference");
 ABSL_FLAG(std::string, metrics, "",
           "host:port of the server's metrics endpoint; reports its backend time per path");
+ABSL_FLAG(bool, audit, false,
+          "Also drive and report the server's reuse audit (closed loop, needs --metrics and a "
+          "server whose --audit_layers reuse the first sparse layer)");
 ABSL_FLAG(std::string, json_out, "", "Also write the results as JSON to this file");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of keys, queries and the batch mix");
 
@@ -90,6 +105,8 @@ struct Settings {
   int oracle_every = 0;
   uint64_t seed = 0;
   uint32_t lease_seconds = 0;
+  // Audited layers that reuse `layer`'s selection (with --audit).
+  std::vector<uint32_t> audited_layers;
 };
 
 // Keys of sequence `global` (its index over all streams), [tokens][D].
@@ -99,6 +116,17 @@ std::vector<float> SequenceKeys(const Settings& s, uint64_t global, int64_t toke
     for (int32_t d = 0; d < s.shape.head_dim; ++d) {
       keys[t * s.shape.head_dim + d] = SmallValue(s.seed + global, t, d);
     }
+  }
+  return keys;
+}
+
+// Keys of sequence `global` in an audited layer: the first layer's with one
+// value in eight replaced, so that the layers' selections mostly agree.
+std::vector<float> AuditedLayerKeys(const Settings& s, uint64_t global, uint32_t layer,
+                                    int64_t tokens) {
+  std::vector<float> keys = SequenceKeys(s, global, tokens);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (SmallValue(s.seed + layer, global, i) == 3) keys[i] = SmallValue(layer, global, i);
   }
   return keys;
 }
@@ -126,19 +154,25 @@ class Stream {
       if (!id.ok()) return id.status();
       ids_.push_back(*id);
       const uint64_t global = static_cast<uint64_t>(index_) * s_.batch + r;
-      const std::vector<float> keys = SequenceKeys(s_, global, s_.context);
+      std::vector<std::pair<uint32_t, std::vector<float>>> layer_keys;
+      layer_keys.emplace_back(s_.layer, SequenceKeys(s_, global, s_.context));
+      for (const uint32_t layer : s_.audited_layers) {
+        layer_keys.emplace_back(layer, AuditedLayerKeys(s_, global, layer, s_.context));
+      }
       std::vector<v1::AppendKeysRequest> appends;
-      for (int64_t start = 0; start < s_.context; start += kChunk) {
-        const int64_t tokens = std::min(kChunk, s_.context - start);
-        v1::KeyAppend* append = appends.emplace_back().add_appends();
-        append->set_sequence_id(*id);
-        append->set_first_layer(s_.layer);
-        append->set_start_position(static_cast<uint64_t>(start));
-        append->set_num_tokens(static_cast<uint32_t>(tokens));
-        append->set_keys(
-            EncodeKeys(absl::MakeConstSpan(keys.data() + start * s_.shape.head_dim,
-                                           static_cast<size_t>(tokens) * s_.shape.head_dim),
-                       s_.model.key_dtype()));
+      for (const auto& [layer, keys] : layer_keys) {
+        for (int64_t start = 0; start < s_.context; start += kChunk) {
+          const int64_t tokens = std::min(kChunk, s_.context - start);
+          v1::KeyAppend* append = appends.emplace_back().add_appends();
+          append->set_sequence_id(*id);
+          append->set_first_layer(layer);
+          append->set_start_position(static_cast<uint64_t>(start));
+          append->set_num_tokens(static_cast<uint32_t>(tokens));
+          append->set_keys(
+              EncodeKeys(absl::MakeConstSpan(keys.data() + start * s_.shape.head_dim,
+                                             static_cast<size_t>(tokens) * s_.shape.head_dim),
+                         s_.model.key_dtype()));
+        }
       }
       absl::StatusOr<uint64_t> appended = client_->StreamAppendKeys(appends);
       if (!appended.ok()) return appended.status();
@@ -347,15 +381,39 @@ void Record(Stream& stream, Batch batch, absl::StatusOr<SelectResult> result, ab
   }
 }
 
-void RunClosed(Stream& stream, const Window& window, int oracle_every, ReferenceChecker* checker,
-               Tally* tally) {
+// Sends a decode batch again for each audited layer: the session must
+// answer each with the blocks of the batch's own answer.
+absl::Status SendAudits(Stream& stream, const Batch& batch, const SelectResult& answer,
+                        absl::Span<const uint32_t> audited_layers) {
+  for (const uint32_t layer : audited_layers) {
+    v1::SelectRequest request = batch.request;
+    request.set_layer(layer);
+    absl::StatusOr<SelectResult> reused = stream.session().Call(request);
+    if (!reused.ok()) return reused.status();
+    if (reused->block_ids != answer.block_ids) {
+      return absl::InternalError(
+          absl::StrCat("audited layer ", layer, " got other blocks than the layer it reuses"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void RunClosed(Stream& stream, const Window& window, int oracle_every,
+               absl::Span<const uint32_t> audited_layers, ReferenceChecker* checker, Tally* tally) {
   for (int64_t count = 0; absl::Now() < window.end; ++count) {
     Batch batch = stream.NextBatch();
     const absl::Time sent = absl::Now();
     absl::StatusOr<SelectResult> result = stream.session().Call(batch.request);
+    const absl::Time answered = absl::Now();
     const bool broken = !result.ok() && absl::IsUnavailable(result.status());
-    Record(stream, std::move(batch), std::move(result), sent, absl::Now(), window, count,
-           oracle_every, checker, tally);
+    if (result.ok() && batch.decode) {
+      // Outside the batch's latency; the server's audit work shows in the
+      // next batch's, whose answer waits behind it.
+      const absl::Status audited = SendAudits(stream, batch, *result, audited_layers);
+      if (!audited.ok()) CountError(tally, stream, audited);
+    }
+    Record(stream, std::move(batch), std::move(result), sent, answered, window, count, oracle_every,
+           checker, tally);
     if (broken) return;  // the stream broke
   }
 }
@@ -446,6 +504,31 @@ std::string MeansJson(const std::vector<SeriesMean>& means, const std::string& e
   return absl::StrCat("{", absl::StrJoin(members, ", "), "}");
 }
 
+// Prints the reuse audit between two scrapes, per layer distance with
+// audits in between, and returns it as JSON: {"distance": {"mean_overlap":
+// .., "rows": .., "compared": .., "skipped": ..}, ...}.
+std::string AuditReport(const std::map<std::string, AuditTotals>& before,
+                        const std::map<std::string, AuditTotals>& after) {
+  std::vector<std::string> members;
+  for (const auto& [distance, end] : after) {
+    const auto start_it = before.find(distance);
+    const AuditTotals start = start_it == before.end() ? AuditTotals{} : start_it->second;
+    const double rows = end.overlap.count - start.overlap.count;
+    const double mean = rows > 0 ? (end.overlap.sum - start.overlap.sum) / rows : 0;
+    const double compared = end.compared - start.compared;
+    const double skipped = end.skipped - start.skipped;
+    if (compared + skipped <= 0) continue;
+    std::printf(
+        "reuse audit, layer distance %s: mean overlap %.4f over %.0f (head, row) pairs; %.0f "
+        "sequence audits compared, %.0f skipped\n",
+        distance.c_str(), mean, rows, compared, skipped);
+    members.push_back(absl::StrFormat(
+        "\"%s\": {\"mean_overlap\": %.4f, \"rows\": %.0f, \"compared\": %.0f, \"skipped\": %.0f}",
+        distance, mean, rows, compared, skipped));
+  }
+  return absl::StrCat("{", absl::StrJoin(members, ", "), "}");
+}
+
 double Percentile(std::vector<double>& values, double q) {
   if (values.empty()) return 0;
   const size_t index = static_cast<size_t>(q * static_cast<double>(values.size() - 1));
@@ -482,6 +565,25 @@ int Run() {
   s.seed = absl::GetFlag(FLAGS_seed);
   s.lease_seconds = absl::GetFlag(FLAGS_lease_seconds);
   const int concurrency = absl::GetFlag(FLAGS_concurrency);
+  const bool audit = absl::GetFlag(FLAGS_audit);
+  if (audit) {
+    const std::vector<int32_t> selecting = ReusingSelectingLayers(s.model);
+    for (const uint32_t layer : s.model.audited_layers()) {
+      if (SelectionSourceOf(selecting, layer) == s.layer) s.audited_layers.push_back(layer);
+    }
+    if (s.audited_layers.empty() || mode != "closed" || absl::GetFlag(FLAGS_metrics).empty()) {
+      std::fprintf(stderr,
+                   "--audit needs --mode=closed (got %s), --metrics (got '%s') and a server "
+                   "that audits a layer reusing layer %u (its audited layers: %s); start it "
+                   "with e.g. --select_every=4 --audit_layers=%u\n",
+                   mode.c_str(), absl::GetFlag(FLAGS_metrics).c_str(), s.layer,
+                   s.model.audited_layers().empty()
+                       ? "none"
+                       : absl::StrJoin(s.model.audited_layers(), ",").c_str(),
+                   s.layer + 1);
+      return 2;
+    }
+  }
   if (s.batch < 1 || concurrency < 1 || s.context < std::max(s.query_tokens, s.prefill_tokens)) {
     std::fprintf(stderr,
                  "need --batch >= 1, --concurrency >= 1 and a context of at least "
@@ -517,7 +619,7 @@ int Run() {
   for (auto& stream : streams) {
     threads.emplace_back([&, stream = stream.get()] {
       if (mode == "closed") {
-        RunClosed(*stream, window, s.oracle_every, checker.get(), &tally);
+        RunClosed(*stream, window, s.oracle_every, s.audited_layers, checker.get(), &tally);
       } else {
         RunOpen(*stream, window, absl::GetFlag(FLAGS_rate) / concurrency,
                 s.seed * 7919 + static_cast<uint64_t>(stream->index()), s.oracle_every,
@@ -560,6 +662,7 @@ int Run() {
   if (!latency.empty()) mean /= static_cast<double>(latency.size());
   std::string backend_json = "{}";
   std::string stages_json = "{}";
+  std::string audit_json = "{}";
   if (!metrics_target.empty()) {
     std::vector<std::string> paths;
     for (const auto& [path, totals] : after.backend) paths.push_back(path);
@@ -589,6 +692,7 @@ int Run() {
     stages_json =
         MeansJson(stages, absl::StrFormat("\"server_total_us\": %.2f, \"client_and_wire_us\": %.2f",
                                           server_us, mean - server_us));
+    audit_json = AuditReport(before.audits, after.audits);
   }
   if (tally.errors > 0) std::printf("first error: %s\n", tally.first_error.c_str());
   const std::string json_path = absl::GetFlag(FLAGS_json_out);
@@ -599,10 +703,10 @@ int Run() {
         "\"batches\": %d, \"batches_per_second\": %.1f, \"rows_per_second\": %.1f, "
         "\"latency_us\": {\"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, \"max\": %.1f, "
         "\"mean\": %.1f}, \"checked\": %d, \"reference_checked\": %d, \"errors\": %d, "
-        "\"backend\": %s, \"stages\": %s}\n",
+        "\"backend\": %s, \"stages\": %s, \"reuse_audit\": %s}\n",
         mode, concurrency, shape, seconds, latency.size(), latency.size() / seconds,
         tally.rows / seconds, p50, p90, p99, max, mean, tally.structure_checked,
-        tally.oracle_checked, tally.errors, backend_json, stages_json);
+        tally.oracle_checked, tally.errors, backend_json, stages_json, audit_json);
   }
   return tally.errors == 0 && !latency.empty() ? 0 : 1;
 }

@@ -73,6 +73,31 @@ HistogramTotals ParseHistogram(absl::string_view text, absl::string_view name,
   return totals;
 }
 
+double ParseSample(absl::string_view text, absl::string_view series) {
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    double value = 0;
+    if (absl::ConsumePrefix(&line, series) && absl::ConsumePrefix(&line, " ") &&
+        absl::SimpleAtod(line, &value)) {
+      return value;
+    }
+  }
+  return 0;
+}
+
+std::map<std::string, AuditTotals> ParseAudits(absl::string_view text) {
+  std::map<std::string, AuditTotals> audits;
+  for (const auto& [distance, overlap] :
+       ParseHistogram(text, "blocksel_reuse_overlap", "layer_distance")) {
+    AuditTotals& totals = audits[distance];
+    totals.overlap = overlap;
+    const std::string prefix =
+        absl::StrCat("blocksel_reuse_audits_total{layer_distance=\"", distance, "\",result=\"");
+    totals.compared = ParseSample(text, absl::StrCat(prefix, "compared\"}"));
+    totals.skipped = ParseSample(text, absl::StrCat(prefix, "skipped\"}"));
+  }
+  return audits;
+}
+
 absl::StatusOr<ServerTimes> ScrapeServerTimes(const std::string& host_port) {
   absl::StatusOr<std::string> text = HttpGet(host_port, "/metrics");
   if (!text.ok()) return text.status();
@@ -80,6 +105,7 @@ absl::StatusOr<ServerTimes> ScrapeServerTimes(const std::string& host_port) {
   times.backend = ParseHistogram(*text, "blocksel_backend_duration_seconds", "path");
   times.stages = ParseHistogram(*text, "blocksel_select_stage_seconds", "stage");
   times.colocated = ParseHistogram(*text, "blocksel_colocated_stage_seconds", "stage");
+  times.audits = ParseAudits(*text);
   if (times.backend.empty() || times.stages.empty()) {
     return absl::UnavailableError(
         absl::StrCat("no blocksel timing metrics at http://", host_port, "/metrics"));

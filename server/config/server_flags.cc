@@ -50,8 +50,17 @@ ABSL_FLAG(int, select_every, 1,
 ABSL_FLAG(std::string, selecting_layers, "",
           "Selection reuse by list instead of --select_every: the selecting layers, "
           "comma-separated and ascending from first_sparse_layer (e.g. 3,7,11)");
+ABSL_FLAG(std::string, audit_layers, "",
+          "Reuse audit: reusing sparse layers (comma-separated, ascending) whose index keys "
+          "are stored too, so that the server can compare their own selection with the one "
+          "they reuse (metric blocksel_reuse_overlap); each costs one more layer of cache per "
+          "token. Empty: no audit");
+ABSL_FLAG(int, audit_every, kDefaults.model.audit_every,
+          "Reuse audit: select for an audited layer on one in this many of its audit batches "
+          "(the others only store their keys)");
 ABSL_FLAG(int64_t, cache_mib, kDefaults.cache_bytes >> 20,
-          "Key cache size in MiB over all selecting layers (the page count is "
+          "Key cache size in MiB over all layers that store keys, the selecting and the "
+          "audited ones (the page count is "
           "this over the bytes of one page)");
 ABSL_FLAG(int64_t, max_sequences, kDefaults.max_sequences, "Most sequences open at once");
 ABSL_FLAG(int64_t, default_lease_seconds, absl::ToInt64Seconds(kDefaults.default_lease),
@@ -138,6 +147,12 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
     if (!layers.ok()) return layers.status();
     config.model.selecting_layers = *std::move(layers);
   }
+  absl::StatusOr<std::vector<int32_t>> audited = ParseLayerList(absl::GetFlag(FLAGS_audit_layers));
+  if (!audited.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--audit_layers: ", audited.status().message()));
+  }
+  config.model.audited_layers = *std::move(audited);
+  config.model.audit_every = absl::GetFlag(FLAGS_audit_every);
   config.backend.kind = absl::GetFlag(FLAGS_backend);
   config.backend.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   config.backend.gpu_device = absl::GetFlag(FLAGS_gpu_device);

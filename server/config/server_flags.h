@@ -21,6 +21,8 @@ ABSL_DECLARE_FLAG(std::string, log_level);
 ABSL_DECLARE_FLAG(std::string, config);
 ABSL_DECLARE_FLAG(int, select_every);
 ABSL_DECLARE_FLAG(std::string, selecting_layers);
+ABSL_DECLARE_FLAG(std::string, audit_layers);
+ABSL_DECLARE_FLAG(int, audit_every);
 
 namespace blocksel {
 

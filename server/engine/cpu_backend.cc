@@ -13,12 +13,12 @@ absl::StatusOr<std::unique_ptr<CpuBackend>> CpuBackend::Create(const ModelConfig
                                                                int64_t num_pages, int num_threads) {
   std::vector<std::unique_ptr<uint8_t[]>> layers;
   const int64_t layer_bytes = num_pages * config.LayerPageBytes();
-  for (int32_t l = 0; l < config.num_selecting_layers(); ++l) {
+  for (int32_t l = 0; l < config.num_key_layers(); ++l) {
     // Default-initialized: untouched memory stays uncommitted.
     layers.emplace_back(new (std::nothrow) uint8_t[layer_bytes]);
     if (layers.back() == nullptr) {
       return absl::ResourceExhaustedError(
-          absl::StrCat("cannot reserve ", layer_bytes * config.num_selecting_layers(),
+          absl::StrCat("cannot reserve ", layer_bytes * config.num_key_layers(),
                        " bytes of host memory for the key cache; lower --cache_mib"));
     }
   }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -33,13 +34,15 @@ v1::ModelConfig ToProto(const ModelConfig& model) {
   proto.set_block_size(kBlockSize);
   proto.set_max_positions(model.max_positions);
   for (const int32_t layer : model.SelectingLayerList()) proto.add_selecting_layers(layer);
+  for (const int32_t layer : model.audited_layers) proto.add_audited_layers(layer);
   return proto;
 }
 
 Engine::Engine(EngineOptions options, std::unique_ptr<Backend> backend)
     : options_(std::move(options)),
       backend_(std::move(backend)),
-      cache_(options_.model, options_.num_pages, options_.max_sequences, backend_.get()) {}
+      cache_(options_.model, options_.num_pages, options_.max_sequences, backend_.get()),
+      audit_(options_.model) {}
 
 absl::StatusOr<v1::OpenSequenceResponse> Engine::OpenSequence(
     const v1::OpenSequenceRequest& request) {
@@ -62,6 +65,7 @@ absl::StatusOr<v1::OpenSequenceResponse> Engine::OpenSequence(
 v1::ReleaseSequenceResponse Engine::ReleaseSequence(const v1::ReleaseSequenceRequest& request) {
   v1::ReleaseSequenceResponse response;
   response.set_released(cache_.Release(request.sequence_id()));
+  audit_.Forget(request.sequence_id());
   ReportCache();
   return response;
 }
@@ -92,8 +96,8 @@ absl::StatusOr<v1::AppendKeysResponse> Engine::AppendKeys(const v1::AppendKeysRe
             absl::StrCat("append ", i, ": layer ", layer, " reuses the selection of layer ",
                          model.SelectionSource(layer),
                          " and stores no index keys; append keys for the "
-                         "selecting layers only (",
-                         absl::StrJoin(model.SelectingLayerList(), ","), ")"));
+                         "selecting and audited layers only (",
+                         absl::StrJoin(model.KeyLayerList(), ","), ")"));
       }
     }
     BLOCKSEL_RETURN_IF_ERROR(CheckKeyDtype(append.key_dtype(), model.key_dtype,
@@ -157,6 +161,15 @@ void FillBlockIds(const ModelConfig& model, const int32_t* head_major, int32_t t
   selection->set_block_ids(std::move(ids));
 }
 
+// The answer to an audit batch: no rows, since the layer's blocks are its
+// source's (the client has them).
+void SetAuditAnswer(const ModelConfig& model, v1::BlockIdLayout layout, v1::Selection* selection) {
+  selection->set_num_heads(model.num_heads);
+  selection->set_total_q(0);
+  selection->set_topk(model.topk);
+  selection->set_layout(layout);
+}
+
 }  // namespace
 
 absl::StatusOr<SelectPlan> Engine::PlanChecked(const v1::SelectRequest& request,
@@ -210,6 +223,16 @@ void Engine::SelectMany(absl::Span<SelectCall> calls, absl::AnyInvocable<void()>
     }
     // The earlier calls must read their keys before this call's appends.
     if (conflicts) flush();
+    if (plan->audit && !audit_.TakeTurn(static_cast<int32_t>(call.request->layer()))) {
+      // Not its turn to be compared: the batch only stores its keys.
+      if (!plan->appends.empty()) {
+        call.status = AppendToCache(plan->appends);
+        if (!call.status.ok()) continue;
+      }
+      if (call.times != nullptr) call.times->planned = call.times->downloaded = absl::Now();
+      SetAuditAnswer(options_.model, call.request->layout(), call.selection);
+      continue;
+    }
     if (!plan->appends.empty()) {
       call.status = AppendToCache(plan->appends, &writes);
       if (!call.status.ok()) continue;
@@ -333,8 +356,10 @@ void Engine::FinishOldest() {
         call.times->compute = report->compute;
         call.times->downloaded = downloaded;
       }
-      // A device payload's ids are already in its slot.
-      if (call.selection != nullptr) {
+      AuditRows(prepared, launch, first_row);
+      if (prepared.plan.audit) {
+        SetAuditAnswer(model, call.request->layout(), call.selection);
+      } else if (call.selection != nullptr) {  // a device payload's ids are in its slot
         FillBlockIds(model, launch.head_major.data(), launch.total_rows, first_row,
                      prepared.plan.total_rows, call.request->layout(), call.selection);
       }
@@ -347,6 +372,31 @@ void Engine::FinishOldest() {
   }
   for (PendingGroup& pending : groups_) {
     if (pending.id == launch.group) --pending.unfinished;
+  }
+}
+
+void Engine::AuditRows(const PreparedCall& prepared, const StartedLaunch& launch,
+                       int32_t first_row) {
+  const v1::SelectRequest& request = *prepared.call->request;
+  const int32_t layer = static_cast<int32_t>(request.layer());
+  if (!request.has_decode() || (!prepared.plan.audit && !audit_.IsSource(layer))) return;
+  const int32_t distance = layer - options_.model.SelectionSource(layer);
+  for (const PlannedSpan& span : prepared.plan.spans) {
+    if (span.sequence_id == 0) continue;  // padding
+    const LaunchRows rows{launch.head_major.data(), launch.total_rows, first_row + span.first_row,
+                          span.num_rows, span.first_position};
+    if (!prepared.plan.audit) {
+      audit_.Remember(layer, span.sequence_id, rows);
+      continue;
+    }
+    const std::optional<std::vector<double>> overlaps =
+        audit_.Compare(layer, span.sequence_id, rows);
+    if (options_.observer == nullptr) continue;
+    if (overlaps.has_value()) {
+      options_.observer->OnReuseAudit(distance, *overlaps);
+    } else {
+      options_.observer->OnReuseAuditSkipped(distance);
+    }
   }
 }
 
@@ -374,7 +424,10 @@ void Engine::FillInfo(v1::GetInfoResponse* info) const {
 
 int64_t Engine::ReleaseExpired() {
   const int64_t released = cache_.ReleaseExpired(options_.clock());
-  if (released > 0) ReportCache();
+  if (released > 0) {
+    audit_.ForgetClosed([this](uint64_t id) { return cache_.Find(id) != nullptr; });
+    ReportCache();
+  }
   return released;
 }
 

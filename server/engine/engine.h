@@ -20,6 +20,7 @@
 #include "server/engine/engine_observer.h"
 #include "server/engine/key_cache.h"
 #include "server/engine/model_config.h"
+#include "server/engine/reuse_audit.h"
 #include "server/engine/select_plan.h"
 #include "server/engine/select_times.h"
 #include "server/engine/snapshot.h"
@@ -141,8 +142,12 @@ class Engine {
   // call's status.
   void Launch(std::vector<PreparedCall> calls, absl::Span<const KeyWrite> writes, uint64_t group);
   // Finishes the oldest started launch (waiting for it): statuses,
-  // selections, stage times, metrics.
+  // selections, stage times, metrics, and the reuse audit's part.
   void FinishOldest();
+  // The reuse audit of one finished call: compares an audited layer's
+  // selection with its source's and tells the observer, or remembers a
+  // source layer's decode selection.
+  void AuditRows(const PreparedCall& prepared, const StartedLaunch& launch, int32_t first_row);
   // Runs, in order, the done callbacks of the leading groups that are
   // complete.
   void RunDueCallbacks();
@@ -154,6 +159,7 @@ class Engine {
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
   KeyCache cache_;
+  ReuseAudit audit_;
   std::deque<StartedLaunch> started_;  // in the backend's order
   std::deque<PendingGroup> groups_;    // in SelectMany order
   uint64_t next_group_ = 1;

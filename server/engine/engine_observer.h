@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "server/engine/key_cache.h"
 
 namespace blocksel {
@@ -33,6 +34,13 @@ class EngineObserver {
   virtual void OnQueueWait(absl::Duration /*wait*/) {}
   // Operations waiting now.
   virtual void OnQueueDepth(int64_t /*depth*/) {}
+  // A reuse audit of one sequence's rows: per (head, row), the share of the
+  // source's blocks that the audited layer, `layer_distance` layers after
+  // it, selects too (reuse_audit.h).
+  virtual void OnReuseAudit(int32_t /*layer_distance*/, absl::Span<const double> /*overlaps*/) {}
+  // A reuse audit of one sequence skipped: its source had no selection at
+  // the same positions.
+  virtual void OnReuseAuditSkipped(int32_t /*layer_distance*/) {}
 };
 
 }  // namespace blocksel

@@ -45,7 +45,7 @@ absl::StatusOr<uint64_t> KeyCache::Open(uint64_t requested_id, absl::Duration le
     sequence.table_slot = free_table_slots_.back();
     free_table_slots_.pop_back();
   }
-  sequence.layer_fill.assign(config_.num_selecting_layers(), 0);
+  sequence.layer_fill.assign(config_.num_key_layers(), 0);
   sequence.lease = lease;
   sequence.last_used = now;
   return id;
@@ -89,12 +89,11 @@ absl::Status KeyCache::ValidateRanges(absl::Span<const KeyRange> ranges,
     const KeyRange& range = ranges[i];
     const std::string where = absl::StrCat("append ", i, " (sequence ", range.sequence_id, ")");
     if (range.num_layers < 1 || range.first_layer_index < 0 ||
-        range.first_layer_index + range.num_layers > config_.num_selecting_layers()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": key layers [", range.first_layer_index, ", ",
-                       range.first_layer_index + range.num_layers,
-                       ") are not all stored; the cache stores ", config_.num_selecting_layers(),
-                       " layers (", absl::StrJoin(config_.SelectingLayerList(), ","), ")"));
+        range.first_layer_index + range.num_layers > config_.num_key_layers()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": key layers [", range.first_layer_index, ", ",
+          range.first_layer_index + range.num_layers, ") are not all stored; the cache stores ",
+          config_.num_key_layers(), " layers (", absl::StrJoin(config_.KeyLayerList(), ","), ")"));
     }
     if (range.num_tokens < 1) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": num_tokens must be >= 1"));
@@ -122,7 +121,7 @@ absl::Status KeyCache::ValidateRanges(absl::Span<const KeyRange> ranges,
       int64_t& fill = fill_it->second[range.first_layer_index + l];
       if (range.start_position > fill) {
         return absl::FailedPreconditionError(
-            absl::StrCat(where, ": layer ", config_.SelectingLayer(range.first_layer_index + l),
+            absl::StrCat(where, ": layer ", config_.KeyLayerList()[range.first_layer_index + l],
                          " holds ", fill, " tokens, so an append must start at or before ",
                          "position ", fill, ", got ", range.start_position));
       }

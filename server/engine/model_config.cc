@@ -26,6 +26,15 @@ int32_t ModelConfig::num_selecting_layers() const {
                                   : static_cast<int32_t>(selecting_layers.size());
 }
 
+bool ModelConfig::IsSelecting(int64_t layer) const {
+  if (selecting_layers.empty()) return IsSparseLayer(layer);
+  return std::binary_search(selecting_layers.begin(), selecting_layers.end(), layer);
+}
+
+bool ModelConfig::IsAudited(int64_t layer) const {
+  return std::binary_search(audited_layers.begin(), audited_layers.end(), layer);
+}
+
 int32_t ModelConfig::SelectionSource(int64_t layer) const {
   if (selecting_layers.empty()) return static_cast<int32_t>(layer);
   // The last selecting layer at or before `layer`.
@@ -36,15 +45,22 @@ int32_t ModelConfig::SelectionSource(int64_t layer) const {
 int32_t ModelConfig::KeyLayerIndex(int64_t layer) const {
   if (!IsSparseLayer(layer)) return -1;
   if (selecting_layers.empty()) return static_cast<int32_t>(layer - first_sparse_layer);
-  const auto at = std::lower_bound(selecting_layers.begin(), selecting_layers.end(), layer);
-  return at != selecting_layers.end() && *at == layer
-             ? static_cast<int32_t>(at - selecting_layers.begin())
-             : -1;
+  if (!IsSelecting(layer) && !IsAudited(layer)) return -1;
+  // The key layers before `layer`: no allocation, since selections call it.
+  const auto selecting_before =
+      std::lower_bound(selecting_layers.begin(), selecting_layers.end(), layer) -
+      selecting_layers.begin();
+  const auto audited_before =
+      std::lower_bound(audited_layers.begin(), audited_layers.end(), layer) -
+      audited_layers.begin();
+  return static_cast<int32_t>(selecting_before + audited_before);
 }
 
-int32_t ModelConfig::SelectingLayer(int32_t key_layer_index) const {
-  return selecting_layers.empty() ? first_sparse_layer + key_layer_index
-                                  : selecting_layers[key_layer_index];
+std::vector<int32_t> ModelConfig::KeyLayerList() const {
+  std::vector<int32_t> layers = SelectingLayerList();
+  layers.insert(layers.end(), audited_layers.begin(), audited_layers.end());
+  std::sort(layers.begin(), layers.end());
+  return layers;
 }
 
 std::vector<int32_t> ModelConfig::SelectingLayerList() const {
@@ -97,18 +113,45 @@ absl::Status ModelConfig::Validate() const {
       }
     }
   }
+  for (size_t i = 0; i < audited_layers.size(); ++i) {
+    const int32_t layer = audited_layers[i];
+    if (!IsSparseLayer(layer) || (i > 0 && layer <= audited_layers[i - 1])) {
+      problems.push_back(absl::StrCat("audited layers must be ascending sparse layers in [",
+                                      first_sparse_layer, ", ", num_layers, "), got ",
+                                      absl::StrJoin(audited_layers, ",")));
+      break;
+    }
+    if (selecting_layers.empty()) {
+      problems.push_back(absl::StrCat(
+          "audited layer ", layer,
+          " selects, as every sparse layer does without selecting layers: set "
+          "--select_every or --selecting_layers so that some layers reuse a selection"));
+      break;
+    }
+    if (IsSelecting(layer)) {
+      problems.push_back(absl::StrCat(
+          "audited layer ", layer, " is a selecting layer (selecting layers are ",
+          absl::StrJoin(selecting_layers, ","), "); audit only layers that reuse a selection"));
+    }
+  }
+  if (audit_every < 1) {
+    problems.push_back(absl::StrCat("audit_every must be >= 1, got ", audit_every));
+  }
   if (problems.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat("invalid model config: ", absl::StrJoin(problems, "; ")));
 }
 
 std::string ModelConfig::ToString() const {
-  return absl::StrCat("layers=", num_layers, " sparse=[", first_sparse_layer, ",", num_layers,
-                      ") heads=", num_heads, " head_dim=", head_dim,
-                      " key_dtype=", KeyDtypeName(key_dtype), " topk=", topk,
-                      " init_blocks=", init_blocks, " local_blocks=", local_blocks,
-                      " max_positions=", max_positions, " selecting_layers=",
-                      selecting_layers.empty() ? "all" : absl::StrJoin(selecting_layers, ","));
+  return absl::StrCat(
+      "layers=", num_layers, " sparse=[", first_sparse_layer, ",", num_layers,
+      ") heads=", num_heads, " head_dim=", head_dim, " key_dtype=", KeyDtypeName(key_dtype),
+      " topk=", topk, " init_blocks=", init_blocks, " local_blocks=", local_blocks,
+      " max_positions=", max_positions,
+      " selecting_layers=", selecting_layers.empty() ? "all" : absl::StrJoin(selecting_layers, ","),
+      audited_layers.empty() ? ""
+                             : absl::StrCat(" audited_layers=", absl::StrJoin(audited_layers, ","),
+                                            " audit_every=", audit_every));
 }
 
 std::vector<int32_t> EveryKthLayer(int32_t first_sparse_layer, int32_t num_layers, int32_t every) {

@@ -28,28 +28,41 @@ struct ModelConfig {
   // other sparse layer reuses the selection of the nearest one before it
   // and stores no index keys. Empty: every sparse layer selects.
   std::vector<int32_t> selecting_layers;
+  // Reusing sparse layers that are audited (ascending): their index keys are
+  // stored too, and for one in audit_every of their decode batches sent as
+  // audits the server also selects for them and compares that selection
+  // with their source's. Empty: no audit.
+  std::vector<int32_t> audited_layers;
+  int32_t audit_every = 1;
 
   int32_t num_sparse_layers() const { return num_layers - first_sparse_layer; }
   bool IsSparseLayer(int64_t layer) const {
     return layer >= first_sparse_layer && layer < num_layers;
   }
   int32_t num_selecting_layers() const;
+  // Layers that store index keys: the selecting and the audited ones.
+  int32_t num_key_layers() const {
+    return num_selecting_layers() + static_cast<int32_t>(audited_layers.size());
+  }
+  bool IsSelecting(int64_t layer) const;
+  bool IsAudited(int64_t layer) const;
   // The selecting layer whose selection sparse layer `layer` uses: itself
   // when it selects.
   int32_t SelectionSource(int64_t layer) const;
-  // Where a selecting layer's keys are stored, in [0, num_selecting_layers());
-  // -1 for a layer that does not select.
+  // Where a layer's keys are stored, in [0, num_key_layers()), in the order
+  // of the layers; -1 for a layer that stores none.
   int32_t KeyLayerIndex(int64_t layer) const;
-  // The model layer stored at key_layer_index.
-  int32_t SelectingLayer(int32_t key_layer_index) const;
+  // Every layer that stores keys, ascending: KeyLayerList()[KeyLayerIndex(l)] == l.
+  std::vector<int32_t> KeyLayerList() const;
   // Every selecting layer (all sparse layers when selecting_layers is empty).
   std::vector<int32_t> SelectingLayerList() const;
   // Bytes of one token's key in one layer.
   int64_t TokenBytes() const { return static_cast<int64_t>(head_dim) * KeyDtypeBytes(key_dtype); }
   // Bytes of one page (kBlockSize tokens) of one layer.
   int64_t LayerPageBytes() const { return TokenBytes() * kBlockSize; }
-  // Bytes of one page over all selecting layers: the unit of cache capacity.
-  int64_t PageBytes() const { return LayerPageBytes() * num_selecting_layers(); }
+  // Bytes of one page over all layers that store keys: the unit of cache
+  // capacity.
+  int64_t PageBytes() const { return LayerPageBytes() * num_key_layers(); }
 
   SelectionShape shape() const;
 

@@ -4,6 +4,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "server/common/status_macros.h"
 #include "server/engine/wire_enums.h"
@@ -98,8 +99,21 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const Mo
         absl::StrCat("layer ", request.layer(), " is not a sparse layer; sparse layers are [",
                      model.first_sparse_layer, ", ", model.num_layers, ")"));
   }
-  if (model.KeyLayerIndex(request.layer()) < 0) {
-    const int32_t source = model.SelectionSource(request.layer());
+  const int32_t source = model.SelectionSource(request.layer());
+  if (request.audit()) {
+    if (!model.IsAudited(request.layer())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "layer ", request.layer(), " is not audited (audited layers: ",
+          model.audited_layers.empty() ? "none" : absl::StrJoin(model.audited_layers, ","),
+          "); send audit batches only for GetInfo's audited_layers"));
+    }
+    if (!request.has_decode() || request.return_block_scores()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("an audit batch (layer ", request.layer(),
+                       ") must be a decode batch without return_block_scores; got ",
+                       request.has_decode() ? "return_block_scores" : "no decode batch"));
+    }
+  } else if (!model.IsSelecting(request.layer())) {
     return absl::InvalidArgumentError(absl::StrCat(
         "layer ", request.layer(), " reuses the selection of layer ", source,
         " and is not selected on the server; select layer ", source, " and use its block ids"));
@@ -110,6 +124,7 @@ absl::StatusOr<SelectPlan> PlanSelect(const v1::SelectRequest& request, const Mo
 
   SelectPlan plan;
   plan.layer_index = model.KeyLayerIndex(request.layer());
+  plan.audit = request.audit();
   const char* kind = request.has_prefill() ? "prefill" : "decode";
   absl::flat_hash_set<uint64_t> seen;
   int64_t total_rows = 0;

@@ -26,7 +26,8 @@ struct PlannedSpan {
 };
 
 struct SelectPlan {
-  int32_t layer_index = 0;  // sparse layer index
+  int32_t layer_index = 0;  // key layer index (ModelConfig::KeyLayerIndex)
+  bool audit = false;       // a decode batch of an audited layer (SelectRequest.audit)
   int32_t total_rows = 0;
   std::vector<PlannedSpan> spans;
   // Keys the requests carry, to append before selecting. Point into the
@@ -34,7 +35,7 @@ struct SelectPlan {
   std::vector<KeyRange> appends;
 };
 
-// Checks every field of request: INVALID_ARGUMENT (layer, dtypes, shapes,
+// Checks every field of request: INVALID_ARGUMENT (layer, audit, dtypes, shapes,
 // byte sizes, positions, repeated sequences), NOT_FOUND (sequence not open),
 // FAILED_PRECONDITION (keys a row needs are neither in the cache nor in the
 // request). Appends themselves are validated when the cache applies them.

@@ -17,11 +17,12 @@
 namespace blocksel {
 namespace {
 
-// File layout, little-endian: magic, version, model fields, the selecting
-// layers (a count, then the layers), sequence count, then per sequence its
-// id, lease seconds and per selecting layer the fill and that many tokens
-// of keys; last, the CRC-32 of everything before it. Version 1 had no
-// selecting layers: every sparse layer selected.
+// File layout, little-endian: magic, version, model fields, the layers
+// that store keys (a count, then the layers: the selecting and the audited
+// ones), sequence count, then per sequence its id, lease seconds and per
+// such layer the fill and that many tokens of keys; last, the CRC-32 of
+// everything before it. Version 1 had no layer list: every sparse layer
+// stored keys.
 constexpr char kMagic[8] = {'B', 'L', 'K', 'S', 'N', 'A', 'P', '1'};
 constexpr uint32_t kVersion = 2;
 constexpr uint32_t kVersionWithoutGrouping = 1;
@@ -130,16 +131,16 @@ absl::StatusOr<SnapshotSummary> WriteSnapshot(const std::string& path, const Mod
   Put<int32_t>(&out, model.first_sparse_layer);
   Put<int32_t>(&out, model.head_dim);
   Put<int32_t>(&out, static_cast<int32_t>(model.key_dtype));
-  const std::vector<int32_t> selecting = model.SelectingLayerList();
-  Put<int32_t>(&out, static_cast<int32_t>(selecting.size()));
-  for (const int32_t layer : selecting) Put<int32_t>(&out, layer);
+  const std::vector<int32_t> key_layers = model.KeyLayerList();
+  Put<int32_t>(&out, static_cast<int32_t>(key_layers.size()));
+  for (const int32_t layer : key_layers) Put<int32_t>(&out, layer);
   const std::vector<const Sequence*> sequences = cache.Sequences();
   Put<uint64_t>(&out, sequences.size());
   const int64_t token_bytes = model.TokenBytes();
   for (const Sequence* sequence : sequences) {
     Put<uint64_t>(&out, sequence->id);
     Put<int64_t>(&out, absl::ToInt64Seconds(sequence->lease));
-    for (int32_t layer = 0; layer < model.num_selecting_layers(); ++layer) {
+    for (int32_t layer = 0; layer < model.num_key_layers(); ++layer) {
       const int64_t fill = sequence->layer_fill[layer];
       Put<int64_t>(&out, fill);
       const size_t start = out.size();
@@ -188,22 +189,25 @@ absl::StatusOr<SnapshotSummary> LoadSnapshot(const std::string& path, const Mode
         " first_sparse_layer=", first_sparse, " head_dim=", head_dim, " key_dtype=",
         KeyDtypeName(static_cast<KeyDtype>(dtype)), "; this server has ", model.ToString()));
   }
-  std::vector<int32_t> selecting;
+  std::vector<int32_t> key_layers;
   if (version == kVersionWithoutGrouping) {
-    selecting = EveryKthLayer(first_sparse, num_layers, 1);
+    key_layers = EveryKthLayer(first_sparse, num_layers, 1);
   } else {
     const int32_t count = reader.Get<int32_t>();
     if (count < 1 || count > num_layers) {
       return absl::DataLossError(
-          absl::StrCat("snapshot ", path, " has a bad selecting-layer count ", count));
+          absl::StrCat("snapshot ", path, " has a bad key-layer count ", count));
     }
-    for (int32_t i = 0; i < count; ++i) selecting.push_back(reader.Get<int32_t>());
+    for (int32_t i = 0; i < count; ++i) key_layers.push_back(reader.Get<int32_t>());
   }
-  if (selecting != model.SelectingLayerList()) {
+  // The keys of a layer are the same whether it selects or is audited, so
+  // only the layers stored must match.
+  if (key_layers != model.KeyLayerList()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "snapshot ", path, " was written for selecting layers ", absl::StrJoin(selecting, ","),
-        "; this server selects at ", absl::StrJoin(model.SelectingLayerList(), ","),
-        ": start it with the grouping the snapshot was written with, or without the snapshot"));
+        "snapshot ", path, " was written for key layers ", absl::StrJoin(key_layers, ","),
+        "; this server stores keys of ", absl::StrJoin(model.KeyLayerList(), ","),
+        " (selecting and audited layers): start it with the grouping and audit the snapshot "
+        "was written with, or without the snapshot"));
   }
   const uint64_t count = reader.Get<uint64_t>();
   std::vector<uint64_t> restored;
@@ -221,7 +225,7 @@ absl::StatusOr<SnapshotSummary> LoadSnapshot(const std::string& path, const Mode
                               : opened.status());
     }
     restored.push_back(id);
-    for (int32_t layer = 0; layer < model.num_selecting_layers(); ++layer) {
+    for (int32_t layer = 0; layer < model.num_key_layers(); ++layer) {
       const int64_t fill = reader.Get<int64_t>();
       if (fill < 0 || fill > model.max_positions) {
         return fail(absl::DataLossError(absl::StrCat("snapshot ", path, " has a bad fill")));

@@ -29,8 +29,8 @@ absl::StatusOr<SnapshotSummary> WriteSnapshot(const std::string& path, const Mod
 // Restores a snapshot into an empty cache, every lease starting at now.
 // NOT_FOUND without a file; DATA_LOSS for a damaged one; FAILED_PRECONDITION
 // for one written by a server of another model (layers, head dim, key
-// dtype, selecting layers); RESOURCE_EXHAUSTED when it does not fit. On any error the cache is
-// left empty.
+// dtype, layers that store keys); RESOURCE_EXHAUSTED when it does not fit.
+// On any error the cache is left empty.
 absl::StatusOr<SnapshotSummary> LoadSnapshot(const std::string& path, const ModelConfig& model,
                                              KeyCache* cache, absl::Time now);
 

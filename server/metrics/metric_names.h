@@ -21,6 +21,10 @@ inline constexpr char kSelectStageDuration[] = "blocksel_select_stage_seconds";
 inline constexpr char kColocatedStageDuration[] = "blocksel_colocated_stage_seconds";
 // Requests one backend selection served (above 1 when batched).
 inline constexpr char kBackendBatchRequests[] = "blocksel_backend_batch_requests";
+// Reuse audit: per (head, row) of an audited selection, the share of its
+// source layer's blocks the audited layer selects itself (label
+// layer_distance: audited layer - source layer).
+inline constexpr char kReuseOverlap[] = "blocksel_reuse_overlap";
 
 // Counters.
 inline constexpr char kRequests[] = "blocksel_requests_total";           // method, code
@@ -28,6 +32,9 @@ inline constexpr char kAppendedKeys[] = "blocksel_appended_keys_total";  // toke
 inline constexpr char kSelectedRows[] = "blocksel_selected_rows_total";  // query rows
 inline constexpr char kReceivedBytes[] = "blocksel_received_bytes_total";
 inline constexpr char kSentBytes[] = "blocksel_sent_bytes_total";
+// Reuse audits of one sequence, by layer_distance and result (compared, or
+// skipped: the source had no selection at the same positions).
+inline constexpr char kReuseAudits[] = "blocksel_reuse_audits_total";
 
 // Gauges.
 inline constexpr char kQueueDepth[] = "blocksel_queue_depth";

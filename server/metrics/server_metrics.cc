@@ -39,9 +39,16 @@ prometheus::Histogram::BucketBoundaries StageBuckets() {
           5e-3, 0.01,   0.025, 0.05, 0.1,    0.25, 0.5,  1,      2.5,  5,    10};
 }
 
+// Bucket bounds of a reuse overlap, a share in [0, 1]: finest near 1, where
+// reuse is cheap and a drop matters.
+prometheus::Histogram::BucketBoundaries OverlapBuckets() {
+  return {0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0};
+}
+
 }  // namespace
 
-ServerMetrics::ServerMetrics(const std::map<std::string, std::string>& static_labels)
+ServerMetrics::ServerMetrics(const std::map<std::string, std::string>& static_labels,
+                             const std::vector<int32_t>& audit_layer_distances)
     : registry_(std::make_shared<prometheus::Registry>()) {
   auto& rpc_duration =
       prometheus::BuildHistogram()
@@ -119,6 +126,26 @@ ServerMetrics::ServerMetrics(const std::map<std::string, std::string>& static_la
   cache_usage_ratio_ = gauge(metric_names::kCacheUsageRatio, "Cache pages used over all pages");
   open_sequences_ = gauge(metric_names::kOpenSequences, "Sequences open in the cache");
   open_streams_ = gauge(metric_names::kOpenStreams, "StreamSelect and StreamAppendKeys calls open");
+  if (!audit_layer_distances.empty()) {
+    auto& overlap = prometheus::BuildHistogram()
+                        .Name(metric_names::kReuseOverlap)
+                        .Help(
+                            "Reuse audit: per (head, row), the share of the source layer's blocks "
+                            "that the audited layer selects itself, by layer distance")
+                        .Register(*registry_);
+    auto& audits = prometheus::BuildCounter()
+                       .Name(metric_names::kReuseAudits)
+                       .Help(
+                           "Reuse audits of one sequence, by layer distance and result: compared, "
+                           "or skipped when the source had no selection at the same positions")
+                       .Register(*registry_);
+    for (const int32_t distance : audit_layer_distances) {
+      const std::string label = absl::StrCat(distance);
+      audit_series_[distance] = {&overlap.Add({{"layer_distance", label}}, OverlapBuckets()),
+                                 &audits.Add({{"layer_distance", label}, {"result", "compared"}}),
+                                 &audits.Add({{"layer_distance", label}, {"result", "skipped"}})};
+    }
+  }
   prometheus::BuildGauge()
       .Name(metric_names::kServerInfo)
       .Help("Always 1; the labels are the server version, backend and model config")
@@ -186,6 +213,18 @@ void ServerMetrics::OnCacheChanged(const CacheStats& stats) {
   cache_usage_ratio_->Set(stats.total_pages > 0 ? used / static_cast<double>(stats.total_pages)
                                                 : 0.0);
   open_sequences_->Set(static_cast<double>(stats.open_sequences));
+}
+
+void ServerMetrics::OnReuseAudit(int32_t layer_distance, absl::Span<const double> overlaps) {
+  const auto series = audit_series_.find(layer_distance);
+  if (series == audit_series_.end()) return;
+  for (const double overlap : overlaps) series->second.overlap->Observe(overlap);
+  series->second.compared->Increment();
+}
+
+void ServerMetrics::OnReuseAuditSkipped(int32_t layer_distance) {
+  const auto series = audit_series_.find(layer_distance);
+  if (series != audit_series_.end()) series->second.skipped->Increment();
 }
 
 void ServerMetrics::OnQueueWait(absl::Duration wait) {

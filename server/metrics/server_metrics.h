@@ -8,9 +8,11 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "prometheus/counter.h"
 #include "prometheus/exposer.h"
 #include "prometheus/gauge.h"
@@ -51,8 +53,10 @@ inline constexpr int kColocatedStages = 4;
 class ServerMetrics final : public EngineObserver {
  public:
   // static_labels: the server_info metric's labels (version, backend,
-  // model config).
-  explicit ServerMetrics(const std::map<std::string, std::string>& static_labels);
+  // model config). audit_layer_distances: the distances from each audited
+  // layer to its source, whose reuse audit series exist from the start.
+  explicit ServerMetrics(const std::map<std::string, std::string>& static_labels,
+                         const std::vector<int32_t>& audit_layer_distances = {});
   ~ServerMetrics() override;
 
   // Serves /metrics on "host:port" (port 0 picks a free one).
@@ -85,6 +89,8 @@ class ServerMetrics final : public EngineObserver {
   void OnCacheChanged(const CacheStats& stats) override;
   void OnQueueWait(absl::Duration wait) override;
   void OnQueueDepth(int64_t depth) override { queue_depth_->Set(static_cast<double>(depth)); }
+  void OnReuseAudit(int32_t layer_distance, absl::Span<const double> overlaps) override;
+  void OnReuseAuditSkipped(int32_t layer_distance) override;
 
  private:
   static constexpr int kStatusCodes = 17;  // gRPC's, OK = 0 to UNAUTHENTICATED = 16
@@ -113,6 +119,14 @@ class ServerMetrics final : public EngineObserver {
   prometheus::Gauge* cache_usage_ratio_ = nullptr;
   prometheus::Gauge* open_sequences_ = nullptr;
   prometheus::Gauge* open_streams_ = nullptr;
+  // The reuse audit's series of one layer distance.
+  struct AuditSeries {
+    prometheus::Histogram* overlap = nullptr;
+    prometheus::Counter* compared = nullptr;
+    prometheus::Counter* skipped = nullptr;
+  };
+  // Filled by the constructor only, so reading it needs no lock.
+  std::map<int32_t, AuditSeries> audit_series_;
 };
 
 }  // namespace blocksel

@@ -31,10 +31,12 @@ namespace {
 constexpr int32_t kLayer = testing::kTestFirstSparseLayer;
 
 std::unique_ptr<BlockselServer> StartServer(const std::string& address,
-                                            std::vector<int32_t> selecting_layers = {}) {
+                                            std::vector<int32_t> selecting_layers = {},
+                                            std::vector<int32_t> audited_layers = {}) {
   ServerConfig config;
   config.model = testing::SmallTestModel();
   config.model.selecting_layers = std::move(selecting_layers);
+  config.model.audited_layers = std::move(audited_layers);
   config.backend.kind = "cpu";
   config.backend.cpu_threads = 1;
   config.cache_bytes = 64 * config.model.PageBytes();
@@ -164,6 +166,36 @@ TEST(RoutedClientTest, SequencesLiveOnTheirOwnerAndBatchesSpanServers) {
   EXPECT_GT(used, 1) << "the batch should span servers";
 }
 
+// Random keys for `tokens` positions of `layer`, appended; returns them.
+absl::StatusOr<testing::EncodedBf16> AppendRandomKeys(BlockselClient& client, uint64_t id,
+                                                      int32_t layer, uint32_t tokens,
+                                                      std::mt19937_64& random) {
+  testing::EncodedBf16 keys =
+      testing::RandomBf16(random, int64_t{tokens} * testing::SmallTestModel().head_dim);
+  v1::AppendKeysRequest append;
+  v1::KeyAppend* key_append = append.add_appends();
+  key_append->set_sequence_id(id);
+  key_append->set_first_layer(layer);
+  key_append->set_num_tokens(tokens);
+  key_append->set_keys(keys.bytes);
+  const absl::StatusOr<uint64_t> appended = client.AppendKeys(append);
+  if (!appended.ok()) return appended.status();
+  return keys;
+}
+
+// A decode batch of one row: sequence id's last token at seq_len.
+v1::SelectRequest OneRowDecode(uint64_t request_id, int32_t layer, uint64_t id, uint64_t seq_len,
+                               const testing::EncodedBf16& queries) {
+  v1::SelectRequest request;
+  request.set_request_id(request_id);
+  request.set_layer(layer);
+  v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+  decode->set_sequence_id(id);
+  decode->set_seq_len(seq_len);
+  request.set_queries(queries.bytes);
+  return request;
+}
+
 // Sparse layers 1 and 3 select, layer 2 reuses layer 1: the session
 // answers layer 2 from layer 1's selection without sending it.
 TEST(SelectSessionTest, AReusingLayerGetsTheSelectionItReusesWithoutARoundTrip) {
@@ -177,26 +209,15 @@ TEST(SelectSessionTest, AReusingLayerGetsTheSelectionItReusesWithoutARoundTrip) 
   ASSERT_TRUE(id.ok()) << id.status();
   std::map<int32_t, testing::EncodedBf16> keys;
   for (const int32_t layer : {1, 3}) {
-    keys[layer] = testing::RandomBf16(random, 600 * model.head_dim);
-    v1::AppendKeysRequest append;
-    v1::KeyAppend* key_append = append.add_appends();
-    key_append->set_sequence_id(*id);
-    key_append->set_first_layer(layer);
-    key_append->set_num_tokens(600);
-    key_append->set_keys(keys[layer].bytes);
-    ASSERT_TRUE(client.AppendKeys(append).ok());
+    absl::StatusOr<testing::EncodedBf16> appended =
+        AppendRandomKeys(client, *id, layer, 600, random);
+    ASSERT_TRUE(appended.ok()) << appended.status();
+    keys[layer] = *std::move(appended);
   }
   absl::StatusOr<std::unique_ptr<SelectSession>> session = client.StartSelectSession();
   ASSERT_TRUE(session.ok()) << session.status();
   auto request_for = [&](int32_t layer, const testing::EncodedBf16& queries) {
-    v1::SelectRequest request;
-    request.set_request_id(10 + layer);
-    request.set_layer(layer);
-    v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
-    decode->set_sequence_id(*id);
-    decode->set_seq_len(600);
-    request.set_queries(queries.bytes);
-    return request;
+    return OneRowDecode(10 + layer, layer, *id, 600, queries);
   };
   // Layer 2 first: nothing to reuse yet.
   const testing::EncodedBf16 queries =
@@ -229,6 +250,60 @@ TEST(SelectSessionTest, AReusingLayerGetsTheSelectionItReusesWithoutARoundTrip) 
   EXPECT_EQ(second->request_id, 12u);
   EXPECT_EQ(second->block_ids, first->block_ids);
   EXPECT_TRUE((*session)->Close().ok());
+}
+
+// As above with layer 2 audited: its answer is still layer 1's, and its
+// batch also reaches the server, which compares layer 2's own selection
+// with layer 1's. The server's reply to the audit is dropped in between.
+TEST(SelectSessionTest, AnAuditedLayerGetsTheSelectionItReusesAndTheServerAuditsIt) {
+  const std::string address = SocketAddress("audit");
+  std::unique_ptr<BlockselServer> server = StartServer(address, {1, 3}, {2});
+  ASSERT_NE(server, nullptr);
+  BlockselClient client(address);
+  const ModelConfig model = testing::SmallTestModel();
+  std::mt19937_64 random(11);
+  absl::StatusOr<uint64_t> id = client.OpenSequence();
+  ASSERT_TRUE(id.ok()) << id.status();
+  std::map<int32_t, testing::EncodedBf16> keys;
+  for (const int32_t layer : {1, 2}) {  // an audited layer stores keys
+    absl::StatusOr<testing::EncodedBf16> appended =
+        AppendRandomKeys(client, *id, layer, 900, random);
+    ASSERT_TRUE(appended.ok()) << "layer " << layer << ": " << appended.status();
+    keys[layer] = *std::move(appended);
+  }
+  absl::StatusOr<std::unique_ptr<SelectSession>> session = client.StartSelectSession();
+  ASSERT_TRUE(session.ok()) << session.status();
+  auto request_for = [&](uint64_t request_id, int32_t layer, const testing::EncodedBf16& queries) {
+    return OneRowDecode(request_id, layer, *id, 900, queries);
+  };
+  const testing::EncodedBf16 first_queries =
+      testing::RandomBf16(random, model.num_heads * model.head_dim);
+  const testing::EncodedBf16 later_queries =
+      testing::RandomBf16(random, model.num_heads * model.head_dim);
+  ASSERT_TRUE((*session)->Send(request_for(1, 1, first_queries)).ok());
+  ASSERT_TRUE((*session)->Send(request_for(2, 2, later_queries)).ok());
+  ASSERT_TRUE((*session)->Send(request_for(3, 1, later_queries)).ok());
+  absl::StatusOr<SelectResult> source = (*session)->Receive();
+  absl::StatusOr<SelectResult> audited = (*session)->Receive();
+  absl::StatusOr<SelectResult> later = (*session)->Receive();
+  ASSERT_TRUE(source.ok()) << source.status();
+  ASSERT_TRUE(audited.ok()) << audited.status();
+  ASSERT_TRUE(later.ok()) << later.status();
+  auto reference = [&](const testing::EncodedBf16& queries) {
+    return ReferenceSelect(model.shape(), {{keys[1].values.data(), 899, 1}}, queries.values.data());
+  };
+  EXPECT_EQ(source->block_ids, reference(first_queries));
+  EXPECT_EQ(audited->request_id, 2u);
+  EXPECT_EQ(audited->block_ids, source->block_ids) << "the audit never changes the answer";
+  EXPECT_EQ(later->request_id, 3u) << "the audit's reply was read and dropped";
+  EXPECT_EQ(later->block_ids, reference(later_queries));
+  // A last audit whose reply only Close reads.
+  ASSERT_TRUE((*session)->Call(request_for(4, 2, later_queries)).ok());
+  EXPECT_TRUE((*session)->Close().ok());
+  const std::string metrics = server->metrics().Text();
+  EXPECT_NE(metrics.find(R"(blocksel_reuse_audits_total{layer_distance="1",result="compared"} 2)"),
+            std::string::npos)
+      << metrics;
 }
 
 TEST(AsyncSelectSessionTest, PipelinedBatchesAnswerInOrderThroughCallbacks) {

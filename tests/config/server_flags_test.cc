@@ -18,6 +18,8 @@ TEST(ServerFlagsTest, UnsetFlagsGiveTheDefaultConfig) {
   const ServerConfig defaults;
   const ServerConfig& flags = *from_flags;
   EXPECT_EQ(flags.model.ToString(), defaults.model.ToString());
+  EXPECT_EQ(flags.model.audited_layers, defaults.model.audited_layers);
+  EXPECT_EQ(flags.model.audit_every, defaults.model.audit_every);
   EXPECT_EQ(flags.backend.kind, defaults.backend.kind);
   EXPECT_EQ(flags.backend.cpu_threads, defaults.backend.cpu_threads);
   EXPECT_EQ(flags.backend.gpu_device, defaults.backend.gpu_device);
@@ -60,6 +62,35 @@ TEST(ServerFlagsTest, SelectEveryOrALayerListMakesTheSelectingLayers) {
   absl::SetFlag(&FLAGS_select_every, 0);
   EXPECT_EQ(ServerConfigFromFlags().status().message(), "--select_every must be >= 1, got 0");
   absl::SetFlag(&FLAGS_select_every, 1);
+}
+
+TEST(ServerFlagsTest, AuditLayersAndEveryMakeTheAudit) {
+  absl::SetFlag(&FLAGS_select_every, 4);  // layers 3, 7, 11, ... select
+  absl::SetFlag(&FLAGS_audit_layers, std::string("4,9"));
+  absl::SetFlag(&FLAGS_audit_every, 10);
+  absl::StatusOr<ServerConfig> audited = ServerConfigFromFlags();
+  ASSERT_TRUE(audited.ok()) << audited.status();
+  EXPECT_EQ(audited->model.audited_layers, (std::vector<int32_t>{4, 9}));
+  EXPECT_EQ(audited->model.audit_every, 10);
+  absl::SetFlag(&FLAGS_audit_layers, std::string("4,x"));
+  EXPECT_EQ(ServerConfigFromFlags().status().message(),
+            "--audit_layers: layer list '4,x': 'x' is not a layer number; write e.g. 3,7,11");
+  absl::SetFlag(&FLAGS_audit_layers, std::string("7"));
+  EXPECT_EQ(ServerConfigFromFlags().status().message(),
+            "invalid model config: audited layer 7 is a selecting layer (selecting layers are "
+            "3,7,11,15,19,23,27,31,35,39,43,47,51,55,59); audit only layers that reuse a "
+            "selection");
+  absl::SetFlag(&FLAGS_audit_layers, std::string("4"));
+  absl::SetFlag(&FLAGS_audit_every, 0);
+  EXPECT_EQ(ServerConfigFromFlags().status().message(),
+            "invalid model config: audit_every must be >= 1, got 0");
+  absl::SetFlag(&FLAGS_audit_every, 1);
+  absl::SetFlag(&FLAGS_select_every, 1);
+  EXPECT_EQ(ServerConfigFromFlags().status().message(),
+            "invalid model config: audited layer 4 selects, as every sparse layer does without "
+            "selecting layers: set --select_every or --selecting_layers so that some layers "
+            "reuse a selection");
+  absl::SetFlag(&FLAGS_audit_layers, std::string());
 }
 
 // The defaults the README documents, through the component options.

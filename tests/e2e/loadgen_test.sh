@@ -23,4 +23,26 @@ grep -q '"errors": 0' "${workdir}/closed.json"
 grep -q '"reference_checked": [1-9]' "${workdir}/closed.json"
 kill -TERM "$pid"
 wait "$pid"
-echo "loadgen_e2e: closed and open loop ran with every response checked"
+
+# A server where layers 1 and 3 select and layer 2, reusing layer 1, is
+# audited: --audit drives layer 2 through the session and reports the
+# overlap the server measured.
+"$server" --listen="unix:${workdir}/audit.sock" --num_layers=4 --first_sparse_layer=1 \
+  --select_every=2 --audit_layers=2 --cache_mib=64 --log_level=info \
+  --metrics_address=127.0.0.1:0 --drain_propagation_seconds=0 >"${workdir}/audit_server.log" 2>&1 &
+pid=$!
+port=
+for _ in $(seq 100); do
+  port=$(sed -n 's/.*metrics on .*(port \([0-9]*\)).*/\1/p' "${workdir}/audit_server.log" | head -n 1)
+  [[ -S ${workdir}/audit.sock && -n $port ]] && break
+  sleep 0.1
+done
+"$loadgen" "${common[@]}" --server="unix:${workdir}/audit.sock" --mode=closed --concurrency=2 \
+  --oracle_every=5 --audit \
+  --metrics="127.0.0.1:${port}" --json_out="${workdir}/audit.json" | tee "${workdir}/audit.txt"
+grep -q '"errors": 0' "${workdir}/audit.json"
+grep -q 'reuse audit, layer distance 1: mean overlap' "${workdir}/audit.txt"
+grep -q '"reuse_audit": {"1": {"mean_overlap"' "${workdir}/audit.json"
+kill -TERM "$pid"
+wait "$pid"
+echo "loadgen_e2e: closed and open loop ran with every response checked, and the reuse audit"

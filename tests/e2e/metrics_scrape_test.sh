@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Scrapes a live blocksel-server after the demo ran against it: the
 # exposition must pass `promtool check metrics`, and the series the demo
-# drove must have moved.
+# drove must have moved. Arguments after the two binaries go to the server;
+# EXPECT_AUDIT_DISTANCES, if set, lists the layer distances whose reuse
+# audit series must have moved.
 set -euo pipefail
 server=$1
 demo=$2
+shift 2
 if ! command -v promtool >/dev/null || ! command -v curl >/dev/null; then
   echo "metrics_scrape_e2e: needs promtool and curl (scripts/setup.sh installs them)" >&2
   exit 1
@@ -12,7 +15,7 @@ fi
 workdir=$(mktemp -d)
 socket="unix:${workdir}/blocksel.sock"
 "$server" --listen="$socket" --cache_mib=256 --log_level=info --drain_propagation_seconds=0 \
-  --metrics_address=127.0.0.1:0 >"${workdir}/server.log" 2>&1 &
+  --metrics_address=127.0.0.1:0 "$@" >"${workdir}/server.log" 2>&1 &
 pid=$!
 trap 'kill -9 $pid 2>/dev/null || true; rm -rf "$workdir"' EXIT
 
@@ -43,6 +46,12 @@ expect_positive "appended keys" "$(grep '^blocksel_appended_keys_total ' "${work
 expect_positive "decode backend selections" "$(value blocksel_backend_duration_seconds_count 'path="decode_direct"')"
 expect_positive "queue waits" "$(grep '^blocksel_queue_wait_seconds_count ' "${workdir}/metrics.txt" | awk '{print $2}')"
 expect_positive "server info" "$(value blocksel_server_info 'backend="cpu"')"
+for distance in ${EXPECT_AUDIT_DISTANCES:-}; do
+  expect_positive "reuse overlaps at layer distance $distance" \
+    "$(value blocksel_reuse_overlap_count "layer_distance=\"$distance\"")"
+  expect_positive "reuse audits compared at layer distance $distance" \
+    "$(value blocksel_reuse_audits_total "layer_distance=\"$distance\",result=\"compared\"")"
+done
 [[ $fail -eq 0 ]] || exit 1
 
 kill -TERM "$pid"

@@ -140,7 +140,7 @@ TEST_F(SnapshotTest, SnapshotOfAnotherGroupingIsRefused) {
   }
   std::unique_ptr<ServerProcess> server = Start({"--select_every=2"});
   EXPECT_NE(server->Log().find("snapshot refused"), std::string::npos) << server->Log();
-  EXPECT_NE(server->Log().find("written for selecting layers 1,2,3; this server selects at 1,3"),
+  EXPECT_NE(server->Log().find("written for key layers 1,2,3; this server stores keys of 1,3"),
             std::string::npos)
       << server->Log();
   BlockselClient client(server->target());

@@ -1,9 +1,12 @@
 #include "server/engine/engine.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -32,6 +35,8 @@ class EngineTest : public ::testing::Test {
  protected:
   // The model the engine is made for.
   virtual ModelConfig Model() const { return testing::SmallTestModel(); }
+  // What the engine tells; may be null.
+  virtual EngineObserver* Observer() { return nullptr; }
 
   void SetUp() override {
     model_ = Model();
@@ -45,6 +50,7 @@ class EngineTest : public ::testing::Test {
     options.default_lease = absl::Minutes(10);
     options.max_lease = absl::Hours(1);
     options.clock = [this] { return now_; };
+    options.observer = Observer();
     engine_ = std::make_unique<Engine>(std::move(options), std::move(*backend));
   }
 
@@ -163,6 +169,25 @@ TEST_F(GroupedEngineTest, InfoListsTheSelectingLayersAndPagesHoldOnlyTheirKeys) 
             (std::vector<uint32_t>{1, 3}));
   // 128 tokens x 32 bf16 elements x 2 selecting layers.
   EXPECT_EQ(info.cache().page_bytes(), 128u * 32u * 2u * 2u);
+  EXPECT_EQ(info.model().audited_layers_size(), 0) << "the audit is off by default";
+}
+
+TEST_F(GroupedEngineTest, AnAuditBatchWithoutAuditedLayersIsRejected) {
+  const uint64_t id = Open();
+  ASSERT_TRUE(AppendRandom(id, 1, 0, 200).ok());
+  v1::SelectRequest request;
+  request.set_layer(2);
+  request.set_audit(true);
+  v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+  decode->set_sequence_id(id);
+  decode->set_seq_len(200);
+  request.set_queries(RandomQueries(1).bytes);
+  v1::Selection selection;
+  const absl::Status status = engine_->Select(request, &selection);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(status.message(),
+            "layer 2 is not audited (audited layers: none); send audit batches only for "
+            "GetInfo's audited_layers");
 }
 
 TEST_F(GroupedEngineTest, AppendsToAReusingLayerAreRejectedWhole) {
@@ -186,7 +211,7 @@ TEST_F(GroupedEngineTest, AppendsToAReusingLayerAreRejectedWhole) {
     EXPECT_EQ(appended.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_EQ(appended.status().message(),
               "append 1: layer 2 reuses the selection of layer 1 and stores no index keys; "
-              "append keys for the selecting layers only (1,3)");
+              "append keys for the selecting and audited layers only (1,3)");
     EXPECT_EQ(FreePages(), kPages);  // the good append did not land either
   }
 }
@@ -217,6 +242,227 @@ TEST_F(GroupedEngineTest, SelectingLayersSelectAndReusingOnesAreRejected) {
   EXPECT_EQ(status.message(),
             "layer 2 reuses the selection of layer 1 and is not selected on the server; select "
             "layer 1 and use its block ids");
+}
+
+// What the engine told of its reuse audits.
+class AuditRecorder : public EngineObserver {
+ public:
+  void OnReuseAudit(int32_t layer_distance, absl::Span<const double> overlaps) override {
+    compared.push_back({layer_distance, std::vector<double>(overlaps.begin(), overlaps.end())});
+  }
+  void OnReuseAuditSkipped(int32_t layer_distance) override { skipped.push_back(layer_distance); }
+
+  std::vector<std::pair<int32_t, std::vector<double>>> compared;
+  std::vector<int32_t> skipped;
+};
+
+// |audited ∩ source| / |source| over one row's valid ids, with sets: the
+// audit's rule, computed apart from the engine's code.
+double ExpectedOverlap(const int32_t* audited, const int32_t* source, int32_t topk) {
+  std::set<int32_t> audited_ids(audited, audited + topk);
+  std::set<int32_t> source_ids(source, source + topk);
+  audited_ids.erase(-1);
+  source_ids.erase(-1);
+  std::vector<int32_t> shared;
+  std::set_intersection(audited_ids.begin(), audited_ids.end(), source_ids.begin(),
+                        source_ids.end(), std::back_inserter(shared));
+  return static_cast<double>(shared.size()) / static_cast<double>(source_ids.size());
+}
+
+// Sparse layers 1 and 3 select; layer 2 reuses layer 1's selection and is
+// audited on one in AuditEvery() of its audit batches.
+class AuditedEngineTest : public GroupedEngineTest {
+ protected:
+  virtual int32_t AuditEvery() const { return 1; }
+  ModelConfig Model() const override {
+    ModelConfig model = GroupedEngineTest::Model();
+    model.audited_layers = {2};
+    model.audit_every = AuditEvery();
+    return model;
+  }
+  EngineObserver* Observer() override { return &recorder_; }
+
+  // A decode batch of `layer`: Q rows for each sequence up to seq_len, then
+  // a padding request of Q rows.
+  static v1::SelectRequest DecodeBatch(int32_t layer, const std::vector<uint64_t>& ids,
+                                       int64_t seq_len, int32_t q, const Encoded& queries,
+                                       bool audit) {
+    v1::SelectRequest request;
+    request.set_layer(layer);
+    request.set_audit(audit);
+    request.mutable_decode()->set_tokens_per_request(q);
+    for (const uint64_t id : ids) {
+      v1::DecodeRequest* decode = request.mutable_decode()->add_requests();
+      decode->set_sequence_id(id);
+      decode->set_seq_len(seq_len);
+    }
+    request.mutable_decode()->add_requests()->set_seq_len(0);
+    request.set_queries(queries.bytes);
+    return request;
+  }
+
+  // Selects, expecting OK.
+  v1::Selection SelectOk(const v1::SelectRequest& request) {
+    v1::Selection selection;
+    const absl::Status status = engine_->Select(request, &selection);
+    EXPECT_TRUE(status.ok()) << status;
+    return selection;
+  }
+
+  AuditRecorder recorder_;
+};
+
+TEST_F(AuditedEngineTest, InfoListsTheAuditedLayersAndPagesHoldTheirKeysToo) {
+  v1::GetInfoResponse info;
+  engine_->FillInfo(&info);
+  EXPECT_EQ(std::vector<uint32_t>(info.model().audited_layers().begin(),
+                                  info.model().audited_layers().end()),
+            (std::vector<uint32_t>{2}));
+  // 128 tokens x 32 bf16 elements x 3 layers: selecting 1 and 3, audited 2.
+  EXPECT_EQ(info.cache().page_bytes(), 128u * 32u * 2u * 3u);
+  const uint64_t id = Open();
+  EXPECT_TRUE(AppendRandom(id, 2, 0, 10).ok()) << "an audited layer stores keys";
+}
+
+TEST_F(AuditedEngineTest, OnlyDecodeAuditBatchesOfAuditedLayersAreAccepted) {
+  const uint64_t id = Open();
+  ASSERT_TRUE(AppendRandom(id, 2, 0, 300).ok());
+  ASSERT_TRUE(AppendRandom(id, 3, 0, 300).ok());
+  const Encoded queries = RandomQueries(2);
+  v1::Selection selection;
+  absl::Status status =
+      engine_->Select(DecodeBatch(2, {id}, 300, 1, queries, /*audit=*/false), &selection);
+  EXPECT_EQ(status.message(),
+            "layer 2 reuses the selection of layer 1 and is not selected on the server; select "
+            "layer 1 and use its block ids");
+  status = engine_->Select(DecodeBatch(3, {id}, 300, 1, queries, /*audit=*/true), &selection);
+  EXPECT_EQ(status.message(),
+            "layer 3 is not audited (audited layers: 2); send audit batches only for GetInfo's "
+            "audited_layers");
+  v1::SelectRequest prefill;
+  prefill.set_layer(2);
+  prefill.set_audit(true);
+  v1::PrefillRequest* chunk = prefill.mutable_prefill()->add_requests();
+  chunk->set_sequence_id(id);
+  chunk->set_q_len(2);
+  prefill.set_queries(queries.bytes);
+  status = engine_->Select(prefill, &selection);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(status.message(),
+            "an audit batch (layer 2) must be a decode batch without return_block_scores; got "
+            "no decode batch");
+  EXPECT_TRUE(recorder_.compared.empty());
+  EXPECT_TRUE(recorder_.skipped.empty());
+}
+
+// Random keys and queries for layers 1 and 2, two sequences of Q = 2 rows
+// and a padding request: the overlap of every (head, row) is the one the
+// float64 reference's selections of both layers give.
+TEST_F(AuditedEngineTest, OverlapMatchesAnIndependentComputationOnRandomInputs) {
+  constexpr int64_t kTokens = 1500;  // 12 blocks, of which topk 4 are selected
+  constexpr int32_t kQ = 2;
+  const std::vector<uint64_t> ids = {Open(), Open()};
+  for (const uint64_t id : ids) {
+    for (const int32_t layer : {1, 2}) ASSERT_TRUE(AppendRandom(id, layer, 0, kTokens).ok());
+  }
+  const int32_t rows = static_cast<int32_t>(ids.size() + 1) * kQ;
+  const Encoded source_queries = RandomQueries(rows);
+  const Encoded audited_queries = RandomQueries(rows);
+  SelectOk(DecodeBatch(1, ids, kTokens, kQ, source_queries, /*audit=*/false));
+  const v1::Selection answer =
+      SelectOk(DecodeBatch(2, ids, kTokens, kQ, audited_queries, /*audit=*/true));
+  EXPECT_EQ(answer.total_q(), 0u) << "an audit's answer carries no blocks";
+  EXPECT_TRUE(answer.block_ids().empty());
+
+  ASSERT_EQ(recorder_.compared.size(), ids.size()) << "one audit per sequence, none of padding";
+  EXPECT_TRUE(recorder_.skipped.empty());
+  const int64_t row_values = int64_t{model_.num_heads} * model_.head_dim;
+  bool some_below_one = false;
+  for (size_t s = 0; s < ids.size(); ++s) {
+    auto reference = [&](int32_t layer, const Encoded& queries) {
+      return Reference({{KeysOf(ids[s], layer), kTokens - kQ, kQ}},
+                       std::vector<float>(queries.values.begin() + s * kQ * row_values,
+                                          queries.values.begin() + (s + 1) * kQ * row_values));
+    };
+    const std::vector<int32_t> source = reference(1, source_queries);
+    const std::vector<int32_t> audited = reference(2, audited_queries);
+    std::vector<double> expected;
+    for (int32_t row = 0; row < model_.num_heads * kQ; ++row) {  // [H, Q] rows, head-major
+      expected.push_back(ExpectedOverlap(audited.data() + row * model_.topk,
+                                         source.data() + row * model_.topk, model_.topk));
+      some_below_one = some_below_one || expected.back() < 1.0;
+    }
+    EXPECT_EQ(recorder_.compared[s].first, 1) << "layer 2 reuses layer 1";
+    EXPECT_EQ(recorder_.compared[s].second, expected) << "sequence " << s;
+  }
+  EXPECT_TRUE(some_below_one) << "random layers should disagree somewhere; the test shows nothing";
+}
+
+TEST_F(AuditedEngineTest, OverlapIsOneWhereTheLayersKeysAndQueriesAreEqual) {
+  constexpr int64_t kTokens = 1500;
+  const uint64_t id = Open();
+  const Encoded keys = RandomKeys(kTokens);
+  v1::AppendKeysRequest append;
+  v1::KeyAppend* both = append.add_appends();
+  both->set_sequence_id(id);
+  both->set_first_layer(1);
+  both->set_num_layers(2);
+  both->set_num_tokens(kTokens);
+  both->set_keys(keys.bytes + keys.bytes);
+  ASSERT_TRUE(engine_->AppendKeys(append).ok());
+  const Encoded queries = RandomQueries(2 * 3);
+  SelectOk(DecodeBatch(1, {id}, kTokens, 3, queries, /*audit=*/false));
+  SelectOk(DecodeBatch(2, {id}, kTokens, 3, queries, /*audit=*/true));
+  ASSERT_EQ(recorder_.compared.size(), 1u);
+  EXPECT_EQ(recorder_.compared[0].second,
+            std::vector<double>(static_cast<size_t>(model_.num_heads) * 3, 1.0));
+}
+
+TEST_F(AuditedEngineTest, ReleasingASequenceForgetsItsSourceSelection) {
+  const uint64_t id = Open(77);
+  ASSERT_TRUE(AppendRandom(id, 1, 0, 300).ok());
+  const Encoded queries = RandomQueries(2);
+  SelectOk(DecodeBatch(1, {id}, 300, 1, queries, /*audit=*/false));
+  v1::ReleaseSequenceRequest release;
+  release.set_sequence_id(id);
+  ASSERT_TRUE(engine_->ReleaseSequence(release).released());
+  ASSERT_EQ(Open(77), id);
+  ASSERT_TRUE(AppendRandom(id, 2, 0, 300).ok());
+  SelectOk(DecodeBatch(2, {id}, 300, 1, queries, /*audit=*/true));
+  EXPECT_TRUE(recorder_.compared.empty());
+  EXPECT_EQ(recorder_.skipped, std::vector<int32_t>{1});
+}
+
+class AuditEveryThirdEngineTest : public AuditedEngineTest {
+ protected:
+  int32_t AuditEvery() const override { return 3; }
+};
+
+// Each decode step appends its token's keys in the batches. Only the audit
+// batches of steps 0 and 3 are compared; the others store their keys, or
+// step 3's batch, which starts past a fill that lacks them, would fail.
+TEST_F(AuditEveryThirdEngineTest, OneInNAuditBatchesIsComparedAndTheOthersStoreTheirKeys) {
+  constexpr int64_t kPrompt = 600;
+  const uint64_t id = Open();
+  for (const int32_t layer : {1, 2}) ASSERT_TRUE(AppendRandom(id, layer, 0, kPrompt).ok());
+  for (int64_t step = 0; step < 6; ++step) {
+    const Encoded queries = RandomQueries(2);
+    for (const int32_t layer : {1, 2}) {
+      v1::SelectRequest request =
+          DecodeBatch(layer, {id}, kPrompt + step + 1, 1, queries, /*audit=*/layer == 2);
+      request.mutable_decode()->mutable_requests(0)->set_keys(RandomKeys(1).bytes);
+      const v1::Selection answer = SelectOk(request);
+      EXPECT_EQ(answer.total_q(), layer == 2 ? 0u : 2u) << "step " << step << " layer " << layer;
+    }
+  }
+  EXPECT_EQ(recorder_.compared.size(), 2u);
+  EXPECT_TRUE(recorder_.skipped.empty());
+  // The 7th audit batch is compared, but it repeats step 4 (a rewind) and
+  // layer 1's latest selection is step 5's: skipped, and no error for the
+  // client.
+  SelectOk(DecodeBatch(2, {id}, kPrompt + 5, 1, RandomQueries(2), /*audit=*/true));
+  EXPECT_EQ(recorder_.compared.size(), 2u);
+  EXPECT_EQ(recorder_.skipped, std::vector<int32_t>{1});
 }
 
 TEST_F(EngineTest, OpenSequenceHonoursIdsAndLeases) {

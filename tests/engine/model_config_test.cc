@@ -41,6 +41,49 @@ TEST(ModelConfigTest, CapacityWhenEveryFourthLayerSelects) {
   EXPECT_EQ(config.NumPages() * kBlockSize, 17'895'680);
 }
 
+// The same with two reusing layers audited: 17 of 57 layers store keys.
+TEST(ModelConfigTest, AuditedLayersStoreKeysAndCountInTheCapacity) {
+  ServerConfig config;
+  config.cache_bytes = int64_t{64} << 30;
+  config.model.selecting_layers = EveryKthLayer(3, 60, 4);
+  config.model.audited_layers = {4, 9};
+  ASSERT_TRUE(config.model.Validate().ok()) << config.model.Validate();
+  EXPECT_EQ(config.model.num_selecting_layers(), 15);
+  EXPECT_EQ(config.model.num_key_layers(), 17);
+  EXPECT_EQ(config.model.PageBytes(), 256 * 128 * 17);
+  EXPECT_EQ(config.NumPages(), (int64_t{64} << 30) / (256 * 128 * 17));
+  const ModelConfig& model = config.model;
+  EXPECT_TRUE(model.IsAudited(4));
+  EXPECT_FALSE(model.IsSelecting(4));
+  EXPECT_EQ(model.SelectionSource(4), 3) << "an audited layer still reuses";
+  const std::vector<int32_t> key_layers = model.KeyLayerList();
+  ASSERT_EQ(key_layers.size(), 17u);
+  EXPECT_EQ(std::vector<int32_t>(key_layers.begin(), key_layers.begin() + 5),
+            (std::vector<int32_t>{3, 4, 7, 9, 11}));
+  for (const int32_t layer : {3, 4, 7, 9, 11, 59}) {
+    ASSERT_GE(model.KeyLayerIndex(layer), 0) << layer;
+    EXPECT_EQ(key_layers[model.KeyLayerIndex(layer)], layer);
+  }
+  EXPECT_EQ(model.KeyLayerIndex(5), -1) << "a reusing layer that is not audited";
+}
+
+TEST(ModelConfigTest, OnlyReusingSparseLayersCanBeAudited) {
+  ModelConfig model;
+  model.selecting_layers = {3, 7};
+  model.audited_layers = {7};
+  EXPECT_EQ(model.Validate().message(),
+            "invalid model config: audited layer 7 is a selecting layer (selecting layers are "
+            "3,7); audit only layers that reuse a selection");
+  model.audited_layers = {5, 4};
+  EXPECT_EQ(model.Validate().message(),
+            "invalid model config: audited layers must be ascending sparse layers in [3, 60), "
+            "got 5,4");
+  model.audited_layers = {60};
+  EXPECT_EQ(model.Validate().code(), absl::StatusCode::kInvalidArgument);
+  model.audited_layers = {4, 8};
+  EXPECT_TRUE(model.Validate().ok()) << model.Validate();
+}
+
 TEST(ModelConfigTest, ReusingLayersMapToTheSelectingLayerBeforeThem) {
   ModelConfig model;  // sparse layers 3 .. 59
   model.selecting_layers = {3, 4, 10};
@@ -52,14 +95,14 @@ TEST(ModelConfigTest, ReusingLayersMapToTheSelectingLayerBeforeThem) {
   EXPECT_EQ(model.KeyLayerIndex(10), 2);
   EXPECT_EQ(model.KeyLayerIndex(5), -1);
   EXPECT_EQ(model.KeyLayerIndex(2), -1);  // dense
-  EXPECT_EQ(model.SelectingLayer(2), 10);
+  EXPECT_EQ(model.KeyLayerList(), (std::vector<int32_t>{3, 4, 10}));
   EXPECT_EQ(model.SelectingLayerList(), (std::vector<int32_t>{3, 4, 10}));
   // Without a list every sparse layer selects and is its own source.
   model.selecting_layers.clear();
   EXPECT_EQ(model.num_selecting_layers(), 57);
   EXPECT_EQ(model.KeyLayerIndex(5), 2);
   EXPECT_EQ(model.SelectionSource(5), 5);
-  EXPECT_EQ(model.SelectingLayer(2), 5);
+  EXPECT_EQ(model.KeyLayerList()[2], 5);
   EXPECT_EQ(model.SelectingLayerList().size(), 57u);
 }
 

@@ -2,11 +2,13 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "client/loadgen/metrics_scrape.h"
 #include "gtest/gtest.h"
 
 namespace blocksel {
@@ -81,6 +83,41 @@ TEST_F(ServerMetricsTest, EngineEventsMoveTheirSeries) {
   EXPECT_EQ(Sample(text, "blocksel_cache_usage_ratio"), 0.25);
   EXPECT_EQ(Sample(text, "blocksel_open_sequences"), 3);
   EXPECT_EQ(Sample(text, "blocksel_open_streams"), 1);
+}
+
+// Overlaps land in the histogram of their layer distance, whose series
+// exist from the start; a server without an audit has none.
+TEST(ServerMetricsAuditTest, ReuseAuditsFillTheOverlapHistogramOfTheirDistance) {
+  const std::map<std::string, std::string> labels = {{"version", "test"}};
+  EXPECT_EQ(ServerMetrics(labels).Text().find("blocksel_reuse"), std::string::npos);
+  ServerMetrics metrics(labels, {1, 3});
+  std::string text = metrics.Text();
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_count{layer_distance="3"})"), 0);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_audits_total{layer_distance="1",result="skipped"})"), 0);
+  metrics.OnReuseAudit(1, std::vector<double>{1.0, 0.75, 0.5});
+  metrics.OnReuseAuditSkipped(3);
+  metrics.OnReuseAudit(2, std::vector<double>{0.25});  // no layer is audited at distance 2
+  text = metrics.Text();
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_count{layer_distance="1"})"), 3);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_sum{layer_distance="1"})"), 2.25);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_bucket{layer_distance="1",le="0.5"})"), 1);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_bucket{layer_distance="1",le="0.7"})"), 1);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_bucket{layer_distance="1",le="0.8"})"), 2);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_bucket{layer_distance="1",le="0.99"})"), 2);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_bucket{layer_distance="1",le="1"})"), 3);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_audits_total{layer_distance="1",result="compared"})"),
+            1);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_audits_total{layer_distance="3",result="skipped"})"), 1);
+  EXPECT_EQ(Sample(text, R"(blocksel_reuse_overlap_count{layer_distance="3"})"), 0);
+  EXPECT_EQ(text.find(R"(layer_distance="2")"), std::string::npos);
+  // What blocksel-loadgen --audit reads of it.
+  const std::map<std::string, AuditTotals> audits = ParseAudits(text);
+  ASSERT_EQ(audits.size(), 2u);
+  EXPECT_EQ(audits.at("1").overlap.count, 3);
+  EXPECT_EQ(audits.at("1").overlap.sum, 2.25);
+  EXPECT_EQ(audits.at("1").compared, 1);
+  EXPECT_EQ(audits.at("3").skipped, 1);
+  EXPECT_EQ(audits.at("3").compared, 0);
 }
 
 // One answered selection: each stage observed once, with the duration
