@@ -27,7 +27,10 @@ absl::StatusOr<RegionLayout> RegionLayoutFor(const RegionSizes& sizes, int64_t m
   }
   RegionLayout layout;
   layout.sizes = sizes;
-  layout.controls_offset = static_cast<int64_t>(sizeof(RegionHeader));
+  // SlotControl is 128-byte aligned (its two sides' words on separate lines),
+  // and the header is only 64 bytes.
+  layout.controls_offset = AlignUp(static_cast<int64_t>(sizeof(RegionHeader)),
+                                   static_cast<int64_t>(alignof(SlotControl)));
   layout.metadata_offset = AlignUp(layout.ControlOffset(slots), kPayloadAlignment);
   layout.metadata_stride = AlignUp(sizes.metadata_bytes, kPayloadAlignment);
   layout.host_bytes = layout.MetadataOffset(slots);

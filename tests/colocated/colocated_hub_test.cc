@@ -7,6 +7,7 @@
 // the GPU machine (gpu_session_test).
 #include "server/colocated/colocated_hub.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -32,6 +33,12 @@ namespace blocksel {
 namespace {
 
 constexpr char kBusId[] = "0000:17:00.0";
+
+// The executor's thread writes a slot's answer words while the test reads
+// them, so the test reads them as the worker does: atomically.
+uint32_t LoadAcquire(const uint32_t& word) {
+  return std::atomic_ref<uint32_t>(const_cast<uint32_t&>(word)).load(std::memory_order_acquire);
+}
 
 // A region device in host memory: the payloads are plain allocations and
 // the host part is reached at its own address.
@@ -115,9 +122,13 @@ class ColocatedHubTest : public ::testing::Test {
       const colocated::SlotSequencer::Request next = sequencer.Next();
       unsigned char* metadata = host->data() + layout.MetadataOffset(next.slot);
       std::memcpy(metadata, &batch, sizeof(batch));
-      std::memcpy(metadata + sizeof(batch), requests.data(),
-                  requests.size() * sizeof(colocated::SlotDecodeRequest));
-      control(next.slot)->doorbell = next.sequence;
+      if (!requests.empty()) {
+        std::memcpy(metadata + sizeof(batch), requests.data(),
+                    requests.size() * sizeof(colocated::SlotDecodeRequest));
+      }
+      // Released after the metadata, as the worker's post kernel does.
+      std::atomic_ref<uint32_t>(control(next.slot)->doorbell)
+          .store(next.sequence, std::memory_order_release);
       return next.sequence;
     }
   };
@@ -237,7 +248,7 @@ TEST_F(ColocatedHubTest, BadBatchesGetInvalidArgumentAndTheSlotGoesOn) {
   EXPECT_EQ(answer->message(),
             "slot 0: num_requests 0 is not in [1, 4] (the attachment's max_requests); split the "
             "batch");
-  EXPECT_EQ(worker.control(0)->answer_flag, 1u);  // what the worker's stream waits on
+  EXPECT_EQ(LoadAcquire(worker.control(0)->answer_flag), 1u);  // what the worker's stream waits on
   sequence = worker.Ring(Batch(1, /*flags=*/8), {{1, 5}});
   answer = Answer(worker, sequence);
   ASSERT_TRUE(answer.has_value());
@@ -309,7 +320,8 @@ TEST_F(ColocatedHubTest, DetachClosesAndFreesTheRegion) {
   EXPECT_TRUE(hub_->Detach(detach).ok());
   EXPECT_EQ(worker.header().state, colocated::kRegionClosed);
   for (uint32_t slot = 0; slot < 4; ++slot) {
-    EXPECT_EQ(worker.control(slot)->answer_flag, 1u) << "a wait on slot " << slot << " would hang";
+    EXPECT_EQ(LoadAcquire(worker.control(slot)->answer_flag), 1u)
+        << "a wait on slot " << slot << " would hang";
   }
   EXPECT_EQ(live_buffers_, 0);
   EXPECT_EQ(hub_->attachments(), 0);

@@ -56,9 +56,11 @@ struct Region {
 TEST(RegionLayout, PlacesEveryPartAlignedAndInsideItsMemory) {
   const absl::StatusOr<RegionLayout> layout = RegionLayoutFor(Sizes(4), kUnlimited);
   ASSERT_TRUE(layout.ok()) << layout.status();
-  // Host part: header, 4 controls of 384 bytes, then the metadata.
-  EXPECT_EQ(layout->controls_offset, static_cast<int64_t>(sizeof(RegionHeader)));
-  EXPECT_EQ(layout->metadata_offset, 1792);  // 64 + 4 * 384 = 1600, aligned
+  // Host part: header (64 bytes, padded to the controls' 128-byte alignment),
+  // 4 controls of 384 bytes, then the metadata.
+  EXPECT_EQ(layout->controls_offset, 128);
+  EXPECT_EQ(layout->controls_offset % static_cast<int64_t>(alignof(SlotControl)), 0);
+  EXPECT_EQ(layout->metadata_offset, 1792);  // 128 + 4 * 384 = 1664, aligned
   EXPECT_EQ(layout->metadata_stride, 256);   // 100 bytes, aligned
   EXPECT_EQ(layout->host_bytes, 1792 + 4 * 256);
   EXPECT_EQ(layout->MetadataOffset(3) + layout->metadata_stride, layout->host_bytes);
