@@ -6,8 +6,15 @@
 # whole; the same in a worker graph; the gRPC round trip beside them):
 #   b1, b8, b64         one worker at B=1, 8, 64
 #   four_workers_b8     four workers at B=8 at once against one server
-# With MPS=1 the same again under the MPS control daemon (when it starts;
-# the log says when it does not). JSON lines go to OUT_DIR/colocated.jsonl.
+# Plain (time-sliced) with the server's doorbells polled by a host thread;
+# with MPS=1 also under the MPS control daemon (when it starts; the log says
+# when it does not) once per doorbell mode in DOORBELLS (default
+# "host_poll gpu_wait", the server's --colocated_doorbells). Labels are
+# MODE_DOORBELLS_RUN; JSON lines go to OUT_DIR/colocated.jsonl.
+# With SANITIZE=TOOL (memcheck, say) it instead runs the server under
+# compute-sanitizer with that tool, B=8 and a few selections per doorbell
+# mode; a reported error fails the script (the reports are in the server
+# logs).
 #
 #   scripts/colocated_bench.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds blocksel-server and colocated_bench (a bundle's bin/ with
@@ -23,27 +30,51 @@ metrics=127.0.0.1:${BLOCKSEL_BENCH_PORT:-50161}
 pid=
 trap '[[ -n $pid ]] && kill -9 $pid 2>/dev/null; rm -f "$socket"' EXIT
 
-start_server() {  # log name
-  "$bin/blocksel-server" --backend=cuda --listen="unix:$socket" --metrics_address="$metrics" \
-    --num_layers=4 --first_sparse_layer=3 --cache_mib=4096 --drain_propagation_seconds=0 \
-    >"$out/$1" 2>&1 &
+doorbell_modes=${DOORBELLS:-host_poll gpu_wait}
+sanitizer=()
+if [[ -n ${SANITIZE:-} ]]; then
+  sanitizer=("${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" --tool "$SANITIZE"
+    --error-exitcode 1)
+fi
+
+start_server() {  # log name, doorbells
+  "${sanitizer[@]}" "$bin/blocksel-server" --backend=cuda --listen="unix:$socket" \
+    --metrics_address="$metrics" --num_layers=4 --first_sparse_layer=3 --cache_mib=4096 \
+    --drain_propagation_seconds=0 --colocated_doorbells="$2" >"$out/$1" 2>&1 &
   pid=$!
-  for _ in $(seq 300); do [[ -S $socket ]] && break; sleep 0.2; done
+  for _ in $(seq 600); do [[ -S $socket ]] && break; sleep 0.2; done
 }
 
+# Stops the server with SIGTERM (under the sanitizer, the server itself, so
+# that the sanitizer writes its summary); returns its exit status.
 stop_server() {
-  kill -TERM "$pid"
-  wait "$pid" || true
+  if [[ ${#sanitizer[@]} -gt 0 ]]; then
+    pkill -TERM -P "$pid"
+  else
+    kill -TERM "$pid"
+  fi
+  local code=0
+  wait "$pid" || code=$?
   pid=
+  return $code
 }
 
-runs() {  # mode label
-  local mode=$1
-  start_server "server_$mode.log"
+# The server's CPU time so far (user + system, all threads), in seconds.
+server_cpu_seconds() {
+  awk -v tick="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / tick }' "/proc/$pid/stat"
+}
+
+runs() {  # mode label, doorbells
+  local mode=$1_$2
+  start_server "server_$mode.log" "$2"
+  local cpu_before wall_before=$SECONDS
+  cpu_before=$(server_cpu_seconds)
   for b in 1 8 64; do
     "$bin/colocated_bench" --target="unix:$socket" --metrics="$metrics" --batch=$b \
       --label="${mode}_b$b" | tee -a "$results"
   done
+  echo "$mode: the server used $(server_cpu_seconds) - $cpu_before CPU seconds over" \
+    "$((SECONDS - wall_before)) s of the one-worker runs"
   # Each worker fills its sequences first; the timed parts start together.
   local workers=() start_at=$(($(date +%s) + 12))
   for w in 1 2 3 4; do
@@ -55,16 +86,37 @@ runs() {  # mode label
   for w in "${workers[@]}"; do wait "$w"; done
   cat "$out"/worker_"$mode"_*.json | tee -a "$results"
   rm -f "$out"/worker_"$mode"_*.json
-  stop_server
+  stop_server || true
 }
 
-runs plain
+sanitized_run() {  # doorbells
+  local mode=sanitized_$1
+  start_server "server_$mode.log" "$1"
+  "$bin/colocated_bench" --target="unix:$socket" --batch=8 --iterations=20 \
+    --label="${mode}_b8" | tee -a "$results"
+  if stop_server; then
+    echo "$SANITIZE: no errors in the server ($1)"
+  else
+    echo "$SANITIZE: the server reported errors ($1): see $out/server_$mode.log"
+    return 1
+  fi
+}
+
+if [[ ${#sanitizer[@]} -gt 0 ]]; then
+  failed=0
+  for doorbells in $doorbell_modes; do sanitized_run "$doorbells" || failed=1; done
+  exit $failed
+fi
+
+runs plain host_poll
 if [[ ${MPS:-0} == 1 ]]; then
   export CUDA_MPS_PIPE_DIRECTORY=$out/mps-pipe CUDA_MPS_LOG_DIRECTORY=$out/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if nvidia-cuda-mps-control -d; then
     echo "MPS control daemon started"
-    runs mps || echo "the runs under MPS failed"
+    for doorbells in $doorbell_modes; do
+      runs mps "$doorbells" || echo "the runs under MPS with $doorbells failed"
+    done
     echo quit | nvidia-cuda-mps-control
   else
     echo "MPS did not start here: no runs under MPS"

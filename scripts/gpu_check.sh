@@ -12,8 +12,8 @@
 #   transport: gRPC round trips alone, callback and completion-queue APIs.
 #   e2e: scripts/e2e_bench.sh on the GPU backend (JSON in $LOG_DIR/e2e).
 #   colocated: scripts/colocated_bench.sh (a worker process beside the
-#   server on one GPU; JSON lines in $LOG_DIR/colocated), and the kernel
-#   alone at its shapes.
+#   server on one GPU; JSON lines in $LOG_DIR/colocated), the kernel alone
+#   at its shapes, and the server under compute-sanitizer's memcheck.
 #   peer: scripts/peer_compare.sh, our kernels beside vLLM's in this call
 #   (PEER_DIR, default .peer: the peer benchmark; VLLM_FILE, default
 #   $PEER_DIR/index_topk.py); the table and JSON in $LOG_DIR/peer.
@@ -72,6 +72,10 @@ for s in "${steps[@]}"; do
       # at the same shapes in the same call.
       MPS=1 step colocated_bench scripts/colocated_bench.sh "$bundle/bin" "$logs/colocated"
       step colocated_kernels "$bundle/bin/gpu_selection_bench" "L=32K Q=1"
+      # The server's side (hub, copy runs, delivery) under memcheck, with
+      # both ways of noticing doorbells.
+      SANITIZE=memcheck step colocated_memcheck scripts/colocated_bench.sh "$bundle/bin" \
+        "$logs/colocated_memcheck"
       ;;
     service)
       step fault_test "$bundle/bin/fault_test"

@@ -40,7 +40,8 @@ constexpr uint32_t kLayer = 1;
 constexpr char kChildTarget[] = "BLOCKSEL_COLOCATED_CHILD_TARGET";
 using testing::ServerProcess;
 
-class GpuSessionTest : public ::testing::Test {
+// Parameterized by how the server notices doorbells (--colocated_doorbells).
+class GpuSessionTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     if (gpu::DeviceCount() == 0) GTEST_SKIP() << "no GPU on this machine";
@@ -50,6 +51,7 @@ class GpuSessionTest : public ::testing::Test {
 
   void StartServer(std::vector<std::string> extra = {}) {
     extra.push_back("--backend=cuda");
+    extra.push_back("--colocated_doorbells=" + GetParam());
     server_ = std::make_unique<ServerProcess>(BLOCKSEL_SERVER_BINARY, extra);
     ASSERT_TRUE(
         server_->AwaitHealth("", grpc::health::v1::HealthCheckResponse::SERVING, absl::Seconds(60)))
@@ -141,7 +143,7 @@ class GpuSessionTest : public ::testing::Test {
   std::unique_ptr<BlockselClient> client_;
 };
 
-TEST_F(GpuSessionTest, SelectionsEqualTheGrpcPathAndKeysLandInTheCache) {
+TEST_P(GpuSessionTest, SelectionsEqualTheGrpcPathAndKeysLandInTheCache) {
   StartServer();
   std::unique_ptr<GpuSelectSession> session = Attach();
   ASSERT_NE(session, nullptr);
@@ -168,7 +170,7 @@ TEST_F(GpuSessionTest, SelectionsEqualTheGrpcPathAndKeysLandInTheCache) {
   EXPECT_EQ(appended.ids, SelectOverGrpc(requests, queries));
 }
 
-TEST_F(GpuSessionTest, ABadBatchGetsItsStatusAndNoBlocksAndOthersGoOn) {
+TEST_P(GpuSessionTest, ABadBatchGetsItsStatusAndNoBlocksAndOthersGoOn) {
   StartServer();
   std::unique_ptr<GpuSelectSession> session = Attach();
   ASSERT_NE(session, nullptr);
@@ -189,7 +191,7 @@ TEST_F(GpuSessionTest, ABadBatchGetsItsStatusAndNoBlocksAndOthersGoOn) {
   EXPECT_EQ(answer.ids, SelectOverGrpc({{a, 300}}, queries));
 }
 
-TEST_F(GpuSessionTest, ADetachedAttachmentEndsTheWaitWithUnavailable) {
+TEST_P(GpuSessionTest, ADetachedAttachmentEndsTheWaitWithUnavailable) {
   StartServer();
   std::unique_ptr<GpuSelectSession> session = Attach();
   ASSERT_NE(session, nullptr);
@@ -203,7 +205,7 @@ TEST_F(GpuSessionTest, ADetachedAttachmentEndsTheWaitWithUnavailable) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
-TEST_F(GpuSessionTest, AKilledServerEndsTheWaitInsteadOfHanging) {
+TEST_P(GpuSessionTest, AKilledServerEndsTheWaitInsteadOfHanging) {
   StartServer();
   GpuSessionOptions options;
   options.wait_timeout = absl::Seconds(3);
@@ -237,7 +239,7 @@ TEST(GpuSessionChild, AttachesAndDies) {
   _exit(0);
 }
 
-TEST_F(GpuSessionTest, ADeadWorkersRegionIsReclaimed) {
+TEST_P(GpuSessionTest, ADeadWorkersRegionIsReclaimed) {
   StartServer({"--colocated_max_attachments=1"});
   const std::string variable = std::string(kChildTarget) + "=" + server_->target();
   std::vector<char*> environment = {const_cast<char*>(variable.c_str())};
@@ -265,6 +267,11 @@ TEST_F(GpuSessionTest, ADeadWorkersRegionIsReclaimed) {
   ASSERT_TRUE(answer.status.ok()) << answer.status;
   EXPECT_EQ(answer.ids, SelectOverGrpc({{a, 200}}, queries));
 }
+
+INSTANTIATE_TEST_SUITE_P(Doorbells, GpuSessionTest, ::testing::Values("host_poll", "gpu_wait"),
+                         [](const ::testing::TestParamInfo<std::string>& doorbells) {
+                           return doorbells.param;
+                         });
 
 }  // namespace
 }  // namespace blocksel
