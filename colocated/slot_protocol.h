@@ -89,11 +89,6 @@ class DoorbellScanner {
   // idle again from the server's view.
   void Answered(uint32_t slot, uint32_t sequence);
 
-  // The request Scan hands out next once its doorbell is rung.
-  uint32_t next_sequence() const { return next_sequence_; }
-  // Whether a violation was seen: from then on only errors are handed out.
-  bool broken() const { return !broken_.ok(); }
-
  private:
   uint32_t slot_count_;
   uint32_t next_sequence_;          // the next request in order to hand out

@@ -6,15 +6,12 @@
 # whole; the same in a worker graph; the gRPC round trip beside them):
 #   b1, b8, b64         one worker at B=1, 8, 64
 #   four_workers_b8     four workers at B=8 at once against one server
-# Plain (time-sliced) with the server's doorbells polled by a host thread;
-# with MPS=1 also under the MPS control daemon (when it starts; the log says
-# when it does not) once per doorbell mode in DOORBELLS (default
-# "host_poll gpu_wait", the server's --colocated_doorbells). Labels are
-# MODE_DOORBELLS_RUN; JSON lines go to OUT_DIR/colocated.jsonl.
+# Plain (time-sliced), and with MPS=1 the same again under the MPS control
+# daemon (when it starts; the log says when it does not). JSON lines go to
+# OUT_DIR/colocated.jsonl; the log gives the server's CPU seconds.
 # With SANITIZE=TOOL (memcheck, say) it instead runs the server under
-# compute-sanitizer with that tool, B=8 and a few selections per doorbell
-# mode; a reported error fails the script (the reports are in the server
-# logs).
+# compute-sanitizer with that tool for a few selections at B=8; a reported
+# error fails the script (the reports are in the server log).
 #
 #   scripts/colocated_bench.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds blocksel-server and colocated_bench (a bundle's bin/ with
@@ -30,17 +27,16 @@ metrics=127.0.0.1:${BLOCKSEL_BENCH_PORT:-50161}
 pid=
 trap '[[ -n $pid ]] && kill -9 $pid 2>/dev/null; rm -f "$socket"' EXIT
 
-doorbell_modes=${DOORBELLS:-host_poll gpu_wait}
 sanitizer=()
 if [[ -n ${SANITIZE:-} ]]; then
   sanitizer=("${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" --tool "$SANITIZE"
     --error-exitcode 1)
 fi
 
-start_server() {  # log name, doorbells
+start_server() {  # log name
   "${sanitizer[@]}" "$bin/blocksel-server" --backend=cuda --listen="unix:$socket" \
     --metrics_address="$metrics" --num_layers=4 --first_sparse_layer=3 --cache_mib=4096 \
-    --drain_propagation_seconds=0 --colocated_doorbells="$2" >"$out/$1" 2>&1 &
+    --drain_propagation_seconds=0 >"$out/$1" 2>&1 &
   pid=$!
   for _ in $(seq 600); do [[ -S $socket ]] && break; sleep 0.2; done
 }
@@ -49,7 +45,7 @@ start_server() {  # log name, doorbells
 # that the sanitizer writes its summary); returns its exit status.
 stop_server() {
   if [[ ${#sanitizer[@]} -gt 0 ]]; then
-    pkill -TERM -P "$pid"
+    pkill -TERM -P "$pid" || kill -TERM "$pid"
   else
     kill -TERM "$pid"
   fi
@@ -64,9 +60,9 @@ server_cpu_seconds() {
   awk -v tick="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / tick }' "/proc/$pid/stat"
 }
 
-runs() {  # mode label, doorbells
-  local mode=$1_$2
-  start_server "server_$mode.log" "$2"
+runs() {  # mode label
+  local mode=$1
+  start_server "server_$mode.log"
   local cpu_before wall_before=$SECONDS
   cpu_before=$(server_cpu_seconds)
   for b in 1 8 64; do
@@ -89,34 +85,25 @@ runs() {  # mode label, doorbells
   stop_server || true
 }
 
-sanitized_run() {  # doorbells
-  local mode=sanitized_$1
-  start_server "server_$mode.log" "$1"
-  "$bin/colocated_bench" --target="unix:$socket" --batch=8 --iterations=20 \
-    --label="${mode}_b8" | tee -a "$results"
-  if stop_server; then
-    echo "$SANITIZE: no errors in the server ($1)"
-  else
-    echo "$SANITIZE: the server reported errors ($1): see $out/server_$mode.log"
-    return 1
-  fi
-}
-
 if [[ ${#sanitizer[@]} -gt 0 ]]; then
-  failed=0
-  for doorbells in $doorbell_modes; do sanitized_run "$doorbells" || failed=1; done
-  exit $failed
+  start_server server_sanitized.log
+  "$bin/colocated_bench" --target="unix:$socket" --batch=8 --context=4096 --iterations=20 \
+    --label=sanitized_b8 | tee -a "$results"
+  if stop_server; then
+    echo "$SANITIZE: no errors in the server"
+    exit 0
+  fi
+  echo "$SANITIZE: the server reported errors: see $out/server_sanitized.log"
+  exit 1
 fi
 
-runs plain host_poll
+runs plain
 if [[ ${MPS:-0} == 1 ]]; then
   export CUDA_MPS_PIPE_DIRECTORY=$out/mps-pipe CUDA_MPS_LOG_DIRECTORY=$out/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if nvidia-cuda-mps-control -d; then
     echo "MPS control daemon started"
-    for doorbells in $doorbell_modes; do
-      runs mps "$doorbells" || echo "the runs under MPS with $doorbells failed"
-    done
+    runs mps || echo "the runs under MPS failed"
     echo quit | nvidia-cuda-mps-control
   else
     echo "MPS did not start here: no runs under MPS"

@@ -72,8 +72,7 @@ for s in "${steps[@]}"; do
       # at the same shapes in the same call.
       MPS=1 step colocated_bench scripts/colocated_bench.sh "$bundle/bin" "$logs/colocated"
       step colocated_kernels "$bundle/bin/gpu_selection_bench" "L=32K Q=1"
-      # The server's side (hub, copy runs, delivery) under memcheck, with
-      # both ways of noticing doorbells.
+      # The server's side (hub, copy runs, delivery) under memcheck.
       SANITIZE=memcheck step colocated_memcheck scripts/colocated_bench.sh "$bundle/bin" \
         "$logs/colocated_memcheck"
       ;;

@@ -106,20 +106,16 @@ KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, voi
 
 #if defined(BLOCKSEL_GPU_HIP)
 
-KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value,
-                            WordCondition condition) {
-  return Check(hipStreamWaitValue32(
-      static_cast<hipStream_t>(stream), const_cast<uint32_t*>(word), value,
-      condition == WordCondition::kEquals ? hipStreamWaitValueEq : hipStreamWaitValueGte,
-      0xFFFFFFFFu));
+KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value) {
+  return Check(hipStreamWaitValue32(static_cast<hipStream_t>(stream), const_cast<uint32_t*>(word),
+                                    value, hipStreamWaitValueEq, 0xFFFFFFFFu));
 }
 
 #else
 
 // The runtime has no call for a stream's wait on a word; the driver's is
 // looked up once through the runtime, so nothing links the driver library.
-KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value,
-                            WordCondition condition) {
+KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value) {
   using WaitValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
   static WaitValue wait_value = [] {
     void* function = nullptr;
@@ -134,17 +130,12 @@ KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value,
   }();
   if (wait_value == nullptr) return KernelStatus::kUnsupported;
   return wait_value(static_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(word), value,
-                    condition == WordCondition::kEquals ? CU_STREAM_WAIT_VALUE_EQ
-                                                        : CU_STREAM_WAIT_VALUE_GEQ) == CUDA_SUCCESS
+                    CU_STREAM_WAIT_VALUE_EQ) == CUDA_SUCCESS
              ? KernelStatus::kOk
              : KernelStatus::kDeviceError;
 }
 
 #endif
-
-KernelStatus LaunchHostCallback(void* stream, void (*callback)(void*), void* data) {
-  return Check(gpuLaunchHostFunc(static_cast<gpuStream_t>(stream), callback, data));
-}
 
 KernelStatus HostRegister(void* host, int64_t bytes, void** device) {
   KernelStatus status =

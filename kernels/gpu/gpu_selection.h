@@ -46,21 +46,10 @@ void StreamDestroy(void* stream);
 KernelStatus StreamSynchronize(void* stream);
 KernelStatus CopyHostToDevice(void* device, const void* host, int64_t bytes, void* stream);
 KernelStatus CopyDeviceToHost(void* host, const void* device, int64_t bytes, void* stream);
-// How a stream's wait compares its word with the value.
-enum class WordCondition {
-  kEquals,
-  // Cyclic on CUDA ((int32_t)(word - value) >= 0), so a sequence number that
-  // wrapped past 2^32 still counts as later; a plain >= on HIP.
-  kReaches,
-};
 // Makes the stream wait, without occupying the GPU, until the 32-bit word
 // at device address `word` (device memory, or registered host memory as
-// kernels reach it) meets the condition. Capturable into a graph.
-KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value,
-                            WordCondition condition = WordCondition::kEquals);
-// Calls callback(data) on a runtime thread once the stream's work before it
-// has completed. The callback must not call the runtime (it would deadlock).
-KernelStatus LaunchHostCallback(void* stream, void (*callback)(void*), void* data);
+// kernels reach it) equals value. Capturable into a graph.
+KernelStatus StreamWaitWord(void* stream, const uint32_t* word, uint32_t value);
 // Host memory allocated elsewhere (shared memory, say) made reachable by
 // kernels: *device is the address they use.
 KernelStatus HostRegister(void* host, int64_t bytes, void** device);

@@ -12,9 +12,6 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
-#include "absl/time/clock.h"
 #include "colocated/slot_request.h"
 
 namespace blocksel {
@@ -26,23 +23,13 @@ uint32_t NewEpoch() {
          (static_cast<uint32_t>(getpid()) << 16);
 }
 
+constexpr absl::Duration kLeaseCheckInterval = absl::Milliseconds(250);
+
 void StoreRelease(uint32_t* word, uint32_t value) {
   std::atomic_ref<uint32_t>(*word).store(value, std::memory_order_release);
 }
 
 }  // namespace
-
-absl::StatusOr<DoorbellWatching> ParseDoorbellWatching(absl::string_view name) {
-  if (name == "host_poll") return DoorbellWatching::kHostPolling;
-  if (name == "gpu_wait") return DoorbellWatching::kGpuWaits;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "co-located doorbells \"", name,
-      "\" is neither host_poll (a spinning host thread) nor gpu_wait (waits on the GPU)"));
-}
-
-absl::string_view DoorbellWatchingName(DoorbellWatching watching) {
-  return watching == DoorbellWatching::kGpuWaits ? "gpu_wait" : "host_poll";
-}
 
 ColocatedHub::ColocatedHub(const ModelConfig& model, SelectBatcher* batcher,
                            std::unique_ptr<RegionDevice> device, std::string why_not,
@@ -68,40 +55,14 @@ void ColocatedHub::Shutdown() {
     if (stopping_) return;
     stopping_ = true;
   }
-  {
-    absl::MutexLock lock(&notices_->mutex);
-    notices_->stop = true;
-  }
   if (poller_.joinable()) poller_.join();
+  absl::MutexLock lock(&mutex_);
   std::vector<uint64_t> ids;
-  {
-    absl::MutexLock lock(&mutex_);
-    for (auto& [id, region] : regions_) {
-      Close(*region);
-      ids.push_back(id);
-    }
+  for (auto& [id, region] : regions_) {
+    Close(*region);
+    ids.push_back(id);
   }
-  // Released waits fire within microseconds; a region is freed only once
-  // its wait has, so that no device wait outlives the memory it reads.
-  const absl::Time give_up = absl::Now() + absl::Seconds(1);
-  while (true) {
-    {
-      absl::MutexLock lock(&mutex_);
-      // Checked first: a wait that fires after the frees below is freed in
-      // the next round.
-      const bool pending = AnyWatchPending();
-      for (uint64_t id : ids) FreeIfIdle(id);
-      if (!pending || absl::Now() >= give_up) return;
-    }
-    absl::SleepFor(absl::Milliseconds(1));
-  }
-}
-
-bool ColocatedHub::AnyWatchPending() const {
-  for (const auto& [id, region] : regions_) {
-    if (region->watch != nullptr && !region->watch->idle()) return true;
-  }
-  return false;
+  for (uint64_t id : ids) FreeIfIdle(id);
 }
 
 int ColocatedHub::attachments() const {
@@ -188,23 +149,6 @@ absl::StatusOr<v1::AttachResponse> ColocatedHub::Attach(const v1::AttachRequest&
   region->payloads = static_cast<unsigned char*>(payloads->address);
   region->scanner = std::make_unique<colocated::DoorbellScanner>(layout->sizes.slot_count);
   region->in_flight.resize(layout->sizes.slot_count);
-  if (options_.doorbells == DoorbellWatching::kGpuWaits) {
-    absl::StatusOr<std::unique_ptr<RegionDevice::WordWatch>> watch =
-        device_->CreateWordWatch([notices = notices_] {
-          absl::MutexLock notices_lock(&notices->mutex);
-          ++notices->fired;
-        });
-    absl::Status watching = watch.status();
-    if (watch.ok()) {
-      region->watch = std::move(*watch);
-      watching = WatchNext(*region);
-    }
-    if (!watching.ok()) {
-      region->watch.reset();
-      FreeRegion(*region);
-      return watching;
-    }
-  }
 
   v1::AttachResponse response;
   response.set_attachment_id(region->id);
@@ -270,71 +214,19 @@ void ColocatedHub::Close(Region& region) {
   for (uint32_t slot = 0; slot < region.layout.sizes.slot_count; ++slot) {
     StoreRelease(&region.control(slot)->answer_flag, 1);
   }
-  ReleaseWatch(region);
-}
-
-void ColocatedHub::ReleaseWatch(Region& region) {
-  if (region.watch == nullptr || region.watch->idle()) return;
-  const uint32_t slot = colocated::SlotOf(region.watched, region.layout.sizes.slot_count);
-  StoreRelease(&region.control(slot)->doorbell, region.watched);
 }
 
 void ColocatedHub::FreeIfIdle(uint64_t id) {
   auto it = regions_.find(id);
   if (it == regions_.end() || !it->second->closed || it->second->pending > 0) return;
-  Region& region = *it->second;
-  if (region.watch != nullptr && !region.watch->idle()) {
-    ReleaseWatch(region);  // again, in case the worker wrote its doorbell since
-    return;
-  }
-  FreeRegion(region);
+  FreeRegion(*it->second);
   regions_.erase(it);
 }
 
 void ColocatedHub::FreeRegion(Region& region) {
   device_->Free(region.payloads);
-  if (region.watch != nullptr && !region.watch->idle()) {
-    // Only when the hub is destroyed: a wait the worker kept from firing
-    // still reads the doorbell, so the host part stays registered and
-    // mapped (and the watch, which its callback uses) rather than have the
-    // device read freed memory.
-    region.watch.release();  // NOLINT(bugprone-unused-return-value): leaked on purpose
-    region.host.release();   // NOLINT(bugprone-unused-return-value): leaked on purpose
-    return;
-  }
-  region.watch.reset();
   device_->UnmapHost(region.host->data());
   region.host.reset();  // unmaps and unlinks; a worker's mapping stays valid
-}
-
-absl::Status ColocatedHub::WatchNext(Region& region) {
-  if (region.watch == nullptr || region.closed || !region.watch->idle() ||
-      region.scanner->broken()) {
-    return absl::OkStatus();
-  }
-  const uint32_t next = region.scanner->next_sequence();
-  const uint32_t slot = colocated::SlotOf(next, region.layout.sizes.slot_count);
-  const auto* doorbell =
-      reinterpret_cast<const uint32_t*>(region.host_device + region.layout.ControlOffset(slot) +
-                                        offsetof(colocated::SlotControl, doorbell));
-  region.watched = next;
-  return region.watch->Watch(doorbell, next);
-}
-
-void ColocatedHub::RewatchAndFree() {
-  absl::MutexLock lock(&mutex_);
-  std::vector<uint64_t> closed;
-  for (auto& [id, region] : regions_) {
-    if (region->closed) {
-      closed.push_back(id);
-    } else if (!WatchNext(*region).ok()) {
-      // The device refused the wait: the worker's waits end (region
-      // closed) rather than go unanswered.
-      Close(*region);
-      closed.push_back(id);
-    }
-  }
-  for (uint64_t id : closed) FreeIfIdle(id);
 }
 
 int ColocatedHub::PollOnce() {
@@ -469,34 +361,7 @@ void ColocatedHub::OnAnswered(uint64_t id, uint32_t slot, uint32_t sequence,
 }
 
 void ColocatedHub::StartPolling() {
-  if (options_.doorbells == DoorbellWatching::kGpuWaits) {
-    poller_ = std::thread([this] { WaitLoop(); });
-  } else {
-    poller_ = std::thread([this] { PollLoop(); });
-  }
-}
-
-void ColocatedHub::WaitLoop() {
-  uint64_t seen = 0;
-  absl::Time next_lease_check = absl::Now() + options_.scan_interval;
-  while (true) {
-    {
-      Notices& notices = *notices_;
-      absl::MutexLock lock(&notices.mutex);
-      const auto woken = [&notices, seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(notices.mutex) {
-        return notices.fired != seen || notices.stop;
-      };
-      notices.mutex.AwaitWithDeadline(absl::Condition(&woken), next_lease_check);
-      if (notices.stop) return;
-      seen = notices.fired;
-    }
-    PollOnce();
-    RewatchAndFree();
-    if (const absl::Time now = absl::Now(); now >= next_lease_check) {
-      ReleaseExpired();
-      next_lease_check = now + options_.scan_interval;
-    }
-  }
+  poller_ = std::thread([this] { PollLoop(); });
 }
 
 void ColocatedHub::PollLoop() {
@@ -513,7 +378,7 @@ void ColocatedHub::PollLoop() {
     // attached.
     if (const absl::Time now = absl::Now(); now >= next_lease_check) {
       ReleaseExpired();
-      next_lease_check = now + options_.scan_interval;
+      next_lease_check = now + kLeaseCheckInterval;
     }
   }
 }

@@ -24,7 +24,6 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "blocksel/v1/block_selector.pb.h"
@@ -39,33 +38,13 @@
 
 namespace blocksel {
 
-// How the hub notices rung doorbells.
-enum class DoorbellWatching {
-  // A host thread spins over every attached region's doorbells: a doorbell
-  // is seen within a microsecond or two, at the cost of one busy core while
-  // anyone is attached.
-  kHostPolling,
-  // Each region's next doorbell is waited for on the GPU (a stream wait,
-  // then a host callback that wakes the hub's thread); the thread sleeps
-  // meanwhile and scans every region on each wake and every scan_interval
-  // (which is when a violation in an unwatched slot is seen).
-  kGpuWaits,
-};
-// "host_poll" and "gpu_wait", as the --colocated_doorbells flag spells them.
-absl::StatusOr<DoorbellWatching> ParseDoorbellWatching(absl::string_view name);
-absl::string_view DoorbellWatchingName(DoorbellWatching watching);
-
 struct ColocatedOptions {
-  DoorbellWatching doorbells = DoorbellWatching::kHostPolling;
   int max_attachments = 16;
   // GPU memory one attachment's payloads may take.
   int64_t max_region_bytes = int64_t{256} << 20;
   int max_tokens_per_request = 64;
   absl::Duration default_lease = absl::Seconds(30);
   absl::Duration max_lease = absl::Hours(1);
-  // How often the hub's thread releases expired attachments and, with
-  // kGpuWaits, scans every doorbell.
-  absl::Duration scan_interval = absl::Milliseconds(250);
   // Time source for leases; tests substitute a fake clock.
   std::function<absl::Time()> clock = [] { return absl::Now(); };
   // Told the server's stage times of each selection answered on the GPU
@@ -94,9 +73,9 @@ class ColocatedHub {
   // Scans every region's doorbells once and hands out what is rung;
   // returns how many slots it handled.
   int PollOnce();
-  // The thread that notices doorbells (options.doorbells says how) while
-  // any region is attached, and sleeps otherwise. It also releases expired
-  // attachments.
+  // A thread that polls while any region is attached (spinning, so a
+  // doorbell is seen within microseconds: one core while workers are
+  // attached) and sleeps otherwise. It also releases expired attachments.
   void StartPolling();
   // Stops polling and closes every region, so that waiting workers end
   // their waits; regions with slots in the engine are freed as those are
@@ -113,14 +92,6 @@ class ColocatedHub {
     DevicePayload payload;
     SelectTimes times;
   };
-  // What GPU waits' callbacks tell the hub's thread. Shared with the
-  // watches, so a callback that fires after the hub is gone (a wait the
-  // worker kept from firing) finds it alive.
-  struct Notices {
-    absl::Mutex mutex;
-    uint64_t fired ABSL_GUARDED_BY(mutex) = 0;
-    bool stop ABSL_GUARDED_BY(mutex) = false;
-  };
   struct Region {
     uint64_t id = 0;
     colocated::RegionLayout layout;
@@ -135,9 +106,6 @@ class ColocatedHub {
     absl::Duration lease;
     absl::Time expires;
     bool closed = false;
-    // kGpuWaits: the wait for the doorbell of request `watched`.
-    std::unique_ptr<RegionDevice::WordWatch> watch;
-    uint32_t watched = 0;
 
     colocated::SlotControl* control(uint32_t slot) const {
       return reinterpret_cast<colocated::SlotControl*>(host->data() + layout.ControlOffset(slot));
@@ -160,20 +128,7 @@ class ColocatedHub {
   void Close(Region& region) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void FreeIfIdle(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void FreeRegion(Region& region);
-  // kGpuWaits: queues the wait for the region's next request, unless one is
-  // pending, the region is closed, or it is broken (its doorbells are then
-  // scanned with the others every scan_interval).
-  absl::Status WatchNext(Region& region) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
-  // kGpuWaits: lets a closed region's pending wait fire by writing the
-  // sequence it waits for into its doorbell (nobody reads that doorbell
-  // any more).
-  void ReleaseWatch(Region& region) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
-  // kGpuWaits: after a wake, queues the waits of regions whose wait fired
-  // and frees closed regions whose wait has fired.
-  void RewatchAndFree();
-  bool AnyWatchPending() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void PollLoop();
-  void WaitLoop();
   bool HasWorkOrStops() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
     return stopping_ || !regions_.empty();
   }
@@ -189,7 +144,6 @@ class ColocatedHub {
   uint64_t next_id_ ABSL_GUARDED_BY(mutex_) = 1;
   absl::flat_hash_map<uint64_t, std::unique_ptr<Region>> regions_ ABSL_GUARDED_BY(mutex_);
   bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
-  const std::shared_ptr<Notices> notices_ = std::make_shared<Notices>();
   std::thread poller_;
 };
 

@@ -1,9 +1,7 @@
 #include "server/colocated/region_device.h"
 
-#include <functional>
 #include <memory>
 #include <string>
-#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -20,36 +18,6 @@ namespace {
 absl::Status DeviceError(absl::string_view what) {
   return absl::InternalError(absl::StrCat(what, ": ", gpu::LastErrorText()));
 }
-
-// Each wait is a stream wait on the word followed by a host callback on
-// the same stream.
-class GpuWordWatch final : public RegionDevice::WordWatch {
- public:
-  GpuWordWatch(void* stream, std::function<void()> on_fired)
-      : WordWatch(std::move(on_fired)), stream_(stream) {}
-  // Destroying a stream with work pending returns at once; the runtime
-  // frees it once the work is done.
-  ~GpuWordWatch() override { gpu::StreamDestroy(stream_); }
-
-  absl::Status Watch(const uint32_t* word, uint32_t sequence) override {
-    if (!idle()) return absl::FailedPreconditionError("a wait is pending on this watch");
-    Queued();
-    if (gpu::StreamWaitWord(stream_, word, sequence, gpu::WordCondition::kReaches) !=
-            KernelStatus::kOk ||
-        gpu::LaunchHostCallback(stream_, &GpuWordWatch::OnDevice, this) != KernelStatus::kOk) {
-      // Nothing will fire. A runtime that fails here has a broken context;
-      // the owner gives the region up.
-      Unqueued();
-      return DeviceError("queueing a wait for a doorbell");
-    }
-    return absl::OkStatus();
-  }
-
- private:
-  static void OnDevice(void* watch) { static_cast<GpuWordWatch*>(watch)->Fired(); }
-
-  void* const stream_;
-};
 
 class GpuRegionDevice final : public RegionDevice {
  public:
@@ -86,16 +54,6 @@ class GpuRegionDevice final : public RegionDevice {
   }
 
   void UnmapHost(void* host) override { gpu::HostUnregister(host); }
-
-  absl::StatusOr<std::unique_ptr<WordWatch>> CreateWordWatch(
-      std::function<void()> on_fired) override {
-    void* stream = nullptr;
-    if (gpu::SetDevice(device_) != KernelStatus::kOk ||
-        gpu::StreamCreate(&stream) != KernelStatus::kOk) {
-      return DeviceError("creating a stream to watch doorbells on");
-    }
-    return std::make_unique<GpuWordWatch>(stream, std::move(on_fired));
-  }
 
  private:
   const int device_;

@@ -96,11 +96,6 @@ ABSL_FLAG(int64_t, batch_max_rows, kDefaults.batch_max_rows,
           "Most query rows one merged decode launch holds");
 ABSL_FLAG(int, colocated_max_attachments, kDefaults.colocated.max_attachments,
           "Co-located workers attached at once (GPU backends; 0 refuses every attach)");
-ABSL_FLAG(std::string, colocated_doorbells,
-          std::string(DoorbellWatchingName(kDefaults.colocated.doorbells)),
-          "How co-located workers' doorbells are noticed: host_poll (a host thread spins while "
-          "any worker is attached; fastest) or gpu_wait (waits queued on the GPU wake a "
-          "sleeping thread; no busy core, more latency per selection)");
 ABSL_FLAG(int64_t, colocated_max_region_mib, kDefaults.colocated.max_region_bytes >> 20,
           "GPU memory one co-located worker's slots may take, in MiB");
 ABSL_FLAG(int64_t, drain_propagation_seconds, 5,
@@ -177,13 +172,6 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   config.batch_window = absl::Microseconds(absl::GetFlag(FLAGS_batch_window_us));
   config.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   config.batch_max_rows = absl::GetFlag(FLAGS_batch_max_rows);
-  absl::StatusOr<DoorbellWatching> doorbells =
-      ParseDoorbellWatching(absl::GetFlag(FLAGS_colocated_doorbells));
-  if (!doorbells.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--colocated_doorbells: ", doorbells.status().message()));
-  }
-  config.colocated.doorbells = *doorbells;
   config.colocated.max_attachments = absl::GetFlag(FLAGS_colocated_max_attachments);
   config.colocated.max_region_bytes = absl::GetFlag(FLAGS_colocated_max_region_mib) << 20;
   config.snapshot_path = absl::GetFlag(FLAGS_snapshot_path);

@@ -23,7 +23,6 @@ ABSL_DECLARE_FLAG(int, select_every);
 ABSL_DECLARE_FLAG(std::string, selecting_layers);
 ABSL_DECLARE_FLAG(std::string, audit_layers);
 ABSL_DECLARE_FLAG(int, audit_every);
-ABSL_DECLARE_FLAG(std::string, colocated_doorbells);
 
 namespace blocksel {
 

@@ -10,11 +10,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -42,52 +40,11 @@ uint32_t LoadAcquire(const uint32_t& word) {
   return std::atomic_ref<uint32_t>(const_cast<uint32_t&>(word)).load(std::memory_order_acquire);
 }
 
-// A word watch in host memory: a thread checks the watched word every
-// 50 us, as the GPU's wait does continuously.
-class HostWordWatch final : public RegionDevice::WordWatch {
- public:
-  HostWordWatch(std::function<void()> on_fired, std::atomic<int>* watches_queued)
-      : WordWatch(std::move(on_fired)), watches_queued_(watches_queued) {}
-  ~HostWordWatch() override {
-    stop_.store(true);
-    thread_.join();
-  }
-
-  absl::Status Watch(const uint32_t* word, uint32_t sequence) override {
-    if (!idle()) return absl::FailedPreconditionError("a wait is pending");
-    Queued();
-    ++*watches_queued_;
-    sequence_.store(sequence);
-    word_.store(word, std::memory_order_release);
-    return absl::OkStatus();
-  }
-
- private:
-  void Run() {
-    while (!stop_.load()) {
-      const uint32_t* word = word_.load(std::memory_order_acquire);
-      if (word != nullptr && static_cast<int32_t>(LoadAcquire(*word) - sequence_.load()) >= 0) {
-        word_.store(nullptr);
-        Fired();
-        continue;
-      }
-      absl::SleepFor(absl::Microseconds(50));
-    }
-  }
-
-  std::atomic<int>* const watches_queued_;
-  std::atomic<const uint32_t*> word_{nullptr};
-  std::atomic<uint32_t> sequence_{0};
-  std::atomic<bool> stop_{false};
-  std::thread thread_{[this] { Run(); }};  // last: starts once the rest is built
-};
-
 // A region device in host memory: the payloads are plain allocations and
 // the host part is reached at its own address.
 class HostRegionDevice final : public RegionDevice {
  public:
-  HostRegionDevice(std::atomic<int>* live_buffers, std::atomic<int>* watches_queued)
-      : live_buffers_(live_buffers), watches_queued_(watches_queued) {}
+  explicit HostRegionDevice(int* live_buffers) : live_buffers_(live_buffers) {}
   const std::string& pci_bus_id() const override { return bus_id_; }
   absl::StatusOr<Buffer> Allocate(int64_t bytes) override {
     ++*live_buffers_;
@@ -99,15 +56,10 @@ class HostRegionDevice final : public RegionDevice {
   }
   absl::StatusOr<void*> MapHost(void* host, int64_t /*bytes*/) override { return host; }
   void UnmapHost(void* /*host*/) override {}
-  absl::StatusOr<std::unique_ptr<WordWatch>> CreateWordWatch(
-      std::function<void()> on_fired) override {
-    return std::make_unique<HostWordWatch>(std::move(on_fired), watches_queued_);
-  }
 
  private:
   const std::string bus_id_ = kBusId;
-  std::atomic<int>* live_buffers_;
-  std::atomic<int>* watches_queued_;
+  int* live_buffers_;
 };
 
 class ColocatedHubTest : public ::testing::Test {
@@ -130,19 +82,15 @@ class ColocatedHubTest : public ::testing::Test {
     options.max_attachments = 2;
     options.max_region_bytes = int64_t{1} << 20;
     options.clock = [this] { return now_; };
-    options.doorbells = doorbells_;
-    // Nothing but a watch's wake serves a doorbell in these tests.
-    options.scan_interval = absl::Hours(1);
     hub_ = std::make_unique<ColocatedHub>(
-        model_, batcher_.get(),
-        std::make_unique<HostRegionDevice>(&live_buffers_, &watches_queued_), "", options);
+        model_, batcher_.get(), std::make_unique<HostRegionDevice>(&live_buffers_), "", options);
   }
 
   void TearDown() override {
     hub_->Shutdown();
     executor_->Stop();
     hub_.reset();
-    EXPECT_EQ(live_buffers_.load(), 0) << "a region's payloads were not freed";
+    EXPECT_EQ(live_buffers_, 0) << "a region's payloads were not freed";
   }
 
   v1::AttachRequest Request(uint32_t slots = 4) const {
@@ -206,15 +154,13 @@ class ColocatedHubTest : public ::testing::Test {
     return worker;
   }
 
-  // Waits until the slot's answer to sequence arrives (the executor
-  // answers asynchronously), or gives up after a few seconds. With host
-  // polling the test is the poller; with GPU waits the hub's thread serves
-  // the doorbells.
+  // Polls until the slot's answer to sequence arrives (the executor
+  // answers asynchronously), or gives up after a few seconds.
   std::optional<absl::Status> Answer(const Worker& worker, uint32_t sequence) {
     const uint32_t slot = colocated::SlotOf(sequence, worker.layout.sizes.slot_count);
     const absl::Time give_up = absl::Now() + absl::Seconds(10);
     while (absl::Now() < give_up) {
-      if (doorbells_ == DoorbellWatching::kHostPolling) hub_->PollOnce();
+      hub_->PollOnce();
       std::optional<absl::Status> answer = colocated::ReadAnswer(*worker.control(slot), sequence);
       if (answer.has_value()) return answer;
       absl::SleepFor(absl::Milliseconds(1));
@@ -232,19 +178,9 @@ class ColocatedHubTest : public ::testing::Test {
     return batch;
   }
 
-  // Waits until cond holds (the hub's thread works asynchronously), or
-  // gives up after a few seconds; returns cond().
-  static bool Eventually(const std::function<bool()>& cond) {
-    const absl::Time give_up = absl::Now() + absl::Seconds(10);
-    while (!cond() && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
-    return cond();
-  }
-
-  DoorbellWatching doorbells_ = DoorbellWatching::kHostPolling;
   ModelConfig model_;
   absl::Time now_ = absl::FromUnixSeconds(1000);
-  std::atomic<int> live_buffers_{0};    // freed by the hub's thread too
-  std::atomic<int> watches_queued_{0};  // queued by the hub's thread and its calls
+  int live_buffers_ = 0;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<Executor> executor_;
   std::unique_ptr<SelectBatcher> batcher_;
@@ -267,7 +203,7 @@ TEST_F(ColocatedHubTest, AnAttachCreatesAnIdleRegionSizedForTheModel) {
     EXPECT_EQ(worker.control(slot)->doorbell, worker.control(slot)->completion);
   }
   EXPECT_EQ(hub_->PollOnce(), 0);
-  EXPECT_EQ(live_buffers_.load(), 1);
+  EXPECT_EQ(live_buffers_, 1);
 }
 
 TEST_F(ColocatedHubTest, AttachRefusesAnotherGpuAVersionAndSizesWithTheFix) {
@@ -292,7 +228,7 @@ TEST_F(ColocatedHubTest, AttachRefusesAnotherGpuAVersionAndSizesWithTheFix) {
   request = Request();
   request.set_lease_seconds(7200);
   EXPECT_EQ(hub_->Attach(request).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(live_buffers_.load(), 0);
+  EXPECT_EQ(live_buffers_, 0);
 }
 
 TEST_F(ColocatedHubTest, AttachmentsStopAtTheMaximum) {
@@ -387,7 +323,7 @@ TEST_F(ColocatedHubTest, DetachClosesAndFreesTheRegion) {
     EXPECT_EQ(LoadAcquire(worker.control(slot)->answer_flag), 1u)
         << "a wait on slot " << slot << " would hang";
   }
-  EXPECT_EQ(live_buffers_.load(), 0);
+  EXPECT_EQ(live_buffers_, 0);
   EXPECT_EQ(hub_->attachments(), 0);
   EXPECT_EQ(colocated::SharedMemory::Open(worker.attached.shared_memory_name(), 64).status().code(),
             absl::StatusCode::kNotFound);
@@ -415,71 +351,6 @@ TEST_F(ColocatedHubTest, ShutdownClosesEveryRegionAndRefusesAttaches) {
   hub_->Shutdown();
   EXPECT_EQ(worker.header().state, colocated::kRegionClosed);
   EXPECT_EQ(hub_->Attach(Request()).status().code(), absl::StatusCode::kUnavailable);
-}
-
-// The same hub with its doorbells waited for on the "device" (here a host
-// thread per watch) and its own thread serving them: no test calls PollOnce.
-class ColocatedHubGpuWaitTest : public ColocatedHubTest {
- protected:
-  void SetUp() override {
-    doorbells_ = DoorbellWatching::kGpuWaits;
-    ColocatedHubTest::SetUp();
-    hub_->StartPolling();
-  }
-};
-
-TEST_F(ColocatedHubGpuWaitTest, EveryRequestIsServedByItsWaitRoundTheRing) {
-  Worker worker = Attach(/*slots=*/2);
-  worker.sequencer = colocated::SlotSequencer(2);
-  for (int i = 0; i < 7; ++i) {
-    const uint32_t sequence = worker.Ring(Batch(1), {{42, 5}});
-    std::optional<absl::Status> answer = Answer(worker, sequence);
-    ASSERT_TRUE(answer.has_value()) << "request " << i;
-    EXPECT_EQ(answer->code(), absl::StatusCode::kNotFound);
-  }
-  // One wait per request, and one pending for the next.
-  EXPECT_TRUE(Eventually([&] { return watches_queued_.load() == 8; })) << watches_queued_.load();
-}
-
-TEST_F(ColocatedHubGpuWaitTest, ABadBatchInTheWatchedSlotIsAnsweredAndTheNextServed) {
-  Worker worker = Attach();
-  std::optional<absl::Status> answer = Answer(worker, worker.Ring(Batch(/*requests=*/9), {}));
-  ASSERT_TRUE(answer.has_value());
-  EXPECT_EQ(answer->code(), absl::StatusCode::kInvalidArgument);
-  answer = Answer(worker, worker.Ring(Batch(1), {{42, 5}}));
-  ASSERT_TRUE(answer.has_value());
-  EXPECT_EQ(answer->code(), absl::StatusCode::kNotFound);
-}
-
-TEST_F(ColocatedHubGpuWaitTest, AWrongDoorbellInTheWatchedSlotBreaksTheAttachment) {
-  Worker worker = Attach();
-  std::atomic_ref<uint32_t>(worker.control(0)->doorbell).store(12345, std::memory_order_release);
-  EXPECT_TRUE(
-      Eventually([&] { return colocated::ReadAnswer(*worker.control(0), 12345).has_value(); }));
-  EXPECT_EQ(colocated::ReadAnswer(*worker.control(0), 12345)->code(),
-            absl::StatusCode::kInvalidArgument);
-}
-
-TEST_F(ColocatedHubGpuWaitTest, DetachFreesTheRegionOnceItsPendingWaitFires) {
-  Worker worker = Attach();
-  EXPECT_EQ(watches_queued_.load(), 1);  // for request 0, in slot 0
-  v1::DetachRequest detach;
-  detach.set_attachment_id(worker.attached.attachment_id());
-  EXPECT_TRUE(hub_->Detach(detach).ok());
-  EXPECT_EQ(LoadAcquire(worker.header().state), colocated::kRegionClosed);
-  // The hub released the wait by writing its sequence into the doorbell.
-  EXPECT_EQ(LoadAcquire(worker.control(0)->doorbell), 0u);
-  EXPECT_TRUE(Eventually([&] { return hub_->attachments() == 0; }));
-  EXPECT_EQ(colocated::SharedMemory::Open(worker.attached.shared_memory_name(), 64).status().code(),
-            absl::StatusCode::kNotFound);
-}
-
-TEST_F(ColocatedHubGpuWaitTest, ShutdownReleasesPendingWaitsAndFreesEveryRegion) {
-  Worker first = Attach();
-  Worker second = Attach();
-  hub_->Shutdown();
-  EXPECT_EQ(hub_->attachments(), 0);
-  EXPECT_EQ(live_buffers_.load(), 0);
 }
 
 TEST(ColocatedHubWithoutGpuTest, AttachSaysWhy) {

@@ -40,8 +40,7 @@ constexpr uint32_t kLayer = 1;
 constexpr char kChildTarget[] = "BLOCKSEL_COLOCATED_CHILD_TARGET";
 using testing::ServerProcess;
 
-// Parameterized by how the server notices doorbells (--colocated_doorbells).
-class GpuSessionTest : public ::testing::TestWithParam<std::string> {
+class GpuSessionTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (gpu::DeviceCount() == 0) GTEST_SKIP() << "no GPU on this machine";
@@ -51,7 +50,6 @@ class GpuSessionTest : public ::testing::TestWithParam<std::string> {
 
   void StartServer(std::vector<std::string> extra = {}) {
     extra.push_back("--backend=cuda");
-    extra.push_back("--colocated_doorbells=" + GetParam());
     server_ = std::make_unique<ServerProcess>(BLOCKSEL_SERVER_BINARY, extra);
     ASSERT_TRUE(
         server_->AwaitHealth("", grpc::health::v1::HealthCheckResponse::SERVING, absl::Seconds(60)))
@@ -143,7 +141,7 @@ class GpuSessionTest : public ::testing::TestWithParam<std::string> {
   std::unique_ptr<BlockselClient> client_;
 };
 
-TEST_P(GpuSessionTest, SelectionsEqualTheGrpcPathAndKeysLandInTheCache) {
+TEST_F(GpuSessionTest, SelectionsEqualTheGrpcPathAndKeysLandInTheCache) {
   StartServer();
   std::unique_ptr<GpuSelectSession> session = Attach();
   ASSERT_NE(session, nullptr);
@@ -170,7 +168,7 @@ TEST_P(GpuSessionTest, SelectionsEqualTheGrpcPathAndKeysLandInTheCache) {
   EXPECT_EQ(appended.ids, SelectOverGrpc(requests, queries));
 }
 
-TEST_P(GpuSessionTest, ABadBatchGetsItsStatusAndNoBlocksAndOthersGoOn) {
+TEST_F(GpuSessionTest, ABadBatchGetsItsStatusAndNoBlocksAndOthersGoOn) {
   StartServer();
   std::unique_ptr<GpuSelectSession> session = Attach();
   ASSERT_NE(session, nullptr);
@@ -191,7 +189,7 @@ TEST_P(GpuSessionTest, ABadBatchGetsItsStatusAndNoBlocksAndOthersGoOn) {
   EXPECT_EQ(answer.ids, SelectOverGrpc({{a, 300}}, queries));
 }
 
-TEST_P(GpuSessionTest, ADetachedAttachmentEndsTheWaitWithUnavailable) {
+TEST_F(GpuSessionTest, ADetachedAttachmentEndsTheWaitWithUnavailable) {
   StartServer();
   std::unique_ptr<GpuSelectSession> session = Attach();
   ASSERT_NE(session, nullptr);
@@ -205,7 +203,7 @@ TEST_P(GpuSessionTest, ADetachedAttachmentEndsTheWaitWithUnavailable) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
-TEST_P(GpuSessionTest, AKilledServerEndsTheWaitInsteadOfHanging) {
+TEST_F(GpuSessionTest, AKilledServerEndsTheWaitInsteadOfHanging) {
   StartServer();
   GpuSessionOptions options;
   options.wait_timeout = absl::Seconds(3);
@@ -239,7 +237,7 @@ TEST(GpuSessionChild, AttachesAndDies) {
   _exit(0);
 }
 
-TEST_P(GpuSessionTest, ADeadWorkersRegionIsReclaimed) {
+TEST_F(GpuSessionTest, ADeadWorkersRegionIsReclaimed) {
   StartServer({"--colocated_max_attachments=1"});
   const std::string variable = std::string(kChildTarget) + "=" + server_->target();
   std::vector<char*> environment = {const_cast<char*>(variable.c_str())};
@@ -267,11 +265,6 @@ TEST_P(GpuSessionTest, ADeadWorkersRegionIsReclaimed) {
   ASSERT_TRUE(answer.status.ok()) << answer.status;
   EXPECT_EQ(answer.ids, SelectOverGrpc({{a, 200}}, queries));
 }
-
-INSTANTIATE_TEST_SUITE_P(Doorbells, GpuSessionTest, ::testing::Values("host_poll", "gpu_wait"),
-                         [](const ::testing::TestParamInfo<std::string>& doorbells) {
-                           return doorbells.param;
-                         });
 
 }  // namespace
 }  // namespace blocksel

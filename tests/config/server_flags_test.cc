@@ -40,24 +40,8 @@ TEST(ServerFlagsTest, UnsetFlagsGiveTheDefaultConfig) {
   EXPECT_EQ(flags.snapshot_path, defaults.snapshot_path);
   EXPECT_EQ(flags.grpc_memory_bytes, defaults.grpc_memory_bytes);
   EXPECT_EQ(flags.metrics_address, defaults.metrics_address);
-  EXPECT_EQ(flags.colocated.doorbells, defaults.colocated.doorbells);
   EXPECT_EQ(flags.colocated.max_attachments, defaults.colocated.max_attachments);
   EXPECT_EQ(flags.colocated.max_region_bytes, defaults.colocated.max_region_bytes);
-}
-
-TEST(ServerFlagsTest, ColocatedDoorbellsNameHowTheyAreNoticed) {
-  absl::SetFlag(&FLAGS_colocated_doorbells, std::string("gpu_wait"));
-  absl::StatusOr<ServerConfig> waits = ServerConfigFromFlags();
-  ASSERT_TRUE(waits.ok()) << waits.status();
-  EXPECT_EQ(waits->colocated.doorbells, DoorbellWatching::kGpuWaits);
-  absl::SetFlag(&FLAGS_colocated_doorbells, std::string("interrupts"));
-  EXPECT_EQ(ServerConfigFromFlags().status().message(),
-            "--colocated_doorbells: co-located doorbells \"interrupts\" is neither host_poll (a "
-            "spinning host thread) nor gpu_wait (waits on the GPU)");
-  absl::SetFlag(&FLAGS_colocated_doorbells, std::string("host_poll"));
-  absl::StatusOr<ServerConfig> polling = ServerConfigFromFlags();
-  ASSERT_TRUE(polling.ok()) << polling.status();
-  EXPECT_EQ(polling->colocated.doorbells, DoorbellWatching::kHostPolling);
 }
 
 TEST(ServerFlagsTest, SelectEveryOrALayerListMakesTheSelectingLayers) {
@@ -123,7 +107,6 @@ TEST(ServerFlagsTest, DefaultsAreTheDocumentedOnes) {
   EXPECT_EQ(defaults.queue_capacity, 1024);
   EXPECT_EQ(defaults.batch_max_rows, 4096);
   EXPECT_EQ(defaults.max_inflight_per_stream, 4);
-  EXPECT_EQ(defaults.colocated.doorbells, DoorbellWatching::kHostPolling);
 }
 
 }  // namespace
