@@ -42,7 +42,7 @@ start_server() {  # log name
 }
 
 # Stops the server with SIGTERM (under the sanitizer, the server itself, so
-# that the sanitizer writes its summary); returns its exit status.
+# that the sanitizer writes its summary); returns the exit status.
 stop_server() {
   if [[ ${#sanitizer[@]} -gt 0 ]]; then
     pkill -TERM -P "$pid" || kill -TERM "$pid"
@@ -89,11 +89,14 @@ if [[ ${#sanitizer[@]} -gt 0 ]]; then
   start_server server_sanitized.log
   "$bin/colocated_bench" --target="unix:$socket" --batch=8 --context=4096 --iterations=20 \
     --label=sanitized_b8 | tee -a "$results"
-  if stop_server; then
+  # The summary decides: the sanitizer's own exit status is not the
+  # server's when the server ends on a signal ("couldn't find exit code").
+  stop_server || true
+  if grep -q "ERROR SUMMARY: 0 errors" "$out/server_sanitized.log"; then
     echo "$SANITIZE: no errors in the server"
     exit 0
   fi
-  echo "$SANITIZE: the server reported errors: see $out/server_sanitized.log"
+  echo "$SANITIZE: the server reported errors or no summary: see $out/server_sanitized.log"
   exit 1
 fi
 
