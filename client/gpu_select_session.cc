@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "client/gpu_peer_access.h"
 #include "colocated/slot_protocol.h"
 #include "kernels/gpu/gpu_selection.h"
 
@@ -53,6 +54,7 @@ absl::StatusOr<std::unique_ptr<GpuSelectSession>> GpuSelectSession::Attach(
   request.set_tokens_per_request(options.tokens_per_request);
   request.set_with_keys(options.with_keys);
   request.set_lease_seconds(options.lease_seconds);
+  request.set_peer_access(options.peer_access);
   absl::StatusOr<v1::AttachResponse> attached = client->Attach(request);
   if (!attached.ok()) return attached.status();
 
@@ -62,6 +64,11 @@ absl::StatusOr<std::unique_ptr<GpuSelectSession>> GpuSelectSession::Attach(
   session->options_ = options;
   session->attachment_id_ = attached->attachment_id();
   session->lease_seconds_ = attached->lease_seconds();
+  // Another GPU of the host: its memory must be reachable from ours.
+  if (!attached->pci_bus_id().empty()) {
+    absl::Status reachable = CheckPeerAccess(options.device, attached->pci_bus_id());
+    if (!reachable.ok()) return reachable;
+  }
   colocated::RegionSizes sizes;
   sizes.slot_count = attached->slot_count();
   sizes.query_bytes = attached->query_bytes();

@@ -32,7 +32,12 @@
 namespace blocksel {
 
 struct GpuSessionOptions {
-  int device = 0;  // the worker's GPU; it must be the server's
+  // The worker's GPU: the server's, or with peer_access one of the same
+  // host that reaches the server's GPU (CheckPeerAccess).
+  int device = 0;
+  // Whether a GPU other than the server's may attach; the session then
+  // checks that it reaches the server's GPU, and detaches if not.
+  bool peer_access = true;
   // Selections that may be posted ahead of their awaits. A worker graph
   // must hold a multiple of slot_count selections, so that each replay
   // uses the slots the capture saw.
@@ -51,8 +56,9 @@ struct GpuSessionOptions {
 // Thread-compatible: one stream's selections, enqueued from one thread.
 class GpuSelectSession {
  public:
-  // Attaches (FAILED_PRECONDITION: the server has no GPU backend, or
-  // another GPU), maps the region and starts renewing its lease.
+  // Attaches (FAILED_PRECONDITION: the server has no GPU backend, or its
+  // GPU is another that this one does not reach), maps the region and
+  // starts renewing its lease.
   static absl::StatusOr<std::unique_ptr<GpuSelectSession>> Attach(BlockselClient* client,
                                                                   GpuSessionOptions options);
   // Detaches. The caller's streams must be done with the session.

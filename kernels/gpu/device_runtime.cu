@@ -57,6 +57,21 @@ KernelStatus PciBusId(int device, std::string* bus_id) {
   return status;
 }
 
+KernelStatus DeviceByPciBusId(const std::string& bus_id, int* device) {
+  return Check(gpuDeviceGetByPCIBusId(device, bus_id.c_str()));
+}
+
+KernelStatus CanAccessPeer(int device, int peer, bool* can) {
+  if (device == peer) {
+    *can = true;
+    return KernelStatus::kOk;
+  }
+  int reaches = 0;
+  const KernelStatus status = Check(gpuDeviceCanAccessPeer(&reaches, device, peer));
+  *can = reaches != 0;
+  return status;
+}
+
 const char* LastErrorText() { return gpuGetErrorString(last_error); }
 
 KernelStatus DeviceAlloc(void** pointer, int64_t bytes) {

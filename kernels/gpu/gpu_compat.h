@@ -32,6 +32,8 @@ using gpuGraphExec_t = hipGraphExec_t;
 #define gpuFree hipFree
 #define gpuHostRegister hipHostRegister
 #define gpuDeviceGetPCIBusId hipDeviceGetPCIBusId
+#define gpuDeviceGetByPCIBusId hipDeviceGetByPCIBusId
+#define gpuDeviceCanAccessPeer hipDeviceCanAccessPeer
 #define gpuHostRegisterMapped (hipHostRegisterMapped | hipHostRegisterPortable)
 #define gpuHostUnregister hipHostUnregister
 using gpuIpcMemHandle_t = hipIpcMemHandle_t;
@@ -89,6 +91,8 @@ using gpuGraphExec_t = cudaGraphExec_t;
 #define gpuFree cudaFree
 #define gpuHostRegister cudaHostRegister
 #define gpuDeviceGetPCIBusId cudaDeviceGetPCIBusId
+#define gpuDeviceGetByPCIBusId cudaDeviceGetByPCIBusId
+#define gpuDeviceCanAccessPeer cudaDeviceCanAccessPeer
 #define gpuHostRegisterMapped (cudaHostRegisterMapped | cudaHostRegisterPortable)
 #define gpuHostUnregister cudaHostUnregister
 using gpuIpcMemHandle_t = cudaIpcMemHandle_t;

@@ -31,6 +31,12 @@ KernelStatus SetDevice(int device);
 // The device's PCI bus id ("0000:1b:00.0"), which names the same GPU in
 // every process whatever its visible-device numbering.
 KernelStatus PciBusId(int device, std::string* bus_id);
+// The device this process sees under a PCI bus id; kDeviceError when it
+// sees none (another host's GPU, or one hidden by CUDA_VISIBLE_DEVICES).
+KernelStatus DeviceByPciBusId(const std::string& bus_id, int* device);
+// *can: whether kernels on `device` can reach memory of `peer` (NVLink or
+// PCIe peer to peer). A device always reaches its own memory.
+KernelStatus CanAccessPeer(int device, int peer, bool* can);
 // The runtime's text for the last error seen by this thread's calls.
 const char* LastErrorText();
 

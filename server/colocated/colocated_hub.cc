@@ -88,11 +88,13 @@ absl::StatusOr<v1::AttachResponse> ColocatedHub::Attach(const v1::AttachRequest&
         "the worker speaks co-located protocol ", request.protocol_version(), ", the server ",
         colocated::kProtocolVersion, "; use a client library of the server's version"));
   }
-  if (absl::AsciiStrToLower(request.pci_bus_id()) != absl::AsciiStrToLower(device_->pci_bus_id())) {
+  if (!request.peer_access() &&
+      absl::AsciiStrToLower(request.pci_bus_id()) != absl::AsciiStrToLower(device_->pci_bus_id())) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the worker's GPU is ", request.pci_bus_id().empty() ? "unnamed" : request.pci_bus_id(),
         " and the server's is ", device_->pci_bus_id(),
-        "; run the worker on the server's GPU or use the gRPC data plane"));
+        "; run the worker on the server's GPU, attach with peer_access from a GPU of the same "
+        "host that reaches the server's, or use the gRPC data plane"));
   }
   if (request.max_requests() < 1) {
     return absl::InvalidArgumentError("max_requests must be >= 1");
@@ -161,6 +163,7 @@ absl::StatusOr<v1::AttachResponse> ColocatedHub::Attach(const v1::AttachRequest&
   response.set_ids_bytes(layout->sizes.ids_bytes);
   response.set_server_epoch(epoch_);
   response.set_lease_seconds(static_cast<uint32_t>(absl::ToInt64Seconds(*lease)));
+  response.set_pci_bus_id(device_->pci_bus_id());
   regions_.emplace(region->id, std::move(region));
   return response;
 }

@@ -199,11 +199,24 @@ TEST_F(ColocatedHubTest, AnAttachCreatesAnIdleRegionSizedForTheModel) {
   EXPECT_EQ(worker.attached.ids_bytes(), expected.ids_bytes);
   EXPECT_EQ(worker.attached.metadata_bytes(), expected.metadata_bytes);
   EXPECT_EQ(worker.attached.lease_seconds(), 30u);
+  EXPECT_EQ(worker.attached.pci_bus_id(), kBusId);
   for (uint32_t slot = 0; slot < 4; ++slot) {
     EXPECT_EQ(worker.control(slot)->doorbell, worker.control(slot)->completion);
   }
   EXPECT_EQ(hub_->PollOnce(), 0);
   EXPECT_EQ(live_buffers_, 1);
+}
+
+// A worker on another GPU of the host that reaches the server's over peer
+// access gets a region, and learns which GPU its memory is on.
+TEST_F(ColocatedHubTest, AnotherGpuWithPeerAccessIsAttachedAndToldTheServersGpu) {
+  v1::AttachRequest request = Request();
+  request.set_pci_bus_id("0000:99:00.0");
+  request.set_peer_access(true);
+  absl::StatusOr<v1::AttachResponse> attached = hub_->Attach(request);
+  ASSERT_TRUE(attached.ok()) << attached.status();
+  EXPECT_EQ(attached->pci_bus_id(), kBusId);
+  EXPECT_EQ(hub_->attachments(), 1);
 }
 
 TEST_F(ColocatedHubTest, AttachRefusesAnotherGpuAVersionAndSizesWithTheFix) {
@@ -213,7 +226,8 @@ TEST_F(ColocatedHubTest, AttachRefusesAnotherGpuAVersionAndSizesWithTheFix) {
   EXPECT_EQ(attached.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(attached.status().message(),
             "the worker's GPU is 0000:99:00.0 and the server's is 0000:17:00.0; run the worker "
-            "on the server's GPU or use the gRPC data plane");
+            "on the server's GPU, attach with peer_access from a GPU of the same host that "
+            "reaches the server's, or use the gRPC data plane");
   request = Request();
   request.set_protocol_version(colocated::kProtocolVersion + 1);
   EXPECT_EQ(hub_->Attach(request).status().code(), absl::StatusCode::kFailedPrecondition);

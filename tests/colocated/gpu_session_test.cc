@@ -17,9 +17,12 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "client/blocksel_client.h"
 #include "client/gpu_batch_buffers.h"
+#include "client/gpu_peer_access.h"
 #include "client/gpu_select_session.h"
 #include "colocated/slot_request.h"
 #include "gtest/gtest.h"
@@ -221,6 +224,33 @@ TEST_F(GpuSessionTest, AKilledServerEndsTheWaitInsteadOfHanging) {
               answer.status.code() == absl::StatusCode::kDeadlineExceeded)
       << answer.status;
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+}
+
+// The check a session makes when the server's GPU is another: on one GPU,
+// the same GPU passes (whatever the case of its bus id) and an unseen one
+// is refused with the fix; with more GPUs, each passes exactly when the
+// runtime reports peer access to it.
+TEST(GpuPeerAccess, TheSameGpuPassesAndAnUnseenOneIsRefusedWithTheFix) {
+  if (gpu::DeviceCount() == 0) GTEST_SKIP() << "no GPU on this machine";
+  std::string own;
+  ASSERT_EQ(gpu::PciBusId(0, &own), KernelStatus::kOk);
+  EXPECT_TRUE(CheckPeerAccess(0, own).ok());
+  EXPECT_TRUE(CheckPeerAccess(0, absl::AsciiStrToUpper(own)).ok());
+  const absl::Status unseen = CheckPeerAccess(0, "0000:ff:1f.0");
+  EXPECT_EQ(unseen.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(unseen.message(),
+            absl::StrCat("the server's GPU 0000:ff:1f.0 is not visible in this process (its GPU 0 "
+                         "is ",
+                         own,
+                         "): make both visible (CUDA_VISIBLE_DEVICES) so that the server's memory "
+                         "can be reached over peer access, or use the gRPC data plane"));
+  for (int device = 1; device < gpu::DeviceCount(); ++device) {
+    std::string bus_id;
+    bool reaches = false;
+    ASSERT_EQ(gpu::PciBusId(device, &bus_id), KernelStatus::kOk);
+    ASSERT_EQ(gpu::CanAccessPeer(0, device, &reaches), KernelStatus::kOk);
+    EXPECT_EQ(CheckPeerAccess(0, bus_id).ok(), reaches) << bus_id;
+  }
 }
 
 // Run as a child process by the next test: attaches, then exits without
