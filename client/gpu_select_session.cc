@@ -1,7 +1,6 @@
 #include "client/gpu_select_session.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -29,10 +28,6 @@ absl::Status CheckRoom(absl::string_view part, int64_t bytes, int64_t room) {
                                                  " bytes do not fit the slot's ", room,
                                                  "; attach with larger max_requests or "
                                                  "tokens_per_request"));
-}
-
-uint32_t Load(const uint32_t& word) {
-  return std::atomic_ref<uint32_t>(const_cast<uint32_t&>(word)).load(std::memory_order_acquire);
 }
 
 }  // namespace
@@ -184,7 +179,8 @@ void GpuSelectSession::WatchLoop() {
     const absl::Time now = absl::Now();
     bool moved = false;
     if (!Pending(&seen, &moved) || moved) last_progress = now;
-    if (Load(words_->failure) != static_cast<uint32_t>(gpu::SessionFailure::kNone)) {
+    if (colocated::LoadAcquire(words_->failure) !=
+        static_cast<uint32_t>(gpu::SessionFailure::kNone)) {
       // A post gave up: the await paired with it would wait for nothing.
       CloseLocally(absl::DeadlineExceededError(absl::StrCat(
           "a slot stayed busy longer than ", absl::FormatDuration(options_.wait_timeout),
@@ -217,8 +213,8 @@ bool GpuSelectSession::Pending(std::vector<uint32_t>* seen, bool* moved) const {
   for (uint32_t slot = 0; slot < slots; ++slot) {
     const auto* control = reinterpret_cast<const colocated::SlotControl*>(
         host_->data() + layout_.ControlOffset(slot));
-    const uint32_t completion = Load(control->completion);
-    pending = pending || Load(control->doorbell) != completion;
+    const uint32_t completion = colocated::LoadAcquire(control->completion);
+    pending = pending || colocated::LoadAcquire(control->doorbell) != completion;
     *moved = *moved || (*seen)[slot] != completion;
     (*seen)[slot] = completion;
   }
@@ -228,12 +224,11 @@ bool GpuSelectSession::Pending(std::vector<uint32_t>* seen, bool* moved) const {
 void GpuSelectSession::CloseLocally(absl::Status why) {
   gone_ = std::move(why);
   auto* header = reinterpret_cast<colocated::RegionHeader*>(host_->data());
-  std::atomic_ref<uint32_t>(header->state)
-      .store(colocated::kRegionClosed, std::memory_order_release);
+  colocated::StoreRelease(header->state, colocated::kRegionClosed);
   for (uint32_t slot = 0; slot < layout_.sizes.slot_count; ++slot) {
     auto* control =
         reinterpret_cast<colocated::SlotControl*>(host_->data() + layout_.ControlOffset(slot));
-    std::atomic_ref<uint32_t>(control->answer_flag).store(1, std::memory_order_release);
+    colocated::StoreRelease(control->answer_flag, 1);
   }
 }
 
@@ -294,7 +289,7 @@ absl::Status GpuSelectSession::Select(const Selection& selection, void* stream) 
 }
 
 absl::Status GpuSelectSession::LastStatus() const {
-  switch (static_cast<gpu::SessionFailure>(Load(words_->failure))) {
+  switch (static_cast<gpu::SessionFailure>(colocated::LoadAcquire(words_->failure))) {
     case gpu::SessionFailure::kNone:
       break;
     case gpu::SessionFailure::kRegionClosed: {
@@ -309,7 +304,7 @@ absl::Status GpuSelectSession::LastStatus() const {
                                                       absl::FormatDuration(options_.wait_timeout),
                                                       "; attach again"));
   }
-  const uint32_t sequence = Load(words_->last_sequence);
+  const uint32_t sequence = colocated::LoadAcquire(words_->last_sequence);
   const auto* control = reinterpret_cast<const colocated::SlotControl*>(
       host_->data() + layout_.ControlOffset(colocated::SlotOf(sequence, layout_.sizes.slot_count)));
   const std::optional<absl::Status> answer = colocated::ReadAnswer(*control, sequence);

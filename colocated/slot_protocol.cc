@@ -1,7 +1,6 @@
 #include "colocated/slot_protocol.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -12,19 +11,6 @@
 #include "absl/strings/string_view.h"
 
 namespace blocksel::colocated {
-namespace {
-
-// The other side writes these words concurrently: every access is atomic.
-// A load does not modify the word, so reading a const one is sound.
-uint32_t LoadAcquire(const uint32_t& word) {
-  return std::atomic_ref<uint32_t>(const_cast<uint32_t&>(word)).load(std::memory_order_acquire);
-}
-
-void StoreRelease(uint32_t& word, uint32_t value) {
-  std::atomic_ref<uint32_t>(word).store(value, std::memory_order_release);
-}
-
-}  // namespace
 
 void InitializeControls(SlotControl* controls, uint32_t slot_count, uint32_t first_sequence) {
   for (uint32_t slot = 0; slot < slot_count; ++slot) {

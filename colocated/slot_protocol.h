@@ -21,6 +21,7 @@
 #ifndef BLOCKSEL_COLOCATED_SLOT_PROTOCOL_H_
 #define BLOCKSEL_COLOCATED_SLOT_PROTOCOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -29,6 +30,16 @@
 #include "colocated/slot_region.h"
 
 namespace blocksel::colocated {
+
+// The other side (another process, or a GPU) writes a region's words
+// concurrently: every access to them is atomic, on both sides. A load does
+// not modify the word, so reading a const one is sound.
+inline uint32_t LoadAcquire(const uint32_t& word) {
+  return std::atomic_ref<uint32_t>(const_cast<uint32_t&>(word)).load(std::memory_order_acquire);
+}
+inline void StoreRelease(uint32_t& word, uint32_t value) {
+  std::atomic_ref<uint32_t>(word).store(value, std::memory_order_release);
+}
 
 inline uint32_t SlotOf(uint32_t sequence, uint32_t slot_count) {
   return sequence & (slot_count - 1);

@@ -2,7 +2,6 @@
 
 #include <unistd.h>
 
-#include <atomic>
 #include <cstddef>
 #include <cstring>
 #include <memory>
@@ -24,10 +23,6 @@ uint32_t NewEpoch() {
 }
 
 constexpr absl::Duration kLeaseCheckInterval = absl::Milliseconds(250);
-
-void StoreRelease(uint32_t* word, uint32_t value) {
-  std::atomic_ref<uint32_t>(*word).store(value, std::memory_order_release);
-}
 
 }  // namespace
 
@@ -211,11 +206,11 @@ int ColocatedHub::ReleaseExpired() {
 
 void ColocatedHub::Close(Region& region) {
   region.closed = true;
-  StoreRelease(&reinterpret_cast<colocated::RegionHeader*>(region.host->data())->state,
-               colocated::kRegionClosed);
+  colocated::StoreRelease(reinterpret_cast<colocated::RegionHeader*>(region.host->data())->state,
+                          colocated::kRegionClosed);
   // Ends every wait of the worker's streams, now and later.
   for (uint32_t slot = 0; slot < region.layout.sizes.slot_count; ++slot) {
-    StoreRelease(&region.control(slot)->answer_flag, 1);
+    colocated::StoreRelease(region.control(slot)->answer_flag, 1);
   }
 }
 

@@ -7,7 +7,6 @@
 // the GPU machine (gpu_session_test).
 #include "server/colocated/colocated_hub.h"
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -33,12 +32,6 @@ namespace blocksel {
 namespace {
 
 constexpr char kBusId[] = "0000:17:00.0";
-
-// The executor's thread writes a slot's answer words while the test reads
-// them, so the test reads them as the worker does: atomically.
-uint32_t LoadAcquire(const uint32_t& word) {
-  return std::atomic_ref<uint32_t>(const_cast<uint32_t&>(word)).load(std::memory_order_acquire);
-}
 
 // A region device in host memory: the payloads are plain allocations and
 // the host part is reached at its own address.
@@ -127,8 +120,7 @@ class ColocatedHubTest : public ::testing::Test {
                     requests.size() * sizeof(colocated::SlotDecodeRequest));
       }
       // Released after the metadata, as the worker's post kernel does.
-      std::atomic_ref<uint32_t>(control(next.slot)->doorbell)
-          .store(next.sequence, std::memory_order_release);
+      colocated::StoreRelease(control(next.slot)->doorbell, next.sequence);
       return next.sequence;
     }
   };
@@ -262,7 +254,8 @@ TEST_F(ColocatedHubTest, BadBatchesGetInvalidArgumentAndTheSlotGoesOn) {
   EXPECT_EQ(answer->message(),
             "slot 0: num_requests 0 is not in [1, 4] (the attachment's max_requests); split the "
             "batch");
-  EXPECT_EQ(LoadAcquire(worker.control(0)->answer_flag), 1u);  // what the worker's stream waits on
+  EXPECT_EQ(colocated::LoadAcquire(worker.control(0)->answer_flag),
+            1u);  // what the worker's stream waits on
   sequence = worker.Ring(Batch(1, /*flags=*/8), {{1, 5}});
   answer = Answer(worker, sequence);
   ASSERT_TRUE(answer.has_value());
@@ -334,7 +327,7 @@ TEST_F(ColocatedHubTest, DetachClosesAndFreesTheRegion) {
   EXPECT_TRUE(hub_->Detach(detach).ok());
   EXPECT_EQ(worker.header().state, colocated::kRegionClosed);
   for (uint32_t slot = 0; slot < 4; ++slot) {
-    EXPECT_EQ(LoadAcquire(worker.control(slot)->answer_flag), 1u)
+    EXPECT_EQ(colocated::LoadAcquire(worker.control(slot)->answer_flag), 1u)
         << "a wait on slot " << slot << " would hang";
   }
   EXPECT_EQ(live_buffers_, 0);
