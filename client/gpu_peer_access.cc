@@ -2,7 +2,7 @@
 
 #include <string>
 
-#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/gpu/gpu_selection.h"
 
@@ -14,7 +14,7 @@ absl::Status CheckPeerAccess(int device, const std::string& server_bus_id) {
     return absl::FailedPreconditionError(
         absl::StrCat("GPU ", device, " cannot be used: ", gpu::LastErrorText()));
   }
-  if (absl::AsciiStrToLower(own_bus_id) == absl::AsciiStrToLower(server_bus_id)) {
+  if (absl::EqualsIgnoreCase(own_bus_id, server_bus_id)) {
     return absl::OkStatus();
   }
   int server_device = -1;

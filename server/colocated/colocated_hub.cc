@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "colocated/slot_request.h"
 
@@ -84,7 +84,7 @@ absl::StatusOr<v1::AttachResponse> ColocatedHub::Attach(const v1::AttachRequest&
         colocated::kProtocolVersion, "; use a client library of the server's version"));
   }
   if (!request.peer_access() &&
-      absl::AsciiStrToLower(request.pci_bus_id()) != absl::AsciiStrToLower(device_->pci_bus_id())) {
+      !absl::EqualsIgnoreCase(request.pci_bus_id(), device_->pci_bus_id())) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the worker's GPU is ", request.pci_bus_id().empty() ? "unnamed" : request.pci_bus_id(),
         " and the server's is ", device_->pci_bus_id(),
