@@ -202,16 +202,20 @@ void SelectStreamCall::PlanLocked(Actions* actions) {
 }
 
 void SelectStreamCall::Perform(const Actions& actions) {
-  // Once a write is started, its completion may end the call on another
-  // thread: nothing of `this` is touched after it but the read, which
-  // keeps the call alive until it completes.
-  ServerMetrics* const metrics = context_->metrics;
+  // Only an action planned under mutex_ keeps the call alive once it is
+  // released: without one, another thread may already have written the
+  // last answer, finished the call and deleted it, so `this` is not
+  // touched at all. Once a write is started, its completion may end the
+  // call too: nothing of `this` is touched after it.
   if (actions.destroy) {
+    ServerMetrics* const metrics = context_->metrics;
     delete this;
     metrics->OnStreamClosed();
     return;
   }
-  if (actions.write != nullptr || actions.read || actions.finish) HandOffToGrpc(this);
+  if (actions.write == nullptr && !actions.read && !actions.finish) return;
+  ServerMetrics* const metrics = context_->metrics;
+  HandOffToGrpc(this);
   if (actions.read) stream_.Read(&incoming_, &read_done_);
   if (actions.finish) stream_.Finish(actions.finish_status, &finished_);
   if (actions.write != nullptr) {

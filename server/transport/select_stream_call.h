@@ -106,6 +106,8 @@ class SelectStreamCall {
   void Submit(std::shared_ptr<Exchange> exchange) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void Record(const Exchange& exchange, const absl::Status& status);
   void PlanLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  // Starts what PlanLocked planned, after mutex_ is released; touches
+  // `this` only when something was planned (see the definition).
   void Perform(const Actions& actions);
 
   Context* const context_;
