@@ -254,8 +254,8 @@ TEST_F(ColocatedHubTest, BadBatchesGetInvalidArgumentAndTheSlotGoesOn) {
   EXPECT_EQ(answer->message(),
             "slot 0: num_requests 0 is not in [1, 4] (the attachment's max_requests); split the "
             "batch");
-  EXPECT_EQ(colocated::LoadAcquire(worker.control(0)->answer_flag),
-            1u);  // what the worker's stream waits on
+  // The answer flag is what the worker's stream waits on.
+  EXPECT_EQ(colocated::LoadAcquire(worker.control(0)->answer_flag), 1u);
   sequence = worker.Ring(Batch(1, /*flags=*/8), {{1, 5}});
   answer = Answer(worker, sequence);
   ASSERT_TRUE(answer.has_value());
